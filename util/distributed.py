@@ -1,0 +1,123 @@
+"""Distributed set-up for torchrun (one process per GPU, or CPU processes with gloo) and small collectives."""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def init_distributed_mode(args) -> None:
+    """Set args.distributed, rank, world_size, gpu and device from the torchrun environment.
+
+    Without torchrun variables this is a single process on `args.device` ('cuda' when available, else 'cpu').
+    Under torchrun the backend is NCCL when CUDA is used and gloo on CPU.
+    """
+    want = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        print("CUDA is not available: running on CPU.")
+        want = "cpu"
+    args.rank, args.world_size, args.gpu = 0, 1, 0
+    args.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if args.distributed:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    if want.startswith("cuda"):
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    else:
+        args.device = "cpu"
+    if args.distributed:
+        backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                                device_id=torch.device(args.device) if backend == "nccl" else None)
+        dist.barrier()
+    _quiet_non_main()
+
+
+def _quiet_non_main() -> None:
+    """Only rank 0 prints, unless a call passes force=True."""
+    import builtins
+
+    if getattr(builtins.print, "_mae3d_wrapped", False):
+        return
+    builtin_print = builtins.print
+
+    def print_(*a, **kw):
+        force = kw.pop("force", False)
+        if is_main_process() or force:
+            builtin_print(*a, **kw)
+
+    print_._mae3d_wrapped = True
+    builtins.print = print_
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(x: float | torch.Tensor, device: str | torch.device = "cpu") -> float:
+    """Mean of a scalar across ranks (one collective; call only outside the per-step hot path)."""
+    t = torch.as_tensor(x, dtype=torch.float64, device=device).detach().clone()
+    if is_dist():
+        dist.all_reduce(t)
+        t /= get_world_size()
+    return float(t)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor across ranks (returns a new tensor)."""
+    t = t.detach().clone()
+    if is_dist():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate `t` [n_rank, ...] from every rank along dim 0, in rank order; lengths may differ per rank."""
+    if not is_dist():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = max(sizes) - t.shape[0]
+    if pad:
+        t = torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+    out = [torch.empty_like(t) for _ in sizes]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def all_gather_objects(obj) -> list:
+    """Gather a picklable Python object from every rank (small metadata only)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
