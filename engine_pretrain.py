@@ -110,8 +110,10 @@ def reconstruction_picture(model, img: torch.Tensor, args, path: str, seed: int 
     if m.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6) ** 0.5 + mean
-    keep = (1 - mask).unsqueeze(-1)
-    masked = m.unpatchify(target * keep + 0.5 * (1 - keep))
-    recon = m.unpatchify(target * keep + pred * (1 - keep))
+    removed = mask.unsqueeze(-1).expand_as(target)
+    masked = m.unpatchify(target * (1 - removed))
+    recon = m.unpatchify(torch.where(removed.bool(), pred, target))  # MAE convention: visible patches pasted back
+    voxel_mask = m.unpatchify(removed)[0, :1]
     m.train(was_training)
-    return save_reconstruction_figure(x[0].cpu(), masked[0].cpu(), recon[0].clamp(0, 1).cpu(), path)
+    return save_reconstruction_figure(x[0].cpu(), masked[0].cpu(), recon[0].clamp(0, 1).cpu(), path,
+                                      mask=voxel_mask.cpu())

@@ -48,11 +48,11 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing:
 
 
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, norm_layer: Callable,
-                drop_path_rate: float = 0.0) -> nn.ModuleList:
+                drop_path_rate: float = 0.0, qkv_bias: bool = True) -> nn.ModuleList:
     """`depth` timm Blocks (fused attention, qkv bias) with linearly increasing drop path."""
-    dpr = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
     return nn.ModuleList([
-        Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, drop_path=dpr[i])
+        Block(dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer, drop_path=dpr[i])
         for i in range(depth)
     ])
 
