@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_script(script: str, *args, cwd=None, env=None, timeout=600, torchrun: int = 0) -> subprocess.CompletedProcess:
     """Run `script` (e.g. 'main_pretrain.py') with `args` in a fresh Python, as the user would."""
-    full_env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else "2", PYTHONUNBUFFERED="1")
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.pop("MAE3D_FAULT", None)
     full_env.update(env or {})
     if torchrun:
