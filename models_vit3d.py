@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 
 from models_mae3d import fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks, run_blocks
 from util.patch_embed import PatchEmbed3D, to_3tuple
@@ -254,6 +253,8 @@ class UNETR3D(nn.Module):
 
     def __init__(self, encoder: VisionTransformer3D, num_classes: int, feature_size: int = 16,
                  norm_name: str = "instance") -> None:
+        from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock  # heavy import
+
         super().__init__()
         self.encoder, self.num_classes = encoder, num_classes
         depth, e, f = encoder.depth, encoder.embed_dim, feature_size

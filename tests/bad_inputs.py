@@ -37,11 +37,11 @@ def build_bad_files(root: Path) -> dict[str, Path]:
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 8, 16, 16), np.int16), isVector=False), str(files["4d"]))
     nan = np.zeros((16, 24, 24), np.float32)
     nan[3, 4, 5] = np.nan
-    files["nan"] = root / "nan_voxels.nii.gz"
+    files["nan"] = root / "nan_voxels.nrrd"
     sitk.WriteImage(sitk.GetImageFromArray(nan), str(files["nan"]))
     inf = np.zeros((16, 24, 24), np.float32)
     inf[0, 0, 0] = np.inf
-    files["inf"] = root / "inf_voxels.nii.gz"
+    files["inf"] = root / "inf_voxels.mha"
     sitk.WriteImage(sitk.GetImageFromArray(inf), str(files["inf"]))
     files["one_slice"] = root / "one_slice.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(np.zeros((1, 40, 40), np.int16)), str(files["one_slice"]))

@@ -52,10 +52,26 @@ def init_distributed_mode(args) -> None:
         args.device = "cpu"
     if args.distributed:
         backend = "nccl" if args.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+        dist.init_process_group(backend=backend, store=_round_store(args.rank, args.world_size),
+                                rank=args.rank, world_size=args.world_size, timeout=_TIMEOUT,
                                 device_id=torch.device(args.device) if backend == "nccl" else None)
         dist.barrier()
     _quiet_non_main()
+
+
+_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _round_store(rank: int, world_size: int) -> dist.Store:
+    """The rendezvous store, prefixed by torchrun's restart count.
+
+    After `torchrun --max-restarts` restarts the workers, the agent's store still holds the dead workers'
+    addresses; without a fresh prefix the new process group would try to connect to them.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_store, timeout=_TIMEOUT)
+    return dist.PrefixStore(f"mae3d_round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _quiet_non_main() -> None:
