@@ -41,7 +41,7 @@ def _triple(x, name: str, kind=int) -> tuple | None:
         return None
     t = tuple(kind(v) for v in (x if isinstance(x, (tuple, list)) else (x,) * 3))
     if len(t) != 3 or any(v <= 0 for v in t):
-        raise ValueError(f"PreprocessConfig.{name} must be one positive number or three (D, H, W), got {x!r}.")
+        raise ValueError(f"{name} must be one positive number or three (D, H, W), got {x!r}.")
     return t
 
 
@@ -67,8 +67,8 @@ class PreprocessConfig:
         if sorted(axis.get(c, -1) for c in self.orientation) != [0, 1, 2]:
             raise ValueError(f"PreprocessConfig.orientation must be three letters, one of each L/R, P/A, S/I "
                              f"(e.g. 'LPS'), got {self.orientation!r}.")
-        self.size = _triple(self.size, "size")
-        self.spacing = _triple(self.spacing, "spacing", float)
+        self.size = _triple(self.size, "PreprocessConfig.size")
+        self.spacing = _triple(self.spacing, "PreprocessConfig.spacing", float)
         self.window = tuple(float(v) for v in self.window)
         if len(self.window) != 2 or not self.window[0] < self.window[1]:
             raise ValueError(f"PreprocessConfig.window must be (low, high) HU with low < high, got {self.window}.")
@@ -510,7 +510,7 @@ class Custom3DDataset(Dataset):
     def __init__(self, data_path: str, input_size=256, train: bool = True,
                  preprocess: PreprocessConfig | None = None, cache_dir: str | None = None, seed: int = 0,
                  skip_bad: bool = False, intensity_jitter: float = 0.0) -> None:
-        self.input_size = _triple(input_size, "input_size")
+        self.input_size = _triple(input_size, "Custom3DDataset input_size")
         self.cfg = preprocess if preprocess is not None else PreprocessConfig(size=self.input_size)
         self.table = read_path_table(data_path)
         self.paths: list[str] = list(self.table["Path"])
@@ -530,7 +530,7 @@ class Custom3DDataset(Dataset):
             path = self.paths[(index + k) % len(self.paths)]
             try:
                 return load_cached(path, self.cfg, self.cache, decoded=False)[0]
-            except VolumeError as e:
+            except (VolumeError, OSError) as e:
                 if not self.skip_bad:
                     raise
                 log.warning("skipping bad volume: %s", e)

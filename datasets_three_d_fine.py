@@ -73,7 +73,7 @@ class Custom3DDataset(Dataset):
                  intensity_jitter: float = 0.0, nb_classes: int | None = None, whole_volume: bool = False) -> None:
         if task not in TASKS:
             raise ValueError(f"Custom3DDataset: task must be one of {TASKS}, got {task!r}.")
-        self.input_size = _triple(input_size, "input_size")
+        self.input_size = _triple(input_size, "Custom3DDataset input_size")
         self.cfg = preprocess if preprocess is not None else PreprocessConfig(size=self.input_size)
         self.task, self.train, self.seed, self.epoch = task, train, seed, 0
         self.fg_prob, self.whole_volume = fg_prob, whole_volume
@@ -129,8 +129,8 @@ class Custom3DDataset(Dataset):
     def _check_mask(self, mask: np.ndarray, index: int) -> None:
         lo, hi = int(mask.min()), int(mask.max())
         if lo < 0 or hi >= self.nb_classes:
-            raise VolumeError(f"{self.mask_paths[index]}: holds label values {lo}..{hi}; expected 0..{self.nb_classes - 1} "
-                              f"(pass nb_classes to the dataset, --nb_classes to the script).")
+            raise VolumeError(f"{self.mask_paths[index]}: holds label values {lo}..{hi}; expected "
+                              f"0..{self.nb_classes - 1} (pass nb_classes to the dataset, --nb_classes to the script).")
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         limit_sitk_threads()

@@ -1,0 +1,148 @@
+"""VolumeCache: precision, hits, invalidation, atomic concurrent writes; the loader benchmark smoke run."""
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import datasets_three_d
+import datasets_three_d_fine as fine
+from datasets_three_d import Custom3DDataset, PreprocessConfig
+from util.cache import QMAX, VolumeCache, decode, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_case(folder: Path, i: int = 0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(i)
+    hu = rng.integers(-1100, 900, (10, 14, 16)).astype(np.int16)
+    mask = (hu > 300).astype(np.uint8)
+    paths = folder / f"c{i}.nii.gz", folder / f"c{i}_mask.nii.gz"
+    for arr, p in zip((hu, mask), paths):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((1.0, 1.2, 2.5))
+        sitk.WriteImage(img, str(p))
+    return paths
+
+
+@pytest.fixture()
+def csv(tmp_path) -> Path:
+    rows = []
+    for i in range(3):
+        img, mask = write_case(tmp_path, i)
+        rows.append(f"{img.name},{i % 2},{mask.name}")
+    (tmp_path / "t.csv").write_text("Path,Label,Mask\n" + "\n".join(rows) + "\n")
+    return tmp_path / "t.csv"
+
+
+@pytest.fixture()
+def reads(monkeypatch) -> list[str]:
+    """Every path datasets_three_d.read_image opens."""
+    seen, real = [], datasets_three_d.read_image
+
+    def counting(path):
+        seen.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(datasets_three_d, "read_image", counting)
+    return seen
+
+
+def test_uint16_quantisation_error_is_below_8e_6():
+    x = np.random.default_rng(0).random((64, 64, 64), dtype=np.float32)
+    x[0, 0, :3] = [0.0, 1.0, 0.5]
+    stored = encode(x)
+    err = np.abs(decode(stored) - x).max()
+    assert stored.dtype == np.uint16 and err <= 0.5 / QMAX + 1e-7  # 7.6e-6 = 0.015 HU in a 2000 HU window
+    assert decode(stored).dtype == np.float32 and decode(stored)[0, 0, 0] == 0 and decode(stored)[0, 0, 1] == 1
+    assert encode(np.array([0, 3, 255])).dtype == np.uint8 and encode(np.array([0, 300])).dtype == np.int16
+    assert encode(np.array([-2.0, 3.5])).dtype == np.float32
+
+
+def test_put_get_round_trip_is_memory_mapped_and_leaves_no_temporary_files(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text("x")
+    cache = VolumeCache(tmp_path / "cache")
+    mask = np.random.default_rng(1).integers(0, 5, (6, 7, 8))
+    assert cache.get((str(src), "cfg", "mask")) is None and cache.misses == 1
+    where = cache.put((str(src), "cfg", "mask"), mask)
+    got = cache.get((str(src), "cfg", "mask"))
+    assert isinstance(got, np.memmap) and got.dtype == np.uint8 and np.array_equal(got, mask) and cache.hits == 1
+    assert [p.name for p in Path(where).parent.iterdir()] == [Path(where).name]
+    Path(where).write_bytes(b"garbage")  # a broken entry is a miss, and is removed
+    assert cache.get((str(src), "cfg", "mask")) is None and not Path(where).exists()
+
+
+def test_second_load_reads_from_the_cache_not_the_file(csv, tmp_path, reads):
+    cfg = PreprocessConfig(size=(8, 8, 8))
+    ds = Custom3DDataset(str(csv), input_size=8, preprocess=cfg, cache_dir=str(tmp_path / "cache"), train=False)
+    first = ds[0][0]
+    assert len(reads) == 1
+    again = Custom3DDataset(str(csv), input_size=8, preprocess=cfg, cache_dir=str(tmp_path / "cache"), train=False)
+    cached = again[0][0]
+    assert len(reads) == 1 and np.abs(cached - first).max() <= 0.5 / QMAX + 1e-7
+    nocache = Custom3DDataset(str(csv), input_size=8, preprocess=cfg, train=False)
+    assert np.abs(nocache[0][0] - cached).max() <= 0.5 / QMAX + 1e-7 and len(reads) == 2
+
+
+def test_touching_the_file_or_changing_the_config_invalidates(csv, tmp_path, reads):
+    kw = dict(input_size=8, cache_dir=str(tmp_path / "cache"), train=False)
+    Custom3DDataset(str(csv), preprocess=PreprocessConfig(size=(8, 8, 8)), **kw)[1]
+    Custom3DDataset(str(csv), preprocess=PreprocessConfig(size=(8, 8, 8)), **kw)[1]
+    assert len(reads) == 1
+    Custom3DDataset(str(csv), preprocess=PreprocessConfig(size=(8, 8, 8), window=(-1000, 400)), **kw)[1]
+    assert len(reads) == 2
+    path = csv.parent / "c1.nii.gz"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    Custom3DDataset(str(csv), preprocess=PreprocessConfig(size=(8, 8, 8)), **kw)[1]
+    assert len(reads) == 3
+
+
+def test_segmentation_caches_image_and_mask_and_rebuilds_when_the_image_changes(csv, tmp_path, reads):
+    kw = dict(input_size=8, preprocess=PreprocessConfig(size=(8, 8, 8)), task="segmentation",
+              cache_dir=str(tmp_path / "cache"), train=False)
+    x, m = fine.Custom3DDataset(str(csv), **kw)[2]
+    assert len(reads) == 2 and m.dtype.is_floating_point is False
+    x2, m2 = fine.Custom3DDataset(str(csv), **kw)[2]
+    assert len(reads) == 2 and (m2 == m).all() and (x2 - x).abs().max() <= 1e-5
+    img = csv.parent / "c2.nii.gz"
+    st = img.stat()
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))  # the mask entry depends on its image too
+    fine.Custom3DDataset(str(csv), **kw)[2]
+    assert len(reads) == 4
+
+
+def _writer(args) -> bool:
+    cache_dir, src, k = args
+    cache = VolumeCache(cache_dir)
+    for _ in range(20):
+        cache.put((src, "cfg"), np.full((32, 32, 32), k / 10, np.float32))
+        got = cache.get((src, "cfg"))
+        assert got is not None and got.shape == (32, 32, 32) and np.ptp(got) == 0
+    return True
+
+
+def test_many_processes_fill_one_entry_without_torn_files(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text("x")
+    with mp.get_context("fork").Pool(4) as pool:
+        assert all(pool.map(_writer, [(str(tmp_path / "c"), str(src), k) for k in range(4)]))
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
+    assert len(files) == 1 and files[0].suffix == ".npy"
+
+
+def test_bench_loader_quick_prints_the_table(capsys):
+    spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "bench" / "bench_loader.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick", "--num_workers", "0", "1"])
+    out = capsys.readouterr().out
+    assert "| workers | uncached vol/s | cached vol/s | first-epoch cache fill (s) |" in out
+    assert [r["workers"] for r in rows] == [0, 1]
+    assert all(r["uncached_vol_s"] > 0 and r["cached_vol_s"] > 0 and r["fill_s"] > 0 for r in rows)
