@@ -77,7 +77,7 @@ def build_data(args):
         sampler = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(args.seed))
     per_rank = len(ds) // args.world_size
     if per_rank < args.batch_size:
-        raise SystemExit(f"{args.data_path} has {len(ds)} volumes: fewer than --batch_size {args.batch_size} per "
+        raise ValueError(f"{args.data_path} has {len(ds)} volumes: fewer than --batch_size {args.batch_size} per "
                          f"process x {args.world_size} processes; lower --batch_size.")
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
@@ -116,10 +116,15 @@ def try_resume(args, model_without_ddp, optimizer, scaler) -> int:
         path, ckpt = args.resume, load_checkpoint(args.resume)
     saved = ckpt.get("args", {})
     if saved.get("model", args.model) != args.model:
-        raise SystemExit(f"{path} was trained with --model {saved.get('model')}, not {args.model}; "
+        raise ValueError(f"{path} was trained with --model {saved.get('model')}, not {args.model}; "
                          f"use another --output_dir or the same --model.")
-    model_without_ddp.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    try:
+        model_without_ddp.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise ValueError(f"{path} does not fit --model {args.model} {tuple(args.input_size)} ({first}); "
+                         f"use another --output_dir or --resume none.") from None
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     print(f"Resumed from {path} (finished epoch {ckpt['epoch']}).")
@@ -173,7 +178,7 @@ def main(args) -> None:
         try:
             stats = train_one_epoch(model, loader, optimizer, scaler, epoch, args, tb)
         except NonFiniteLossError as e:
-            raise SystemExit(str(e)) from None
+            raise SystemExit(f"error: {e}") from None
         stats["epoch"] = epoch
         if getattr(dataset, "bad_files", None):
             stats["skipped_files"] = list(dataset.bad_files)

@@ -31,7 +31,7 @@ def input_size_3d(value) -> tuple[int, int, int]:
     if len(value) == 1:
         return (int(value[0]),) * 3
     if len(value) != 3:
-        raise SystemExit(f"--input_size takes 1 or 3 integers (D H W), got {value}.")
+        raise ValueError(f"--input_size takes 1 or 3 integers (D H W), got {value}.")
     return tuple(int(v) for v in value)
 
 
@@ -65,7 +65,7 @@ def check_input_size(input_size, patch_size) -> None:
     ps = tuple(ps) * 3 if len(ps) == 1 else tuple(ps)
     bad = [(s, p) for s, p in zip(input_size, ps) if s % p or s < p]
     if bad:
-        raise SystemExit(f"--input_size {tuple(input_size)} must be a multiple of --patch_size {ps} on every axis.")
+        raise ValueError(f"--input_size {tuple(input_size)} must be a multiple of --patch_size {ps} on every axis.")
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -101,7 +101,7 @@ def check_writable_dir(path: str, what: str = "--output_dir") -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise SystemExit(f"{what} {path} is not a writable folder ({e.strerror or e}).") from None
+        raise ValueError(f"{what} {path} is not a writable folder ({e.strerror or e}).") from None
 
 
 def torch_threads() -> None:
@@ -110,8 +110,9 @@ def torch_threads() -> None:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
-def run_main(main, args) -> None:
-    """Run a script's main(args); user-caused errors end as one sentence on stderr, without a traceback.
+def run_main(main, args):
+    """Run a script's main(args) and return its result; user-caused errors end as one sentence on stderr,
+    without a traceback.
 
     Set MAE3D_DEBUG=1 to see the full traceback instead.
     """
@@ -120,9 +121,12 @@ def run_main(main, args) -> None:
     user_errors = (FileNotFoundError, NotADirectoryError, PermissionError, UnsafeCheckpointError,
                    CorruptCheckpointError, ValueError, OSError)
     try:
-        main(args)
+        return main(args)
     except user_errors as e:
         if os.environ.get("MAE3D_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        msg = str(e).strip()
+        if "Original Traceback" in msg:  # raised inside a DataLoader worker: keep the original sentence only
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
