@@ -54,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--grad_checkpointing", action="store_true")
+    p.add_argument("--intensity_jitter", type=float, default=0.0, help="random intensity scale/shift (0: flips only)")
     p.add_argument("--skip_bad", action="store_true", help="skip unreadable volumes (listed in the log) instead of stopping")
     p.add_argument("--print_freq", type=int, default=20)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -70,7 +71,8 @@ def build_data(args):
         barrier()
         args.data_path = os.path.join("demo_data", "pretrain.csv")
     ds = Custom3DDataset(args.data_path, input_size=args.input_size, train=True, preprocess=args.preprocess,
-                         cache_dir=args.cache_dir, seed=args.seed, skip_bad=args.skip_bad)
+                         cache_dir=args.cache_dir, seed=args.seed, skip_bad=args.skip_bad,
+                         intensity_jitter=args.intensity_jitter)
     if args.distributed:
         sampler = torch.utils.data.DistributedSampler(ds, args.world_size, args.rank, shuffle=True, seed=args.seed)
     else:

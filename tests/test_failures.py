@@ -81,6 +81,25 @@ def test_pretraining_bad_flags(corpus, outdir, tmp_path):
     assert digest(outdir) == before
 
 
+def test_disk_full_while_checkpointing_stops_and_keeps_previous_checkpoint(corpus, tmp_path):
+    import subprocess
+
+    root, files, goods = corpus
+    data = write_csv(root / "good.csv", "Path", [str(g) for g in goods])
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    # about 90 MB per tiny-MAE checkpoint (weights + AdamW state): the second write cannot fit
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill a disk for real")
+    try:
+        r = run_script("main_pretrain.py", *tiny_pretrain_args(data, disk / "run", epochs=3, size=16))
+        assert_one_sentence(r, "checkpoint-last.pth", "No space left on device", "intact")
+        assert torch.load(disk / "run" / "checkpoint-last.pth", weights_only=True)["epoch"] == 0
+        assert not list((disk / "run").glob(".*tmp*"))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
 def test_skip_bad_trains_past_broken_volumes_and_lists_them(corpus, tmp_path):
     root, files, goods = corpus
     bad = [files[k] for k in ("truncated", "not_an_image", "2d", "nan", "one_slice")]

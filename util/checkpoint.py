@@ -50,10 +50,13 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
             fault_point(f"save_mid:{path.name}")
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"Could not write checkpoint {path}: {e.strerror or e}; "
-                      f"the previous checkpoint there (if any) is intact.") from e
+        os_err = _os_error_in_chain(e)  # torch.save reports a failed write as a RuntimeError
+        if os_err is None:
+            raise
+        raise OSError(os_err.errno, f"Could not write checkpoint {path}: {os_err.strerror or os_err}; "
+                                    f"the previous checkpoint there (if any) is intact.") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -63,6 +66,14 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
         os.close(dfd)
     except OSError:
         pass
+
+
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    while e is not None:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
