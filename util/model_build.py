@@ -16,15 +16,22 @@ _SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): 
 
 
 def build_model_from_meta(meta: dict, drop_path: float = 0.0, **kw) -> torch.nn.Module:
-    """A VisionTransformer3D (classification/regression/embeddings) or UNETR3D (segmentation) for `meta`."""
+    """A VisionTransformer3D (classification/regression/embeddings) or UNETR3D (segmentation) for `meta`.
+
+    meta['linprobe'] = True gives the linear-probe head Sequential(BatchNorm1d(affine=False), Linear).
+    """
     name = meta["model"].replace("mae_", "")
     img_size, patch_size = tuple(meta["input_size"]), tuple(meta["patch_size"])
     if meta["mode"] == "segmentation":
         return models_vit3d.build_segmentation_model(name, num_classes=meta["nb_classes"], img_size=img_size,
                                                      patch_size=patch_size, drop_path_rate=drop_path,
                                                      feature_size=meta.get("feature_size", 16), **kw)
-    return models_vit3d.VIT_FACTORIES[name](img_size=img_size, patch_size=patch_size, num_classes=meta["nb_outputs"],
-                                            global_pool=meta.get("global_pool", "avg"), drop_path_rate=drop_path, **kw)
+    model = models_vit3d.VIT_FACTORIES[name](img_size=img_size, patch_size=patch_size, num_classes=meta["nb_outputs"],
+                                             global_pool=meta.get("global_pool", "avg"), drop_path_rate=drop_path, **kw)
+    if meta.get("linprobe") and meta["nb_outputs"] > 0:
+        # MAE linear probe: a parameter-free BatchNorm in front of the linear head (keys head.0.*, head.1.*)
+        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6), model.head)
+    return model
 
 
 def encoder_meta_from_state_dict(sd: dict, input_size=None) -> dict:

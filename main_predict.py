@@ -1,0 +1,370 @@
+"""Batch prediction from a CSV of volumes: class probabilities, regression values, embeddings, label maps.
+
+    python main_predict.py --input_csv scans.csv --output_csv predictions.csv --finetune checkpoint-best.pth
+    python main_predict.py --input_csv scans.csv --embeddings emb.npy --finetune mae_pretrained.pth
+    torchrun --standalone --nproc_per_node=4 main_predict.py ...   # rows split across GPUs, one output file
+
+The checkpoint decides the task, labels, model and preprocessing; --orientation/--spacing/--window/--interpolator
+override the saved preprocessing only when typed. Without arguments it runs the demo (see DEMO_PRESET).
+
+Embeddings (--embeddings, from a pretraining or a finetuned classification checkpoint): the encoder's output
+tokens [N, 1+L, E] (`forward_features`: the last transformer block, then the encoder's final LayerNorm when it
+has one -- pretraining checkpoints keep the MAE's, so the tokens equal the MAE encoder's latent) are pooled:
+`cls` = the class token (token 0), `avg` = the mean of the L patch tokens, `cat` = [cls, avg] (width 2E).
+
+A row that cannot be read or preprocessed gets a one-sentence `error` and never stops the others; the exit
+status is 2 when any row failed (--strict: stop at the first failure and write nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from util import cli
+from util import predict_io as io
+from util.cache import VolumeCache
+from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process
+from util.model_build import load_for_inference, logits_to_probs
+
+DEMO_DIR = os.path.join("output_dir", "demo_finetune")
+DEMO_PRESET = dict(input_csv=os.path.join("demo_data", "predict.csv"),
+                   output_csv=os.path.join("output_dir", "demo_predict", "predictions.csv"),
+                   batch_size=4, num_workers=2, overwrite=True)
+PREPROCESS_FLAGS = ("orientation", "spacing", "window", "interpolator")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("3D MAE batch prediction", add_help=True)
+    p.add_argument("--input_csv", default=None, help="CSV with a Path column (omit it to run the demo)")
+    p.add_argument("--output_csv", default=None, help="input columns + prob_<class>, pred, error")
+    p.add_argument("--finetune", "--checkpoint", dest="finetune", default=None,
+                   help="finetuned checkpoint (predictions, masks, embeddings) or pretraining one (embeddings)")
+    p.add_argument("--embeddings", default=None, help="write embeddings to this .npy, .csv or .parquet file")
+    p.add_argument("--embedding_type", default="avg", choices=["cls", "avg", "cat"],
+                   help="cls: class token; avg: mean of patch tokens; cat: both concatenated")
+    p.add_argument("--seg_output_dir", default=None,
+                   help="segmentation: folder for <stem>_seg.nii.gz (default: next to --output_csv)")
+    p.add_argument("--input_size", type=int, nargs="+", default=None,
+                   help="pretraining checkpoints only: D H W the encoder runs at (default: from the checkpoint)")
+    p.add_argument("--batch_size", type=int, default=4, help="volumes per forward pass (per process)")
+    p.add_argument("--sw_batch_size", type=int, default=None, help="segmentation windows per pass (default: --batch_size)")
+    p.add_argument("--sw_overlap", type=float, default=0.25, help="segmentation sliding-window overlap")
+    p.add_argument("--num_workers", type=int, default=4, help="DataLoader processes reading and preprocessing")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--strict", action="store_true", help="stop at the first row that fails, write nothing")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    cli.add_preprocess_args(p)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; remember which flags were typed; apply the demo preset without --input_csv."""
+    parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = parser.parse_args(argv)
+    args.explicit = cli.explicit_flags(parser, argv)
+    args.demo = args.input_csv is None
+    if args.demo:
+        preset = dict(DEMO_PRESET)
+        best = os.path.join(DEMO_DIR, "checkpoint-best.pth")
+        last = os.path.join(DEMO_DIR, "checkpoint-last.pth")
+        preset["finetune"] = best if os.path.isfile(best) or not os.path.isfile(last) else last
+        cli.apply_preset(args, parser, preset, "demo", argv)
+    return args
+
+
+def prepare_demo(args) -> None:
+    from util.demo import make_demo_data
+
+    if not os.path.isfile(args.finetune):
+        raise FileNotFoundError(f"The demo needs a finetuned checkpoint at {args.finetune}; make it with "
+                                f"`python main_pretrain.py && python main_finetune.py` (their demo presets).")
+    if is_main_process():
+        make_demo_data("demo_data")
+    barrier()
+
+
+class PredictDataset(Dataset):
+    """One input row per item, read and preprocessed exactly as in training; never raises.
+
+    Items are dicts: `row` (position in the CSV), `image` float32 [1, D, H, W] in [0, 1] (None when the row
+    failed), `error` (one sentence or None) and, with keep_grid, the geometry of the preprocessed grid (`ref`)
+    and of the input image (`orig`) to put a label map back on the input grid.
+    """
+
+    def __init__(self, paths: list[str], rows: list[int], cfg, crop_size: tuple[int, int, int] | None,
+                 keep_grid: bool = False, cache_dir: str | None = None):
+        self.paths, self.rows, self.cfg = paths, rows, cfg
+        self.crop_size, self.keep_grid = crop_size, keep_grid
+        self.cache = VolumeCache(cache_dir) if cache_dir and not keep_grid else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int) -> dict:
+        row = self.rows[j]
+        path = self.paths[row]
+        try:
+            return {"row": row, "error": None, **self._load(path)}
+        except Exception as e:  # a bad row must never stop the batch or kill a worker
+            return {"row": row, "error": row_error(path, e), "image": None}
+
+    def _load(self, path: str) -> dict:
+        from datasets_three_d import VolumeError, center_crop_or_pad, load_cached, preprocess_image, read_image
+
+        if not path:
+            raise VolumeError("The Path cell is empty.")
+        if self.keep_grid:  # segmentation: whole preprocessed volume + both grids
+            img = read_image(path)
+            arr, ref = preprocess_image(img, self.cfg, name=path)
+            return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None],
+                    "ref": io.grid_of(ref), "orig": io.grid_of(img)}
+        arr = load_cached(path, self.cfg, self.cache)[0]
+        if tuple(arr.shape) != tuple(self.crop_size):  # as the finetuning eval crop
+            arr = center_crop_or_pad(arr, self.crop_size, 0.0)
+        return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]}
+
+
+def row_error(path: str, e: Exception) -> str:
+    """One sentence naming the file: loader errors already do; anything else gets the path and the type."""
+    from datasets_three_d import VolumeError
+
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, VolumeError) and path and msg.startswith(path):
+        return msg
+    return f"{path or '(empty path)'}: {msg if isinstance(e, VolumeError) else f'{type(e).__name__}: {msg}'}"
+
+
+def collate_rows(items: list[dict]) -> dict:
+    """Separate good rows (stacked images [B, 1, D, H, W], or a list for segmentation) from failed ones."""
+    good = [it for it in items if it["error"] is None]
+    batch = {"rows": [it["row"] for it in good], "failed": [(it["row"], it["error"]) for it in items
+                                                            if it["error"] is not None]}
+    if good and "ref" in good[0]:
+        batch["images"] = [it["image"] for it in good]
+        batch["grids"] = [(it["ref"], it["orig"]) for it in good]
+    else:
+        batch["images"] = torch.stack([it["image"] for it in good]) if good else None
+    return batch
+
+
+def pool_tokens(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """tokens [N, 1+L, E] -> embeddings [N, E] (cls, avg) or [N, 2E] (cat)."""
+    cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)
+    return {"cls": cls, "avg": avg, "cat": torch.cat([cls, avg], dim=-1)}[kind]
+
+
+def load_model(args):
+    """The model in eval mode, its meta, and the PreprocessConfig prediction uses."""
+    input_size = cli.input_size_3d(args.input_size) if args.input_size else None
+    try:  # pretraining checkpoints: 'token' pooling keeps the MAE's final norm (embeddings = MAE latent)
+        model, meta, saved = load_for_inference(args.finetune, args.device, input_size, global_pool="token")
+    except (RuntimeError, KeyError) as e:
+        raise ValueError(f"Checkpoint {args.finetune} does not match the model its metadata describes "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+    if input_size and meta["mode"] != "embedding" and tuple(meta["input_size"]) != input_size:
+        print(f"Note: --input_size is ignored for finetuned checkpoints (this one runs at {meta['input_size']}).")
+    return model, meta, preprocess_config(saved, meta, args)
+
+
+def preprocess_config(saved: dict | None, meta: dict, args):
+    """The checkpoint's preprocessing (TANGERINE defaults when it has none); typed flags override it."""
+    from datasets_three_d import PreprocessConfig
+
+    cfg = PreprocessConfig.from_dict(saved) if saved else PreprocessConfig(size=tuple(meta["input_size"]))
+    explicit = getattr(args, "explicit", set())
+    typed = [k for k in PREPROCESS_FLAGS if k in explicit]
+    for k in typed:
+        value = getattr(args, k)
+        setattr(cfg, k, tuple(value) if isinstance(value, (list, tuple)) else value)
+    if "input_size" in explicit and meta["mode"] == "embedding":
+        cfg.size = tuple(meta["input_size"])
+    if typed:
+        print(f"Preprocessing overridden by {', '.join('--' + k for k in typed)}: prediction no longer sees "
+              f"exactly what training saw.")
+    return cfg
+
+
+def check_flags(args) -> None:
+    """Fail early, before any model is loaded, on missing or contradictory flags and on existing outputs."""
+    if args.finetune is None:
+        raise ValueError("--finetune (the checkpoint to predict with) is required with --input_csv.")
+    if args.output_csv is None and args.embeddings is None:
+        raise ValueError("Pass --output_csv (predictions) and/or --embeddings (embedding file).")
+    if args.batch_size < 1 or args.num_workers < 0 or not 0 <= args.sw_overlap < 1:
+        raise ValueError("--batch_size must be >= 1, --num_workers >= 0 and --sw_overlap in [0, 1).")
+    if args.embeddings:
+        io.check_embedding_path(args.embeddings)
+    outputs = ([args.output_csv] if args.output_csv else []) + \
+        (io.embedding_outputs(args.embeddings) if args.embeddings else [])
+    io.check_outputs(outputs, args.overwrite)
+
+
+def check_task(args, meta: dict, paths: list[str]) -> list[str]:
+    """Check the request fits the checkpoint's task; returns the label-map path of every row (segmentation)."""
+    mode, ckpt = meta["mode"], args.finetune
+    if mode == "embedding" and not args.embeddings:
+        raise ValueError(f"{ckpt} is a pretraining checkpoint (no task head): pass --embeddings PATH to extract "
+                         f"embeddings, or a finetuned checkpoint to predict.")
+    if mode == "segmentation" and args.embeddings:
+        raise ValueError(f"{ckpt} is a segmentation checkpoint: --embeddings needs a pretraining or a "
+                         f"classification/regression checkpoint.")
+    if args.seg_output_dir and mode != "segmentation":
+        raise ValueError(f"--seg_output_dir needs a segmentation checkpoint; {ckpt} is a {mode} one.")
+    if mode != "segmentation":
+        return []
+    if args.output_csv is None:
+        raise ValueError("Segmentation needs --output_csv (it lists the label map of every row).")
+    seg_dir = args.seg_output_dir or os.path.splitext(args.output_csv)[0] + "_seg"
+    seg_paths = io.seg_output_paths(paths, seg_dir)
+    io.check_outputs(seg_paths, args.overwrite)
+    return seg_paths
+
+
+def build_loader(paths: list[str], rows: list[int], cfg, meta: dict, args) -> DataLoader:
+    seg = meta["mode"] == "segmentation"
+    ds = PredictDataset(paths, rows, cfg, tuple(meta["input_size"]), keep_grid=seg, cache_dir=args.cache_dir)
+    return DataLoader(ds, batch_size=1 if seg else args.batch_size, shuffle=False, num_workers=args.num_workers,
+                      collate_fn=collate_rows, pin_memory=args.device.startswith("cuda"),
+                      prefetch_factor=2 if args.num_workers else None, worker_init_fn=_worker_init)
+
+
+def _worker_init(_: int) -> None:
+    """Loader processes share the cores (SimpleITK) and run torch single-threaded."""
+    from datasets_three_d import limit_sitk_threads
+
+    torch.set_num_threads(1)
+    limit_sitk_threads()
+
+
+@torch.inference_mode()
+def predict_batch(model, images: torch.Tensor, meta: dict, args) -> list[dict]:
+    """images [B, 1, D, H, W] -> one result dict per volume: `probs` [K] and/or `emb` [F] (numpy float32)."""
+    x = images.to(args.device, non_blocking=True)
+    mode, emb, logits = meta["mode"], None, None
+    with cli.autocast(args.precision, args.device):
+        if args.embeddings:
+            tokens = model.forward_features(x)
+            emb = pool_tokens(tokens.float(), args.embedding_type).cpu().numpy()
+            if mode != "embedding":
+                logits = model.forward_head(tokens)
+        else:
+            logits = model(x)
+    probs = logits_to_probs(logits, mode).cpu().numpy() if logits is not None else None
+    out = [{} for _ in range(len(x))]
+    for b, r in enumerate(out):
+        if probs is not None:
+            r["probs"] = probs[b]
+        if emb is not None:
+            r["emb"] = emb[b]
+    return out
+
+
+@torch.inference_mode()
+def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta: dict, args):
+    """image [1, D, H, W] in the preprocessed grid -> label map (sitk.Image) on the input image's own grid."""
+    from monai.inferers import sliding_window_inference
+
+    from datasets_three_d import to_input_grid
+
+    x = image[None].to(args.device, non_blocking=True)
+    k = int(meta["nb_classes"])
+    stitch = "cpu" if k * x.numel() * 4 > 2 ** 32 else args.device  # keep huge logit volumes off the GPU
+    with cli.autocast(args.precision, args.device):
+        logits = sliding_window_inference(x, roi_size=tuple(meta["input_size"]),
+                                          sw_batch_size=args.sw_batch_size or args.batch_size,
+                                          predictor=lambda t: model(t).float(), overlap=args.sw_overlap,
+                                          mode="gaussian", device=stitch)
+    label = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.uint16)
+    ref, orig = grids
+    return to_input_grid(label, io.image_on_grid(ref), io.image_on_grid(orig))
+
+
+def run_shard(model, loader: DataLoader, meta: dict, args, seg_paths: list[str]) -> dict[int, dict]:
+    """Predict this process's rows; returns {row: result}. With --strict it stops at the first failure."""
+    results: dict[int, dict] = {}
+    failed = 0
+    bar = tqdm(total=len(loader.dataset), unit="vol", desc="predict", disable=not is_main_process(),
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+    for batch in loader:
+        for row, err in batch["failed"]:
+            results[row] = {"error": err}
+        failed += len(batch["failed"])
+        if failed and args.strict:
+            break
+        if batch["rows"] and meta["mode"] == "segmentation":
+            for row, image, grids in zip(batch["rows"], batch["images"], batch["grids"]):
+                io.write_label_map(seg_paths[row], segment_volume(model, image, grids, meta, args))
+                results[row] = {"seg_path": seg_paths[row]}
+        elif batch["rows"]:
+            results.update(zip(batch["rows"], predict_batch(model, batch["images"], meta, args)))
+        bar.update(len(batch["rows"]) + len(batch["failed"]))
+        if failed:
+            bar.set_postfix(failed=failed)
+    bar.close()
+    return results
+
+
+def gather_results(results: dict[int, dict]) -> dict[int, dict]:
+    """Every rank's {row: result} merged (a no-op in a single process)."""
+    merged: dict[int, dict] = {}
+    for part in all_gather_objects(results):
+        merged.update(part)
+    return merged
+
+
+def finish(args, df, paths: list[str], results: dict[int, dict], meta: dict) -> int:
+    """Write the outputs (rank 0) and return the exit status: 0, or 2 when any row failed."""
+    failed = sorted(i for i, r in results.items() if r.get("error"))
+    if failed and args.strict:
+        i = failed[0]
+        print(f"Row {i + 1} ({paths[i] or 'empty path'}) failed: {results[i]['error']} Stopped because of "
+              f"--strict; no output file was written.", file=sys.stderr)
+        return 2
+    if is_main_process():
+        if args.output_csv:
+            io.write_predictions(args.output_csv, io.prediction_table(df, results, meta))
+            print(f"Predictions for {len(df)} rows written to {args.output_csv}")
+        if args.embeddings:
+            dim = meta["embed_dim"] * (2 if args.embedding_type == "cat" else 1)
+            io.write_embeddings(args.embeddings, df, results, dim)
+            print(f"Embeddings [{len(df)}, {dim}] ({args.embedding_type}) written to {args.embeddings}")
+    if failed:
+        i = failed[0]
+        print(f"{len(failed)} of {len(df)} rows failed (see the error column); first: row {i + 1}: "
+              f"{results[i]['error']}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(args) -> int:
+    init_distributed_mode(args)
+    cli.torch_threads()
+    if args.demo:
+        prepare_demo(args)
+    check_flags(args)
+    args.precision = cli.resolve_precision(args.precision, args.device)
+    df, paths = io.read_input_table(args.input_csv)
+    model, meta, cfg = load_model(args)
+    seg_paths = check_task(args, meta, paths)
+    meta = dict(meta, embed_dim=getattr(model, "embed_dim", 0))
+    rows = list(range(args.rank, len(paths), args.world_size))  # strided shards, no padding
+    loader = build_loader(paths, rows, cfg, meta, args)
+    what = f"embeddings ({args.embedding_type})" if meta["mode"] == "embedding" else meta["mode"]
+    print(f"{args.finetune}: {meta['model']} {what}, input {tuple(meta['input_size'])}, {len(paths)} rows on "
+          f"{args.world_size} process(es), precision {args.precision}, preprocessing {cfg.to_dict()}")
+    results = gather_results(run_shard(model, loader, meta, args, seg_paths))
+    code = finish(args, df, paths, results, meta)
+    cleanup()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main, parse_args()))

@@ -1,0 +1,24 @@
+"""bench/lidc_transfer.py --quick: the real-data transfer benchmark runs end to end on a small LIDC subset."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from tests.helpers import run_script
+
+
+def test_quick_lidc_transfer_runs_all_arms_and_splits_by_exam(shared_data, tmp_path):
+    work = tmp_path / "lidc"
+    r = run_script("bench/lidc_transfer.py", "--quick", "--data_dir", shared_data / "lidc_nodules",
+                   "--work_dir", work, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    summary = json.loads((work / "summary.json").read_text())
+    for arm in ("pretrained_finetune", "scratch", "size_only"):
+        assert 0.0 <= summary[arm] <= 1.0, arm
+    assert "$ python main_pretrain.py" in r.stdout and "--finetune none" in r.stdout and "test AUROC" in r.stdout
+    table = pd.read_csv(shared_data / "lidc_nodules" / "nodules.csv")
+    exam = dict(zip(table["index"].map(lambda i: f"nodule_{i:04d}.nii.gz"), table["exam_id"]))
+    exams = {split: {exam[p.split("/")[-1]] for p in pd.read_csv(work / f"{split}.csv")["Path"]}
+             for split in ("pretrain", "test")}
+    assert exams["pretrain"] and exams["test"] and not exams["pretrain"] & exams["test"]
