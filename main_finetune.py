@@ -393,7 +393,7 @@ def cli_main(argv: list[str] | None = None) -> None:
         cli.apply_preset(args, parser, DEMO_PRESET, "demo", argv)
     if args.linprobe:
         cli.apply_preset(args, parser, LINPROBE_PRESET, "linear-probe", argv)
-    main(args)
+    cli.run_main(main, args)
 
 
 if __name__ == "__main__":

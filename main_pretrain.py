@@ -180,7 +180,7 @@ def main(args) -> None:
         try:
             stats = train_one_epoch(model, loader, optimizer, scaler, epoch, args, tb)
         except NonFiniteLossError as e:
-            raise SystemExit(f"error: {e}") from None
+            raise SystemExit(str(e)) from None
         stats["epoch"] = epoch
         if getattr(dataset, "bad_files", None):
             stats["skipped_files"] = list(dataset.bad_files)

@@ -122,6 +122,11 @@ def run_main(main, args):
                    CorruptCheckpointError, ValueError, OSError)
     try:
         return main(args)
+    except SystemExit as e:  # scripts stop with SystemExit("sentence") for errors found in their own checks
+        if isinstance(e.code, str):
+            print(f"error: {e.code}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        raise
     except user_errors as e:
         if os.environ.get("MAE3D_DEBUG"):
             raise
