@@ -3,18 +3,14 @@ regression, segmentation)."""
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from engine_pretrain import NonFiniteLossError
-from util import lr_sched
+from util import train_loop
 from util.cli import autocast
-from util.distributed import all_gather_cat, all_reduce_mean, all_reduce_sum
-from util.faults import fault_point
-from util.logger import Progress
+from util.distributed import all_gather_cat, all_reduce_sum
 from util.metrics import classification_metrics, dice_from_stats, dice_stats, regression_metrics
 from util.model_build import logits_to_probs, nb_outputs
 
@@ -147,64 +143,13 @@ def build_optimizer(args, model):
     return torch.optim.AdamW(groups, lr=args.lr, fused=args.device.startswith("cuda"))
 
 
-def _check_finite(pending, epoch: int) -> None:
-    """Raise if the loss of an earlier step was not finite (checked one step late so the GPU never waits)."""
-    if pending is not None and not math.isfinite(float(pending[0])):
-        raise NonFiniteLossError(
-            f"Loss became {float(pending[0])} at epoch {epoch}, step {pending[1]}. The run stopped and the last "
-            f"good checkpoint was kept; lower --blr, use --clip_grad, or check the training volumes.")
-
-
 def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch: int, args, tb=None) -> dict:
-    """Finetune for one epoch; the DDP gradient sync happens only on the last micro-step of --accum_iter."""
-    model.train()
-    device, mode = args.device, args.mode
-    n_steps = len(loader)
-    progress = Progress(n_steps, f"Epoch [{epoch}]", args.print_freq, args.batch_size * args.world_size)
-    loss_sum, gnorm = torch.zeros((), device=device), torch.zeros((), device=device)
-    count, pending, lr, t0 = 0, None, 0.0, time.time()
-    optimizer.zero_grad(set_to_none=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    for it, (imgs, target) in enumerate(loader):
-        fault_point(f"step:{epoch}:{it}")
-        last_micro = (it + 1) % args.accum_iter == 0 or it + 1 == n_steps
-        if it % args.accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(optimizer, it / n_steps + epoch, args)
-        imgs = imgs.to(device, non_blocking=True)
-        target = prepare_target(target, mode, device)
-        sync_ctx = model.no_sync() if (args.distributed and not last_micro) else _null()
-        with sync_ctx:
-            with autocast(args.precision, device):
-                logits = model(imgs)
-            loss = criterion(logits.float(), target)
-            scaler.scale(loss / args.accum_iter).backward()
-        if last_micro:
-            scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        _check_finite(pending, epoch)
-        pending = (loss.detach(), it)
-        loss_sum += pending[0]
-        count += 1
-        if progress.due(it):
-            loss_avg = all_reduce_mean(loss_sum / count, device)
-            vps = progress.show(it, loss=loss_avg, lr=lr, grad_norm=float(gnorm))
-            if tb is not None:
-                tb.scalars({"loss": loss_avg, "lr": lr, "grad_norm": float(gnorm), "volumes_per_s": vps},
-                           epoch * n_steps + it, prefix="train/")
-    _check_finite(pending, epoch)
-    loss_avg = all_reduce_mean(loss_sum / max(count, 1), device)
-    return {"loss": loss_avg, "lr": lr, "volumes_per_s": count * args.batch_size * args.world_size / (time.time() - t0)}
+    """Finetune for one epoch on batches (imgs [N, 1, D, H, W], targets)."""
+    def compute_loss(m, batch):
+        logits = m(batch[0].to(args.device, non_blocking=True))
+        return criterion(logits.float(), prepare_target(batch[1], args.mode, args.device))
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+    return train_loop.train_one_epoch(model, loader, optimizer, scaler, epoch, args, compute_loss, tb)
 
 
 def compute_metrics(logits: torch.Tensor, targets: torch.Tensor, meta: dict) -> dict:

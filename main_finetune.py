@@ -19,10 +19,10 @@ import models_vit3d
 from datasets_three_d import PreprocessConfig, VolumeError
 from engine_finetune import (EvalShardSampler, build_criterion, build_optimizer, default_best_metric, evaluate,
                              is_better, loss_weights, make_meta, train_one_epoch)
-from engine_pretrain import NonFiniteLossError
+from util.train_loop import NonFiniteLossError
 from util import cli
 from util.checkpoint import clean_state_dict, find_resume, load_checkpoint, plain, remove_stale_tmp, save_atomic
-from util.distributed import barrier, cleanup, init_distributed_mode, is_main_process
+from util.distributed import barrier, cleanup, is_main_process
 from util.logger import TBLogger, append_json_log
 from util.model_build import build_model_from_meta
 
@@ -342,12 +342,7 @@ def run_eval(args) -> dict:
 
 
 def main(args) -> None:
-    init_distributed_mode(args)
-    cli.torch_threads()
-    args.input_size = cli.input_size_3d(args.input_size)
-    args.patch_size = cli.input_size_3d(args.patch_size)
-    cli.check_input_size(args.input_size, args.patch_size)
-    args.precision = cli.resolve_precision(args.precision, args.device)
+    cli.setup_run(args)
     cli.seed_all(args.seed + args.rank)
     if getattr(args, "demo", False):
         if is_main_process():

@@ -7,19 +7,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
 import models_mae3d
 from datasets_three_d import Custom3DDataset
-from engine_pretrain import NonFiniteLossError, reconstruction_picture, train_one_epoch
+from engine_pretrain import reconstruction_picture, train_one_epoch
 from util import cli
 from util.checkpoint import find_resume, load_checkpoint, plain, remove_stale_tmp, save_atomic
-from util.distributed import barrier, cleanup, init_distributed_mode, is_main_process
+from util.distributed import barrier, cleanup, is_main_process
 from util.logger import TBLogger, append_json_log
 from util.lr_decay import param_groups_weight_decay
+from util.train_loop import NonFiniteLossError
 
 DEMO_PRESET = dict(model="mae_vit_tiny_patch16", input_size=[64, 64, 64], epochs=20, warmup_epochs=2,
                    batch_size=4, blr=1.5e-3, output_dir="output_dir/demo_pretrain",
@@ -134,12 +134,7 @@ def try_resume(args, model_without_ddp, optimizer, scaler) -> int:
 
 
 def main(args) -> None:
-    init_distributed_mode(args)
-    cli.torch_threads()
-    args.input_size = cli.input_size_3d(args.input_size)
-    args.patch_size = cli.input_size_3d(args.patch_size)
-    cli.check_input_size(args.input_size, args.patch_size)
-    args.precision = cli.resolve_precision(args.precision, args.device)
+    cli.setup_run(args)
     args.log_dir = args.log_dir or args.output_dir
     if is_main_process():
         cli.check_writable_dir(args.output_dir)

@@ -86,6 +86,18 @@ def autocast(precision: str, device: str):
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
+def setup_run(args) -> None:
+    """Start-up shared by the training scripts: torchrun/device, threads, sizes checked, precision resolved."""
+    from util.distributed import init_distributed_mode
+
+    init_distributed_mode(args)
+    torch_threads()
+    args.input_size = input_size_3d(args.input_size)
+    args.patch_size = input_size_3d(args.patch_size)
+    check_input_size(args.input_size, args.patch_size)
+    args.precision = resolve_precision(args.precision, args.device)
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
