@@ -22,7 +22,7 @@ from util.lr_decay import param_groups_weight_decay
 from util.train_loop import NonFiniteLossError
 
 DEMO_PRESET = dict(model="mae_vit_tiny_patch16", input_size=[64, 64, 64], epochs=20, warmup_epochs=2,
-                   batch_size=4, blr=1.5e-3, output_dir="output_dir/demo_pretrain",
+                   batch_size=4, blr=0.064, output_dir="output_dir/demo_pretrain",
                    log_dir="output_dir/demo_pretrain", save_every=5, vis_every=5, num_workers=2)
 
 
