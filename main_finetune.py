@@ -28,7 +28,7 @@ from util.model_build import build_model_from_meta
 
 DEMO_PRETRAIN = os.path.join("output_dir", "demo_pretrain")
 DEMO_PRESET = dict(model="vit_tiny_patch16", input_size=[64, 64, 64], epochs=10, warmup_epochs=1, batch_size=4,
-                   blr=1e-3, finetune="demo", train_csv=os.path.join("demo_data", "train.csv"),
+                   blr=0.032, finetune="demo", train_csv=os.path.join("demo_data", "train.csv"),
                    val_csv=os.path.join("demo_data", "val.csv"), output_dir=os.path.join("output_dir", "demo_finetune"),
                    num_workers=2, print_freq=5)
 LINPROBE_PRESET = dict(blr=0.1, weight_decay=0.0, drop_path=0.0, smoothing=0.0)  # MAE linear-probe recipe
