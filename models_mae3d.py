@@ -221,15 +221,16 @@ class MaskedAutoencoderViT3D(nn.Module):
 
 MaskedAutoencoderViT = MaskedAutoencoderViT3D
 
-_ENCODERS = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-             "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+# width, depth, heads of each named encoder size (shared by the ViT factories and checkpoint recognition)
+ENCODER_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+                 "large": (1024, 24, 16), "huge": (1280, 32, 16)}
 _DECODERS = {"tiny": (128, 4, 4), "small": (256, 4, 8), "base": (512, 8, 16),
              "large": (512, 8, 16), "huge": (512, 8, 16)}
 
 
 def _build(size: str, **kwargs) -> MaskedAutoencoderViT3D:
     """MAE of a named size; kwargs override every default."""
-    (e, d, h), (de, dd, dh) = _ENCODERS[size], _DECODERS[size]
+    (e, d, h), (de, dd, dh) = ENCODER_SIZES[size], _DECODERS[size]
     cfg = dict(img_size=256, patch_size=16, in_chans=1, embed_dim=e, depth=d, num_heads=h,
                decoder_embed_dim=de, decoder_depth=dd, decoder_num_heads=dh, mlp_ratio=4.0,
                norm_layer=partial(nn.LayerNorm, eps=1e-6))

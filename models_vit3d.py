@@ -9,7 +9,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from models_mae3d import fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks, run_blocks
+from models_mae3d import (ENCODER_SIZES, fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks,
+                          run_blocks)
 from util.patch_embed import PatchEmbed3D, to_3tuple
 from util.pos_embed import get_3d_sincos_pos_embed
 
@@ -114,13 +115,9 @@ class VisionTransformer3D(nn.Module):
         return [outs[i] for i in wanted]
 
 
-_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-          "large": (1024, 24, 16), "huge": (1280, 32, 16)}
-
-
 def _build(size: str, **kwargs) -> VisionTransformer3D:
     """ViT of a named size; kwargs override every default."""
-    e, d, h = _SIZES[size]
+    e, d, h = ENCODER_SIZES[size]
     cfg = dict(img_size=256, patch_size=16, in_chans=1, embed_dim=e, depth=d, num_heads=h, mlp_ratio=4.0,
                norm_layer=partial(nn.LayerNorm, eps=1e-6))
     cfg.update(kwargs)

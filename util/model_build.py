@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 import models_vit3d
+from models_mae3d import ENCODER_SIZES
 from util.checkpoint import clean_state_dict, load_checkpoint
 
 MODES = ("binary", "multiclass", "multilabel", "regression", "segmentation")
-_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1280, 32): "huge"}
+_SIZES = {(e, d): name for name, (e, d, _) in ENCODER_SIZES.items()}  # (width, depth) -> size name
 
 
 def build_model_from_meta(meta: dict, drop_path: float = 0.0, **kw) -> torch.nn.Module:
