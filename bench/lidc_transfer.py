@@ -46,24 +46,34 @@ def get_args() -> argparse.Namespace:
     p.add_argument("--pretrain_blr", type=float, default=1.5e-3)
     p.add_argument("--finetune_blr", type=float, default=2e-3)
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="exam split, pretraining and the first labelled subset")
+    p.add_argument("--label_seeds", type=int, nargs="+", default=None,
+                   help="finetune on one labelled subset per seed (same exam split, same pretraining); default --seed")
+    p.add_argument("--pretrained", default=None,
+                   help="reuse this mae_pretrained.pth (made with the same --seed and --work_dir split) instead of "
+                        "pretraining again")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny subset and 1 epoch each (smoke test)")
     return p.parse_args()
 
 
-def split_by_exam(table: pd.DataFrame, test_fraction: float, label_fraction: float, seed: int):
-    """Boolean masks (train, test, labelled-train): exams shuffled with `seed`, labels drawn among train rows."""
+def split_by_exam(table: pd.DataFrame, test_fraction: float, seed: int):
+    """Boolean masks (train, test): exams shuffled with `seed`, the first `test_fraction` of them held out."""
     rng = np.random.default_rng(seed)
     exams = np.sort(table["exam_id"].astype(str).unique())
     exams = exams[rng.permutation(len(exams))]
     test_exams = set(exams[: int(round(len(exams) * test_fraction))])
     test = table["exam_id"].astype(str).isin(test_exams).to_numpy()
-    train_idx = np.flatnonzero(~test)
+    return ~test, test
+
+
+def draw_labelled(train: np.ndarray, label_fraction: float, label_seed: int) -> np.ndarray:
+    """Boolean mask of the training rows whose labels the finetuning may use (drawn with `label_seed`)."""
+    train_idx = np.flatnonzero(train)
     n_lab = max(4, int(round(len(train_idx) * label_fraction)))
-    labelled = np.zeros(len(table), dtype=bool)
-    labelled[rng.choice(train_idx, size=n_lab, replace=False)] = True
-    return ~test, test, labelled
+    labelled = np.zeros(len(train), dtype=bool)
+    labelled[np.random.default_rng([label_seed, 1]).choice(train_idx, size=n_lab, replace=False)] = True
+    return labelled
 
 
 def write_volumes(images: np.ndarray, rows: np.ndarray, out_dir: Path) -> list[str]:
@@ -85,34 +95,41 @@ def write_volumes(images: np.ndarray, rows: np.ndarray, out_dir: Path) -> list[s
 
 
 def prepare(args) -> dict:
-    """Write NIfTI volumes and the CSVs; returns their paths and the split tables."""
+    """Write NIfTI volumes, the pretraining and test CSVs; returns their paths and the split tables."""
     data = np.load(Path(args.data_dir) / "nodules_32x64x64.npz")
     table = pd.read_csv(Path(args.data_dir) / "nodules.csv")
     images, labels = data["images"], data["labels"]
     if len(table) != len(images) or not np.array_equal(table["label"].to_numpy(), labels):
         raise SystemExit(f"{args.data_dir}: nodules.csv and nodules_32x64x64.npz disagree (row count or labels).")
-    train, test, labelled = split_by_exam(table, args.test_fraction, args.label_fraction, args.seed)
+    train, test = split_by_exam(table, args.test_fraction, args.seed)
     if args.quick:  # a small, fixed subset that still has both classes in every split
         keep = np.zeros(len(table), dtype=bool)
         for mask, n in ((train, 48), (test, 24)):
             for c in (0, 1):
                 keep[np.flatnonzero(mask & (labels == c))[: n // 2]] = True
         train, test = train & keep, test & keep
-        labelled = train.copy()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     rows = np.flatnonzero(train | test)
     table["Path"] = pd.Series(dict(zip(rows, write_volumes(images, rows, work / "volumes"))))
     table["Label"] = labels.astype(int)
-    csvs = {"pretrain": work / "pretrain.csv", "labelled": work / "train_labelled.csv", "test": work / "test.csv"}
+    csvs = {"pretrain": work / "pretrain.csv", "test": work / "test.csv"}
     table.loc[train, ["Path"]].to_csv(csvs["pretrain"], index=False)
-    table.loc[labelled, ["Path", "Label"]].to_csv(csvs["labelled"], index=False)
     table.loc[test, ["Path", "Label"]].to_csv(csvs["test"], index=False)
-    malignant = {k: table.loc[m, "Label"].mean() for k, m in (("lab", labelled), ("test", test))}
-    print(f"Split by exam: {train.sum()} training nodules ({labelled.sum()} labelled, {malignant['lab']:.2f}"
-          f" malignant), {test.sum()} test nodules ({malignant['test']:.2f} malignant), "
+    print(f"Split by exam: {train.sum()} training nodules, {test.sum()} test nodules "
+          f"({table.loc[test, 'Label'].mean():.2f} malignant), "
           f"{table.loc[train, 'exam_id'].nunique()} / {table.loc[test, 'exam_id'].nunique()} exams.")
-    return {"csvs": csvs, "table": table, "labelled": labelled, "test": test}
+    return {"csvs": csvs, "table": table, "train": train, "test": test}
+
+
+def labelled_csv(args, prep: dict, label_seed: int) -> tuple[Path, np.ndarray]:
+    """Write the labelled subset for `label_seed` (every training row in --quick mode); returns (csv, mask)."""
+    labelled = prep["train"].copy() if args.quick else draw_labelled(prep["train"], args.label_fraction, label_seed)
+    path = Path(args.work_dir) / f"train_labelled_seed{label_seed}.csv"
+    prep["table"].loc[labelled, ["Path", "Label"]].to_csv(path, index=False)
+    print(f"Label seed {label_seed}: {labelled.sum()} labelled nodules "
+          f"({prep['table'].loc[labelled, 'Label'].mean():.2f} malignant).", flush=True)
+    return path, labelled
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -137,12 +154,12 @@ def common_flags(args, work: Path) -> list:
             "--print_freq", 1000]
 
 
-def finetune(args, prep: dict, name: str, init: str) -> dict:
+def finetune(args, prep: dict, train_csv: Path, name: str, init) -> dict:
     """Finetune (or train from scratch, init='none') on the labelled nodules; returns the test metrics."""
     work = Path(args.work_dir)
     out = work / name
     epochs = 1 if args.quick else args.finetune_epochs
-    cmd = ["main_finetune.py", "--train_csv", prep["csvs"]["labelled"], "--test_csv", prep["csvs"]["test"],
+    cmd = ["main_finetune.py", "--train_csv", train_csv, "--test_csv", prep["csvs"]["test"],
            "--model", "vit_tiny_patch16", "--finetune", init, "--output_dir", out, "--resume", "none",
            "--epochs", epochs, "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if not args.quick else 8,
            "--blr", args.finetune_blr, "--layer_decay", 0.75, "--drop_path", 0.1, "--smoothing", 0.0,
@@ -151,43 +168,61 @@ def finetune(args, prep: dict, name: str, init: str) -> dict:
     return json.loads((out / "test_metrics.json").read_text())
 
 
-def size_baseline(prep: dict) -> float:
-    """Test AUROC of logistic regression on diameter_mm trained on the labelled nodules."""
+def size_baseline(prep: dict, labelled: np.ndarray) -> float:
+    """Test AUROC of logistic regression on log(diameter_mm) trained on the labelled nodules."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    t, lab, test = prep["table"], prep["labelled"], prep["test"]
+    t, test = prep["table"], prep["test"]
     x = np.log(t[["diameter_mm"]].to_numpy(dtype=np.float64))
-    clf = LogisticRegression().fit(x[lab], t["Label"][lab])
+    clf = LogisticRegression().fit(x[labelled], t["Label"][labelled])
     return float(roc_auc_score(t["Label"][test], clf.predict_proba(x[test])[:, 1]))
+
+
+def pretrain(args, prep: dict) -> Path:
+    """Step (a): MAE pretraining on every training nodule, no labels; returns mae_pretrained.pth."""
+    if args.pretrained:
+        print(f"Reusing the pretrained MAE {args.pretrained}")
+        return Path(args.pretrained)
+    work = Path(args.work_dir)
+    run(["main_pretrain.py", "--data_path", prep["csvs"]["pretrain"], "--model", "mae_vit_tiny_patch16",
+         "--output_dir", work / "pretrain", "--resume", "none", "--epochs", 1 if args.quick else args.pretrain_epochs,
+         "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if args.quick else args.batch_size,
+         "--blr", args.pretrain_blr, "--mask_ratio", 0.75, "--save_every", 1000, "--vis_every", 0,
+         *(["--norm_pix_loss"] if args.norm_pix_loss else []), *common_flags(args, work)],
+        work / "pretrain.log")
+    return work / "pretrain" / "mae_pretrained.pth"
 
 
 def main() -> dict:
     args = get_args()
     if not (Path(args.data_dir) / "nodules.csv").is_file():
         raise SystemExit(f"LIDC nodules not found in {args.data_dir} (expected nodules.csv and nodules_32x64x64.npz).")
-    work = Path(args.work_dir)
     t0 = time.time()
     prep = prepare(args)
-    pre_epochs = 1 if args.quick else args.pretrain_epochs
-    run(["main_pretrain.py", "--data_path", prep["csvs"]["pretrain"], "--model", "mae_vit_tiny_patch16",
-         "--output_dir", work / "pretrain", "--resume", "none", "--epochs", pre_epochs,
-         "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if args.quick else args.batch_size,
-         "--blr", args.pretrain_blr, "--mask_ratio", 0.75, "--save_every", 1000, "--vis_every", 0,
-         *(["--norm_pix_loss"] if args.norm_pix_loss else []), *common_flags(args, work)],
-        work / "pretrain.log")
-    results = {"pretrained_finetune": finetune(args, prep, "finetune_mae", work / "pretrain" / "mae_pretrained.pth"),
-               "scratch": finetune(args, prep, "scratch", "none")}
-    size_auc = size_baseline(prep)
-    print(f"\nLIDC benign vs malignant, {prep['labelled'].sum()} labelled training nodules, "
-          f"{prep['test'].sum()} test nodules ({time.time() - t0:.0f}s in all):")
-    for name, m in results.items():
-        print(f"  {name:22s} test AUROC {m['auroc']:.3f}  balanced acc {m['balanced_accuracy']:.3f}")
-    print(f"  {'size-only (diameter)':22s} test AUROC {size_auc:.3f}")
-    summary = {k: v["auroc"] for k, v in results.items()} | {"size_only": size_auc,
-                                                               "n_labelled": int(prep["labelled"].sum()),
-                                                               "n_test": int(prep["test"].sum())}
-    (work / "summary.json").write_text(json.dumps(summary, indent=1))
+    ckpt = pretrain(args, prep)
+    rows = []
+    for label_seed in args.label_seeds or [args.seed]:
+        train_csv, labelled = labelled_csv(args, prep, label_seed)
+        rows.append({"label_seed": label_seed, "n_labelled": int(labelled.sum()),
+                     "pretrained": finetune(args, prep, train_csv, f"finetune_mae_seed{label_seed}", ckpt)["auroc"],
+                     "scratch": finetune(args, prep, train_csv, f"scratch_seed{label_seed}", "none")["auroc"],
+                     "size_only": size_baseline(prep, labelled)})
+        print("  test AUROC " + "  ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)),
+              flush=True)
+    res = pd.DataFrame(rows)
+    print(f"\nLIDC benign vs malignant, {args.label_fraction:.0%} of the training labels, "
+          f"{int(prep['test'].sum())} test nodules from held-out exams ({time.time() - t0:.0f}s in all):")
+    print(res.to_string(index=False, float_format="%.3f"))
+    arms = ["pretrained", "scratch", "size_only"]
+    print("mean (sd): " + "  ".join(f"{k} {res[k].mean():.3f} ({res[k].std(ddof=1) if len(res) > 1 else 0:.3f})"
+                                    for k in arms))
+    for other in ("scratch", "size_only"):
+        d = res["pretrained"] - res[other]
+        print(f"pretrained - {other}: mean {d.mean():+.3f}, better in {(d > 0).sum()} of {len(d)} label subsets")
+    summary = {"label_fraction": args.label_fraction, "n_test": int(prep["test"].sum()), "pretrained_from": str(ckpt),
+               "runs": rows, "mean": {k: float(res[k].mean()) for k in arms}}
+    (Path(args.work_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

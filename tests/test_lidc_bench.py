@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 
+import sys
+
+import numpy as np
 import pandas as pd
 
-from tests.helpers import run_script
+from tests.helpers import ROOT, run_script
 
 
 def test_quick_lidc_transfer_runs_all_arms_and_splits_by_exam(shared_data, tmp_path):
@@ -14,11 +17,25 @@ def test_quick_lidc_transfer_runs_all_arms_and_splits_by_exam(shared_data, tmp_p
                    "--work_dir", work, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     summary = json.loads((work / "summary.json").read_text())
-    for arm in ("pretrained_finetune", "scratch", "size_only"):
-        assert 0.0 <= summary[arm] <= 1.0, arm
+    for arm in ("pretrained", "scratch", "size_only"):
+        assert 0.0 <= summary["mean"][arm] <= 1.0, arm
+        assert summary["runs"][0][arm] == summary["mean"][arm]
     assert "$ python main_pretrain.py" in r.stdout and "--finetune none" in r.stdout and "test AUROC" in r.stdout
     table = pd.read_csv(shared_data / "lidc_nodules" / "nodules.csv")
     exam = dict(zip(table["index"].map(lambda i: f"nodule_{i:04d}.nii.gz"), table["exam_id"]))
     exams = {split: {exam[p.split("/")[-1]] for p in pd.read_csv(work / f"{split}.csv")["Path"]}
              for split in ("pretrain", "test")}
     assert exams["pretrain"] and exams["test"] and not exams["pretrain"] & exams["test"]
+
+
+def test_labelled_subsets_come_from_training_exams_and_differ_by_seed():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lidc_transfer import draw_labelled, split_by_exam
+
+    table = pd.DataFrame({"exam_id": np.repeat(np.arange(40), 3)})
+    train, test = split_by_exam(table, 0.25, seed=0)
+    assert test.sum() == 30 and not (train & test).any()
+    a, b = draw_labelled(train, 0.25, 0), draw_labelled(train, 0.25, 1)
+    assert a.sum() == b.sum() == round(90 * 0.25)
+    assert not (a & test).any() and not (b & test).any()
+    assert (a != b).any() and np.array_equal(a, draw_labelled(train, 0.25, 0))
