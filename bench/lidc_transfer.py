@@ -53,6 +53,8 @@ def get_args() -> argparse.Namespace:
                    help="reuse this mae_pretrained.pth (made with the same --seed and --work_dir split) instead of "
                         "pretraining again")
     p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--arms", nargs="+", choices=["pretrained", "scratch"], default=["pretrained", "scratch"],
+                   help="which finetuning arms to run (a finished arm with the same command is reused, not rerun)")
     p.add_argument("--quick", action="store_true", help="tiny subset and 1 epoch each (smoke test)")
     return p.parse_args()
 
@@ -164,8 +166,13 @@ def finetune(args, prep: dict, train_csv: Path, name: str, init) -> dict:
            "--epochs", epochs, "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if not args.quick else 8,
            "--blr", args.finetune_blr, "--layer_decay", 0.75, "--drop_path", 0.1, "--smoothing", 0.0,
            *common_flags(args, work)]
-    run(cmd, work / f"{name}.log")
-    return json.loads((out / "test_metrics.json").read_text())
+    record, result = out / "bench_command.json", out / "test_metrics.json"
+    if result.is_file() and record.is_file() and json.loads(record.read_text()) == [str(c) for c in cmd]:
+        print(f"Reusing {result} (same command; delete {out} to run it again)")
+    else:
+        run(cmd, work / f"{name}.log")
+        record.write_text(json.dumps([str(c) for c in cmd]))
+    return json.loads(result.read_text())
 
 
 def size_baseline(prep: dict, labelled: np.ndarray) -> float:
@@ -200,24 +207,25 @@ def main() -> dict:
         raise SystemExit(f"LIDC nodules not found in {args.data_dir} (expected nodules.csv and nodules_32x64x64.npz).")
     t0 = time.time()
     prep = prepare(args)
-    ckpt = pretrain(args, prep)
+    ckpt = pretrain(args, prep) if "pretrained" in args.arms else None
     rows = []
     for label_seed in args.label_seeds or [args.seed]:
         train_csv, labelled = labelled_csv(args, prep, label_seed)
-        rows.append({"label_seed": label_seed, "n_labelled": int(labelled.sum()),
-                     "pretrained": finetune(args, prep, train_csv, f"finetune_mae_seed{label_seed}", ckpt)["auroc"],
-                     "scratch": finetune(args, prep, train_csv, f"scratch_seed{label_seed}", "none")["auroc"],
-                     "size_only": size_baseline(prep, labelled)})
+        row = {"label_seed": label_seed, "n_labelled": int(labelled.sum())}
+        for arm, init in (("pretrained", ckpt), ("scratch", "none")):
+            if arm in args.arms:
+                row[arm] = finetune(args, prep, train_csv, f"{arm}_seed{label_seed}", init)["auroc"]
+        rows.append(row | {"size_only": size_baseline(prep, labelled)})
         print("  test AUROC " + "  ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)),
               flush=True)
     res = pd.DataFrame(rows)
     print(f"\nLIDC benign vs malignant, {args.label_fraction:.0%} of the training labels, "
           f"{int(prep['test'].sum())} test nodules from held-out exams ({time.time() - t0:.0f}s in all):")
     print(res.to_string(index=False, float_format="%.3f"))
-    arms = ["pretrained", "scratch", "size_only"]
+    arms = [*args.arms, "size_only"]
     print("mean (sd): " + "  ".join(f"{k} {res[k].mean():.3f} ({res[k].std(ddof=1) if len(res) > 1 else 0:.3f})"
                                     for k in arms))
-    for other in ("scratch", "size_only"):
+    for other in [c for c in ("scratch", "size_only") if "pretrained" in res and c in res]:
         d = res["pretrained"] - res[other]
         print(f"pretrained - {other}: mean {d.mean():+.3f}, better in {(d > 0).sum()} of {len(d)} label subsets")
     summary = {"label_fraction": args.label_fraction, "n_test": int(prep["test"].sum()), "pretrained_from": str(ckpt),
