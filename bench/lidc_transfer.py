@@ -150,6 +150,16 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"  done in {time.time() - t0:.0f}s (log: {log})", flush=True)
 
 
+def run_once(cmd: list, log: Path, result: Path) -> None:
+    """`run(cmd)` unless `result` exists from the very same command (recorded beside it), so reruns reuse arms."""
+    record = result.with_name("bench_command.json")
+    if result.is_file() and record.is_file() and json.loads(record.read_text()) == [str(c) for c in cmd]:
+        print(f"Reusing {result} (same command; delete it to run again)", flush=True)
+        return
+    run(cmd, log)
+    record.write_text(json.dumps([str(c) for c in cmd]))
+
+
 def common_flags(args, work: Path) -> list:
     return ["--input_size", 32, 64, 64, "--patch_size", *args.patch_size, "--window", 0, 255,
             "--cache_dir", work / "cache", "--num_workers", 0 if args.quick else args.num_workers, "--seed", args.seed,
@@ -166,13 +176,8 @@ def finetune(args, prep: dict, train_csv: Path, name: str, init) -> dict:
            "--epochs", epochs, "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if not args.quick else 8,
            "--blr", args.finetune_blr, "--layer_decay", 0.75, "--drop_path", 0.1, "--smoothing", 0.0,
            *common_flags(args, work)]
-    record, result = out / "bench_command.json", out / "test_metrics.json"
-    if result.is_file() and record.is_file() and json.loads(record.read_text()) == [str(c) for c in cmd]:
-        print(f"Reusing {result} (same command; delete {out} to run it again)")
-    else:
-        run(cmd, work / f"{name}.log")
-        record.write_text(json.dumps([str(c) for c in cmd]))
-    return json.loads(result.read_text())
+    run_once(cmd, work / f"{name}.log", out / "test_metrics.json")
+    return json.loads((out / "test_metrics.json").read_text())
 
 
 def size_baseline(prep: dict, labelled: np.ndarray) -> float:
@@ -192,12 +197,12 @@ def pretrain(args, prep: dict) -> Path:
         print(f"Reusing the pretrained MAE {args.pretrained}")
         return Path(args.pretrained)
     work = Path(args.work_dir)
-    run(["main_pretrain.py", "--data_path", prep["csvs"]["pretrain"], "--model", "mae_vit_tiny_patch16",
-         "--output_dir", work / "pretrain", "--resume", "none", "--epochs", 1 if args.quick else args.pretrain_epochs,
-         "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if args.quick else args.batch_size,
-         "--blr", args.pretrain_blr, "--mask_ratio", 0.75, "--save_every", 1000, "--vis_every", 0,
-         *(["--norm_pix_loss"] if args.norm_pix_loss else []), *common_flags(args, work)],
-        work / "pretrain.log")
+    cmd = ["main_pretrain.py", "--data_path", prep["csvs"]["pretrain"], "--model", "mae_vit_tiny_patch16",
+           "--output_dir", work / "pretrain", "--resume", "none", "--epochs", 1 if args.quick else args.pretrain_epochs,
+           "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if args.quick else args.batch_size,
+           "--blr", args.pretrain_blr, "--mask_ratio", 0.75, "--save_every", 1000, "--vis_every", 0,
+           *(["--norm_pix_loss"] if args.norm_pix_loss else []), *common_flags(args, work)]
+    run_once(cmd, work / "pretrain.log", work / "pretrain" / "mae_pretrained.pth")
     return work / "pretrain" / "mae_pretrained.pth"
 
 
