@@ -96,6 +96,13 @@ def write_volumes(images: np.ndarray, rows: np.ndarray, out_dir: Path) -> list[s
     return paths
 
 
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    """Atomic CSV write, so two invocations sharing --work_dir (different --label_seeds) never read half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
 def prepare(args) -> dict:
     """Write NIfTI volumes, the pretraining and test CSVs; returns their paths and the split tables."""
     data = np.load(Path(args.data_dir) / "nodules_32x64x64.npz")
@@ -116,8 +123,8 @@ def prepare(args) -> dict:
     table["Path"] = pd.Series(dict(zip(rows, write_volumes(images, rows, work / "volumes"))))
     table["Label"] = labels.astype(int)
     csvs = {"pretrain": work / "pretrain.csv", "test": work / "test.csv"}
-    table.loc[train, ["Path"]].to_csv(csvs["pretrain"], index=False)
-    table.loc[test, ["Path", "Label"]].to_csv(csvs["test"], index=False)
+    write_csv(table.loc[train, ["Path"]], csvs["pretrain"])
+    write_csv(table.loc[test, ["Path", "Label"]], csvs["test"])
     print(f"Split by exam: {train.sum()} training nodules, {test.sum()} test nodules "
           f"({table.loc[test, 'Label'].mean():.2f} malignant), "
           f"{table.loc[train, 'exam_id'].nunique()} / {table.loc[test, 'exam_id'].nunique()} exams.")
@@ -128,7 +135,7 @@ def labelled_csv(args, prep: dict, label_seed: int) -> tuple[Path, np.ndarray]:
     """Write the labelled subset for `label_seed` (every training row in --quick mode); returns (csv, mask)."""
     labelled = prep["train"].copy() if args.quick else draw_labelled(prep["train"], args.label_fraction, label_seed)
     path = Path(args.work_dir) / f"train_labelled_seed{label_seed}.csv"
-    prep["table"].loc[labelled, ["Path", "Label"]].to_csv(path, index=False)
+    write_csv(prep["table"].loc[labelled, ["Path", "Label"]], path)
     print(f"Label seed {label_seed}: {labelled.sum()} labelled nodules "
           f"({prep['table'].loc[labelled, 'Label'].mean():.2f} malignant).", flush=True)
     return path, labelled
