@@ -53,8 +53,10 @@ def get_args() -> argparse.Namespace:
                    help="reuse this mae_pretrained.pth (made with the same --seed and --work_dir split) instead of "
                         "pretraining again")
     p.add_argument("--num_workers", type=int, default=2)
-    p.add_argument("--arms", nargs="+", choices=["pretrained", "scratch"], default=["pretrained", "scratch"],
-                   help="which finetuning arms to run (a finished arm with the same command is reused, not rerun)")
+    p.add_argument("--arms", nargs="+", choices=["pretrained", "linprobe", "scratch"],
+                   default=["pretrained", "linprobe", "scratch"],
+                   help="pretrained: finetune the MAE encoder; linprobe: linear probe on it, frozen; scratch: same ViT "
+                        "from random init (a finished arm with the same command is reused, not rerun)")
     p.add_argument("--quick", action="store_true", help="tiny subset and 1 epoch each (smoke test)")
     return p.parse_args()
 
@@ -122,6 +124,7 @@ def prepare(args) -> dict:
     rows = np.flatnonzero(train | test)
     table["Path"] = pd.Series(dict(zip(rows, write_volumes(images, rows, work / "volumes"))))
     table["Label"] = labels.astype(int)
+    table["voxels"] = (images > 0).reshape(len(images), -1).sum(1)  # segmented crops: nodule volume in voxels
     csvs = {"pretrain": work / "pretrain.csv", "test": work / "test.csv"}
     write_csv(table.loc[train, ["Path"]], csvs["pretrain"])
     write_csv(table.loc[test, ["Path", "Label"]], csvs["test"])
@@ -173,27 +176,31 @@ def common_flags(args, work: Path) -> list:
             "--print_freq", 1000]
 
 
-def finetune(args, prep: dict, train_csv: Path, name: str, init) -> dict:
-    """Finetune (or train from scratch, init='none') on the labelled nodules; returns the test metrics."""
+def finetune(args, prep: dict, train_csv: Path, name: str, init, linprobe: bool = False) -> dict:
+    """Finetune (or train from scratch, init='none'; or linear-probe the frozen encoder) on the labelled nodules.
+
+    Returns the test metrics. The linear probe takes main_finetune.py's --linprobe recipe (LARS, blr 0.1, no decay).
+    """
     work = Path(args.work_dir)
     out = work / name
     epochs = 1 if args.quick else args.finetune_epochs
+    recipe = (["--linprobe"] if linprobe else
+              ["--blr", args.finetune_blr, "--layer_decay", 0.75, "--drop_path", 0.1, "--smoothing", 0.0])
     cmd = ["main_finetune.py", "--train_csv", train_csv, "--test_csv", prep["csvs"]["test"],
            "--model", "vit_tiny_patch16", "--finetune", init, "--output_dir", out, "--resume", "none",
            "--epochs", epochs, "--warmup_epochs", 0 if args.quick else 5, "--batch_size", 16 if not args.quick else 8,
-           "--blr", args.finetune_blr, "--layer_decay", 0.75, "--drop_path", 0.1, "--smoothing", 0.0,
-           *common_flags(args, work)]
+           *recipe, *common_flags(args, work)]
     run_once(cmd, work / f"{name}.log", out / "test_metrics.json")
     return json.loads((out / "test_metrics.json").read_text())
 
 
-def size_baseline(prep: dict, labelled: np.ndarray) -> float:
-    """Test AUROC of logistic regression on log(diameter_mm) trained on the labelled nodules."""
+def size_baseline(prep: dict, labelled: np.ndarray, column: str = "diameter_mm") -> float:
+    """Test AUROC of logistic regression on log(`column`) (annotated diameter, or the crop's nodule voxel count)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
     t, test = prep["table"], prep["test"]
-    x = np.log(t[["diameter_mm"]].to_numpy(dtype=np.float64))
+    x = np.log(t[[column]].to_numpy(dtype=np.float64).clip(min=1))
     clf = LogisticRegression().fit(x[labelled], t["Label"][labelled])
     return float(roc_auc_score(t["Label"][test], clf.predict_proba(x[test])[:, 1]))
 
@@ -219,27 +226,29 @@ def main() -> dict:
         raise SystemExit(f"LIDC nodules not found in {args.data_dir} (expected nodules.csv and nodules_32x64x64.npz).")
     t0 = time.time()
     prep = prepare(args)
-    ckpt = pretrain(args, prep) if "pretrained" in args.arms else None
+    ckpt = pretrain(args, prep) if {"pretrained", "linprobe"} & set(args.arms) else None
     rows = []
     for label_seed in args.label_seeds or [args.seed]:
         train_csv, labelled = labelled_csv(args, prep, label_seed)
         row = {"label_seed": label_seed, "n_labelled": int(labelled.sum())}
-        for arm, init in (("pretrained", ckpt), ("scratch", "none")):
+        for arm, init in (("pretrained", ckpt), ("linprobe", ckpt), ("scratch", "none")):
             if arm in args.arms:
-                row[arm] = finetune(args, prep, train_csv, f"{arm}_seed{label_seed}", init)["auroc"]
-        rows.append(row | {"size_only": size_baseline(prep, labelled)})
+                row[arm] = finetune(args, prep, train_csv, f"{arm}_seed{label_seed}", init, arm == "linprobe")["auroc"]
+        rows.append(row | {"size_only": size_baseline(prep, labelled),
+                           "voxels_only": size_baseline(prep, labelled, "voxels")})
         print("  test AUROC " + "  ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if isinstance(v, float)),
               flush=True)
     res = pd.DataFrame(rows)
     print(f"\nLIDC benign vs malignant, {args.label_fraction:.0%} of the training labels, "
           f"{int(prep['test'].sum())} test nodules from held-out exams ({time.time() - t0:.0f}s in all):")
     print(res.to_string(index=False, float_format="%.3f"))
-    arms = [*args.arms, "size_only"]
+    arms = [*args.arms, "size_only", "voxels_only"]
     print("mean (sd): " + "  ".join(f"{k} {res[k].mean():.3f} ({res[k].std(ddof=1) if len(res) > 1 else 0:.3f})"
                                     for k in arms))
-    for other in [c for c in ("scratch", "size_only") if "pretrained" in res and c in res]:
-        d = res["pretrained"] - res[other]
-        print(f"pretrained - {other}: mean {d.mean():+.3f}, better in {(d > 0).sum()} of {len(d)} label subsets")
+    for arm in [a for a in ("pretrained", "linprobe") if a in res]:
+        for other in [c for c in ("scratch", "size_only") if c in res]:
+            d = res[arm] - res[other]
+            print(f"{arm} - {other}: mean {d.mean():+.3f}, better in {(d > 0).sum()} of {len(d)} label subsets")
     summary = {"label_fraction": args.label_fraction, "n_test": int(prep["test"].sum()), "pretrained_from": str(ckpt),
                "runs": rows, "mean": {k: float(res[k].mean()) for k in arms}}
     (Path(args.work_dir) / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -17,7 +17,7 @@ def test_quick_lidc_transfer_runs_all_arms_and_splits_by_exam(shared_data, tmp_p
                    "--work_dir", work, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     summary = json.loads((work / "summary.json").read_text())
-    for arm in ("pretrained", "scratch", "size_only"):
+    for arm in ("pretrained", "linprobe", "scratch", "size_only", "voxels_only"):
         assert 0.0 <= summary["mean"][arm] <= 1.0, arm
         assert summary["runs"][0][arm] == summary["mean"][arm]
     assert "$ python main_pretrain.py" in r.stdout and "--finetune none" in r.stdout and "test AUROC" in r.stdout
