@@ -15,6 +15,7 @@ from util.metrics import classification_metrics, dice_from_stats, dice_stats, re
 from util.model_build import logits_to_probs, nb_outputs
 
 LOWER_IS_BETTER = ("loss", "mae", "rmse")
+LARS_TRUST, LARS_REFERENCE_BATCH = 0.001, 16384  # MAE linear probe: LARS trust coefficient, at this batch
 
 
 def default_best_metric(mode: str) -> str:
@@ -135,7 +136,13 @@ def build_optimizer(args, model):
     if args.linprobe:
         from util.lars import LARS
 
-        return LARS([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+        # LARS moves a weight matrix by lr * trust * |w| per step. MAE's recipe (blr 0.1, trust 0.001) was set at
+        # batch 16384; under the linear lr rule a batch of 16 would move the head 1000x less and it would barely
+        # leave its init. Scaling trust by 16384 / batch keeps MAE's relative step at any batch (biases are unchanged).
+        eff_batch = args.batch_size * args.accum_iter * args.world_size
+        trust = LARS_TRUST * max(1.0, LARS_REFERENCE_BATCH / eff_batch)
+        return LARS([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay,
+                    trust_coefficient=trust)
     from util.lr_decay import param_groups_lrd
 
     vit = getattr(model, "encoder", model)

@@ -273,3 +273,28 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
     assert ckpt["args"]["model"] == "vit_tiny_patch16" and ckpt["meta"]["input_size"] == [32, 32, 32]
     assert ckpt["args"]["finetune"].endswith(os.path.join("demo_pretrain", "checkpoint-last.pth"))
     assert ckpt["args"]["epochs"] == 1 and ckpt["args"]["batch_size"] == 4
+
+
+def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
+    """At batch 16 the MAE LARS recipe must still fit a linearly separable rule on frozen features."""
+    from engine_finetune import build_optimizer
+
+    torch.manual_seed(0)
+    feats = torch.randn(512, 192) * 3 + 1
+    labels = (feats[:, :8].sum(1) > 8).float()
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(192, affine=False), torch.nn.Linear(192, 1))
+    torch.nn.init.trunc_normal_(head[1].weight, std=0.01)
+    head[1].bias.data.zero_()
+    args = _parsed("--linprobe")
+    args.linprobe, args.batch_size, args.accum_iter, args.world_size = True, 16, 1, 1
+    args.lr, args.weight_decay = 0.1 * 16 / 256, 0.0
+    opt = build_optimizer(args, head)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    for step in range(320):
+        i = torch.randint(0, 512, (16,))
+        opt.zero_grad()
+        loss_fn(head(feats[i]).squeeze(1), labels[i]).backward()
+        opt.step()
+    head.eval()
+    acc = ((head(feats).squeeze(1) > 0).float() == labels).float().mean().item()
+    assert acc > 0.9, acc
