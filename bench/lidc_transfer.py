@@ -198,6 +198,43 @@ def finetune(args, prep: dict, train_csv: Path, name: str, init, linprobe: bool 
     return json.loads((out / "test_metrics.json").read_text())
 
 
+def test_scores(args, prep: dict, name: str) -> np.ndarray:
+    """Malignancy probability of every test nodule (test.csv order) from arm `name`'s last checkpoint, written by
+    main_predict.py to <arm>/test_predictions.csv."""
+    out = Path(args.work_dir) / name
+    cmd = ["main_predict.py", "--input_csv", prep["csvs"]["test"], "--finetune", out / "checkpoint-last.pth",
+           "--output_csv", out / "test_predictions.csv", "--overwrite", "--cache_dir", Path(args.work_dir) / "cache",
+           "--num_workers", 0]
+    run_once(cmd, Path(args.work_dir) / f"{name}_predict.log", out / "test_predictions.csv")
+    pred = pd.read_csv(out / "test_predictions.csv")
+    return pred[[c for c in pred.columns if c.startswith("prob_")][-1]].to_numpy(dtype=np.float64)
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve from average ranks (ties count one half), as sklearn's roc_auc_score."""
+    from scipy.stats import rankdata
+
+    pos = y == 1
+    n1, n0 = pos.sum(), (~pos).sum()
+    return float((rankdata(score)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def paired_bootstrap(y: np.ndarray, scores: list[np.ndarray], references: list[np.ndarray], n: int = 2000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean over labelled subsets k of AUROC(scores[k]) - AUROC(references[k]) on the test nodules, with a 95%
+    interval from resampling the test nodules (one resample shared by every score and reference)."""
+    def diff(i):
+        return np.mean([auroc(y[i], s[i]) - auroc(y[i], r[i]) for s, r in zip(scores, references)])
+
+    rng, boots = np.random.default_rng(seed), []
+    while len(boots) < n:
+        i = rng.integers(0, len(y), len(y))
+        if 0 < y[i].sum() < len(i):
+            boots.append(diff(i))
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(diff(np.arange(len(y)))), float(lo), float(hi)
+
+
 def size_baseline(prep: dict, labelled: np.ndarray, column: str = "diameter_mm") -> float:
     """Test AUROC of logistic regression on log(`column`) (annotated diameter, or the crop's nodule voxel count)."""
     from sklearn.linear_model import LogisticRegression
@@ -249,12 +286,22 @@ def main() -> dict:
     arms = [*args.arms, "size_only", "voxels_only"]
     print("mean (sd): " + "  ".join(f"{k} {res[k].mean():.3f} ({res[k].std(ddof=1) if len(res) > 1 else 0:.3f})"
                                     for k in arms))
+    seeds, t = [r["label_seed"] for r in rows], prep["table"].loc[prep["test"]]
+    y, diameter = t["Label"].to_numpy(), t["diameter_mm"].to_numpy(dtype=np.float64)
+    refs = {"size_only": [diameter] * len(seeds)}  # logistic regression on log(diameter) ranks as diameter does
+    if "scratch" in res:
+        refs["scratch"] = [test_scores(args, prep, f"scratch_seed{k}") for k in seeds]
+    intervals = {}
     for arm in [a for a in ("pretrained", "linprobe") if a in res]:
-        for other in [c for c in ("scratch", "size_only") if c in res]:
+        scores = [test_scores(args, prep, f"{arm}_seed{k}") for k in seeds]
+        for other, ref in refs.items():
             d = res[arm] - res[other]
-            print(f"{arm} - {other}: mean {d.mean():+.3f}, better in {(d > 0).sum()} of {len(d)} label subsets")
+            point, lo, hi = paired_bootstrap(y, scores, ref)
+            intervals[f"{arm} - {other}"] = {"mean": point, "ci95": [lo, hi], "better": int((d > 0).sum())}
+            print(f"{arm} - {other}: mean {point:+.3f} (95% interval over resampled test nodules {lo:+.3f} .. "
+                  f"{hi:+.3f}), better in {(d > 0).sum()} of {len(d)} labelled subsets")
     summary = {"label_fraction": args.label_fraction, "n_test": int(prep["test"].sum()), "pretrained_from": str(ckpt),
-               "runs": rows, "mean": {k: float(res[k].mean()) for k in arms}}
+               "runs": rows, "mean": {k: float(res[k].mean()) for k in arms}, "differences": intervals}
     (Path(args.work_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -21,6 +21,9 @@ def test_quick_lidc_transfer_runs_all_arms_and_splits_by_exam(shared_data, tmp_p
         assert 0.0 <= summary["mean"][arm] <= 1.0, arm
         assert summary["runs"][0][arm] == summary["mean"][arm]
     assert "$ python main_pretrain.py" in r.stdout and "--finetune none" in r.stdout and "test AUROC" in r.stdout
+    pairs = {f"{a} - {b}" for a in ("pretrained", "linprobe") for b in ("scratch", "size_only")}
+    assert set(summary["differences"]) == pairs
+    assert (work / "scratch_seed0" / "test_predictions.csv").is_file()
     table = pd.read_csv(shared_data / "lidc_nodules" / "nodules.csv")
     exam = dict(zip(table["index"].map(lambda i: f"nodule_{i:04d}.nii.gz"), table["exam_id"]))
     exams = {split: {exam[p.split("/")[-1]] for p in pd.read_csv(work / f"{split}.csv")["Path"]}
@@ -39,3 +42,17 @@ def test_labelled_subsets_come_from_training_exams_and_differ_by_seed():
     assert a.sum() == b.sum() == round(90 * 0.25)
     assert not (a & test).any() and not (b & test).any()
     assert (a != b).any() and np.array_equal(a, draw_labelled(train, 0.25, 0))
+
+
+def test_rank_auroc_and_paired_bootstrap():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from lidc_transfer import auroc, paired_bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    good, tied = y + rng.normal(0, 1, 300), np.round(y + rng.normal(0, 2, 300))
+    assert abs(auroc(y, good) - roc_auc_score(y, good)) < 1e-12 and abs(auroc(y, tied) - roc_auc_score(y, tied)) < 1e-12
+    point, lo, hi = paired_bootstrap(y, [good], [tied], n=300)
+    assert abs(point - (auroc(y, good) - auroc(y, tied))) < 1e-12 and 0 < lo < point < hi
+    assert paired_bootstrap(y, [good, tied], [good, tied], n=50) == (0.0, 0.0, 0.0)
