@@ -166,7 +166,7 @@ def run(cmd: list[str], log: Path) -> None:
 
 def run_once(cmd: list, log: Path, result: Path) -> None:
     """`run(cmd)` unless `result` exists from the very same command (recorded beside it), so reruns reuse arms."""
-    record = result.with_name("bench_command.json")
+    record = result.with_name(result.name + ".command.json")  # one record per result: arm and prediction differ
     if result.is_file() and record.is_file() and json.loads(record.read_text()) == [str(c) for c in cmd]:
         print(f"Reusing {result} (same command; delete it to run again)", flush=True)
         return
