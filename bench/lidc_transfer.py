@@ -210,19 +210,12 @@ def test_scores(args, prep: dict, name: str) -> np.ndarray:
     return pred[[c for c in pred.columns if c.startswith("prob_")][-1]].to_numpy(dtype=np.float64)
 
 
-def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    """Area under the ROC curve from average ranks (ties count one half), as sklearn's roc_auc_score."""
-    from scipy.stats import rankdata
-
-    pos = y == 1
-    n1, n0 = pos.sum(), (~pos).sum()
-    return float((rankdata(score)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def paired_bootstrap(y: np.ndarray, scores: list[np.ndarray], references: list[np.ndarray], n: int = 2000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Mean over labelled subsets k of AUROC(scores[k]) - AUROC(references[k]) on the test nodules, with a 95%
     interval from resampling the test nodules (one resample shared by every score and reference)."""
+    from sklearn.metrics import roc_auc_score as auroc
+
     def diff(i):
         return np.mean([auroc(y[i], s[i]) - auroc(y[i], r[i]) for s, r in zip(scores, references)])
 
@@ -296,7 +289,7 @@ def main() -> dict:
         scores = [test_scores(args, prep, f"{arm}_seed{k}") for k in seeds]
         for other, ref in refs.items():
             d = res[arm] - res[other]
-            point, lo, hi = paired_bootstrap(y, scores, ref)
+            point, lo, hi = paired_bootstrap(y, scores, ref, n=100 if args.quick else 2000)
             intervals[f"{arm} - {other}"] = {"mean": point, "ci95": [lo, hi], "better": int((d > 0).sum())}
             print(f"{arm} - {other}: mean {point:+.3f} (95% interval over resampled test nodules {lo:+.3f} .. "
                   f"{hi:+.3f}), better in {(d > 0).sum()} of {len(d)} labelled subsets")

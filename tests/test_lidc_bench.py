@@ -44,15 +44,14 @@ def test_labelled_subsets_come_from_training_exams_and_differ_by_seed():
     assert (a != b).any() and np.array_equal(a, draw_labelled(train, 0.25, 0))
 
 
-def test_rank_auroc_and_paired_bootstrap():
+def test_paired_bootstrap_interval_of_an_auroc_difference():
     sys.path.insert(0, str(ROOT / "bench"))
-    from lidc_transfer import auroc, paired_bootstrap
-    from sklearn.metrics import roc_auc_score
+    from lidc_transfer import paired_bootstrap
+    from sklearn.metrics import roc_auc_score as auroc
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     good, tied = y + rng.normal(0, 1, 300), np.round(y + rng.normal(0, 2, 300))
-    assert abs(auroc(y, good) - roc_auc_score(y, good)) < 1e-12 and abs(auroc(y, tied) - roc_auc_score(y, tied)) < 1e-12
     point, lo, hi = paired_bootstrap(y, [good], [tied], n=300)
     assert abs(point - (auroc(y, good) - auroc(y, tied))) < 1e-12 and 0 < lo < point < hi
     assert paired_bootstrap(y, [good, tied], [good, tied], n=50) == (0.0, 0.0, 0.0)
