@@ -4,33 +4,41 @@ from __future__ import annotations
 import torch
 
 from util import train_loop
-from util.cli import autocast
+from util.runtime import autocast
+from util.train_loop import TrainSettings
+from util.transport import to_device
 
 
-def train_one_epoch(model, loader, optimizer, scaler, epoch: int, args, tb=None) -> dict:
-    """Pretrain for one epoch on batches (imgs [N, 1, D, H, W], dataset indices [N])."""
+def train_one_epoch(model, loader, optimizer, scaler, epoch: int, settings: TrainSettings, mask_ratio: float = 0.75,
+                    tb=None, **loop_kw) -> dict:
+    """Pretrain for one epoch on batches (imgs [N, 1, D, H, W], volume indices [N]); see util.train_loop for
+    loop_kw (start, control, checkpoint)."""
     def compute_loss(m, batch):
-        loss, _, _ = m(batch[0].to(args.device, non_blocking=True), mask_ratio=args.mask_ratio)
+        imgs, _ = to_device(batch, settings.device)
+        loss, _, _ = m(imgs, mask_ratio=mask_ratio)
         return loss
 
+    paths = loader.dataset.paths
     return train_loop.train_one_epoch(
-        model, loader, optimizer, scaler, epoch, args, compute_loss, tb, batch_ids=lambda b: b[1].tolist(),
-        describe=lambda b: [loader.dataset.paths[int(i)] for i in b[1]])
+        model, loader, optimizer, scaler, epoch, settings, compute_loss, tb, batch_ids=lambda b: b[1].tolist(),
+        describe=lambda b: [paths[int(i)] for i in b[1]], **loop_kw)
 
 
 @torch.no_grad()
-def reconstruction_picture(model, img: torch.Tensor, args, path: str, seed: int = 0):
-    """Input / masked input / reconstruction for one volume img [1, D, H, W]; returns the HWC uint8 image."""
+def reconstruction_picture(model, img: torch.Tensor, path: str, mask_ratio: float, device: str, precision: str,
+                           title: str = "", seed: int = 0):
+    """Input / masked input / reconstruction for one volume img [1, D, H, W] (written to `path` with `title`);
+    returns the HWC uint8 image."""
     from util.visualize import save_reconstruction_figure
 
     m = model.module if hasattr(model, "module") else model
     was_training = m.training
     m.eval()
-    x = img.unsqueeze(0).to(args.device)
+    x = img.unsqueeze(0).to(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.rand(1, m.num_patches, generator=g).to(args.device)
-    with autocast(args.precision, args.device):
-        _, pred, mask = m(x, mask_ratio=args.mask_ratio, noise=noise)
+    noise = torch.rand(1, m.num_patches, generator=g).to(device)
+    with autocast(precision, device):
+        _, pred, mask = m(x, mask_ratio=mask_ratio, noise=noise)
     pred = pred.float()
     target = m.patchify(x)
     if m.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
@@ -42,4 +50,43 @@ def reconstruction_picture(model, img: torch.Tensor, args, path: str, seed: int 
     voxel_mask = m.unpatchify(removed)[0, :1]
     m.train(was_training)
     return save_reconstruction_figure(x[0].cpu(), masked[0].cpu(), recon[0].clamp(0, 1).cpu(), path,
-                                      mask=voxel_mask.cpu())
+                                      mask=voxel_mask.cpu(), title=title)
+
+
+@torch.no_grad()
+def evaluate_reconstruction(model, loader, mask_ratio: float, device: str, precision: str, seed: int = 0) -> dict:
+    """Masked-patch MSE on held-out volumes against the trivial reconstruction.
+
+    Each volume gets the same mask every time (noise seeded by `seed` and its position). The trivial
+    reconstruction predicts every removed patch as the mean of the visible voxels of its volume. In
+    norm_pix_loss mode both are measured on per-patch normalised targets (the trivial prediction is then 0).
+    Returns {'recon_mse', 'baseline_mse', 'ratio'} (ratio = recon / baseline; < 1 means the model learned
+    more than the volume's mean intensity). Call on every rank (results are gathered).
+    """
+    from util.distributed import all_reduce_sum
+
+    m = model.module if hasattr(model, "module") else model
+    was_training = m.training
+    m.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # model SE, baseline SE, removed voxels
+    g = torch.Generator().manual_seed(seed)
+    for batch in loader:
+        x, _ = to_device(batch, device)
+        noise = torch.rand(len(x), m.num_patches, generator=g).to(device)
+        with autocast(precision, device):
+            _, pred, mask = m(x, mask_ratio=mask_ratio, noise=noise)
+        target = m.patchify(x).float()
+        removed = mask.unsqueeze(-1).expand_as(target)
+        if m.norm_pix_loss:
+            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+            trivial = torch.zeros_like(target)
+        else:
+            visible = 1 - removed
+            mean = (target * visible).sum((1, 2), keepdim=True) / visible.sum((1, 2), keepdim=True).clamp_min(1)
+            trivial = mean.expand_as(target)
+        sums += torch.stack([((pred.float() - target) ** 2 * removed).sum().double(),
+                             ((trivial - target) ** 2 * removed).sum().double(), removed.sum().double()])
+    sums = all_reduce_sum(sums).cpu()
+    m.train(was_training)
+    recon, base = float(sums[0] / sums[2].clamp_min(1)), float(sums[1] / sums[2].clamp_min(1))
+    return {"recon_mse": recon, "baseline_mse": base, "ratio": recon / base if base > 0 else float("nan")}

@@ -17,7 +17,6 @@ status is 2 when any row failed (--strict: stop at the first failure and write n
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,57 +25,74 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from util import cli
+from models_build import load_for_inference
+from models_vit3d import pool_tokens
+from util import args as cli_args
 from util import predict_io as io
+from util.augment import center_crop_or_pad
 from util.cache import VolumeCache
+from util.checkpoint import best_or_last
 from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process
-from util.model_build import load_for_inference, logits_to_probs
+from util.errors import run_main
+from util.preprocess import PreprocessConfig, load_cached, preprocess_image, to_input_grid
+from util.runtime import autocast, default_num_workers, resolve_precision, torch_threads
+from util.tasks import logits_to_probs
+from util.trainer import worker_init
+from util.triple import to_3tuple
+from util.volume_io import VolumeError, read_image
 
 DEMO_DIR = os.path.join("output_dir", "demo_finetune")
 DEMO_PRESET = dict(input_csv=os.path.join("demo_data", "predict.csv"),
                    output_csv=os.path.join("output_dir", "demo_predict", "predictions.csv"),
-                   batch_size=4, num_workers=2, overwrite=True)
+                   batch_size=4, num_workers=min(2, default_num_workers()), overwrite=True)
 PREPROCESS_FLAGS = ("orientation", "spacing", "window", "interpolator")
+EMBEDDING_POOLS = {"cls": "token", "avg": "avg", "cat": "cat"}  # --embedding_type -> models_vit3d.pool_tokens
+EXAMPLES = """  python main_predict.py                        # demo: the demo classifier on demo_data/predict.csv
+  python main_predict.py --input_csv scans.csv --output_csv predictions.csv --finetune checkpoint-best.pth
+  python main_predict.py --input_csv scans.csv --embeddings emb.npy --embedding_type cat --finetune mae_pretrained.pth
+  python main_predict.py --input_csv scans.csv --output_csv seg.csv --seg_output_dir masks/ --finetune seg-best.pth
+"""
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("3D MAE batch prediction", add_help=True)
+def get_args_parser():
+    p = cli_args.make_parser("main_predict.py", "Batch prediction, embeddings and label maps from a CSV of volumes. "
+                             "The checkpoint decides the task, labels, model and preprocessing.", EXAMPLES)
     p.add_argument("--input_csv", default=None, help="CSV with a Path column (omit it to run the demo)")
     p.add_argument("--output_csv", default=None, help="input columns + prob_<class>, pred, error")
     p.add_argument("--finetune", "--checkpoint", dest="finetune", default=None,
                    help="finetuned checkpoint (predictions, masks, embeddings) or pretraining one (embeddings)")
     p.add_argument("--embeddings", default=None, help="write embeddings to this .npy, .csv or .parquet file")
-    p.add_argument("--embedding_type", default="avg", choices=["cls", "avg", "cat"],
+    p.add_argument("--embedding_type", default="avg", choices=sorted(EMBEDDING_POOLS),
                    help="cls: class token; avg: mean of patch tokens; cat: both concatenated")
+    p.add_argument("--head_mode", default=None, choices=["binary", "multiclass", "multilabel", "regression"],
+                   help="checkpoints with a head but no metadata (the original project's classifiers): how to read "
+                        "the head (default: binary for 1 output, multiclass for more)")
     p.add_argument("--seg_output_dir", default=None,
                    help="segmentation: folder for <stem>_seg.nii.gz (default: next to --output_csv)")
     p.add_argument("--input_size", type=int, nargs="+", default=None,
-                   help="pretraining checkpoints only: D H W the encoder runs at (default: from the checkpoint)")
+                   help="checkpoints without metadata only: D H W the encoder runs at (default: from the checkpoint)")
     p.add_argument("--batch_size", type=int, default=4, help="volumes per forward pass (per process)")
     p.add_argument("--sw_batch_size", type=int, default=None, help="segmentation windows per pass (default: --batch_size)")
     p.add_argument("--sw_overlap", type=float, default=0.25, help="segmentation sliding-window overlap")
-    p.add_argument("--num_workers", type=int, default=4, help="DataLoader processes reading and preprocessing")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--num_workers", type=int, default=default_num_workers(4),
+                   help="DataLoader processes reading and preprocessing")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs that support it, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--strict", action="store_true", help="stop at the first row that fails, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    cli.add_preprocess_args(p)
+    cli_args.add_preprocess_args(p, "default: what the checkpoint stored; a flag you type overrides it")
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None):
     """Parse the command line; remember which flags were typed; apply the demo preset without --input_csv."""
-    parser = get_args_parser()
-    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = parser.parse_args(argv)
-    args.explicit = cli.explicit_flags(parser, argv)
+    args = cli_args.parse(get_args_parser(), argv)
     args.demo = args.input_csv is None
     if args.demo:
-        preset = dict(DEMO_PRESET)
-        best = os.path.join(DEMO_DIR, "checkpoint-best.pth")
-        last = os.path.join(DEMO_DIR, "checkpoint-last.pth")
-        preset["finetune"] = best if os.path.isfile(best) or not os.path.isfile(last) else last
-        cli.apply_preset(args, parser, preset, "demo", argv)
+        found = best_or_last(DEMO_DIR)
+        cli_args.apply_preset(args, dict(DEMO_PRESET, finetune=found or os.path.join(DEMO_DIR, "checkpoint-best.pth")),
+                              "demo")
     return args
 
 
@@ -117,8 +133,6 @@ class PredictDataset(Dataset):
             return {"row": row, "error": row_error(path, e), "image": None}
 
     def _load(self, path: str) -> dict:
-        from datasets_three_d import VolumeError, center_crop_or_pad, load_cached, preprocess_image, read_image
-
         if not path:
             raise VolumeError("The Path cell is empty.")
         if self.keep_grid:  # segmentation: whole preprocessed volume + both grids
@@ -134,8 +148,6 @@ class PredictDataset(Dataset):
 
 def row_error(path: str, e: Exception) -> str:
     """One sentence naming the file: loader errors already do; anything else gets the path and the type."""
-    from datasets_three_d import VolumeError
-
     msg = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, VolumeError) and path and msg.startswith(path):
         return msg
@@ -155,29 +167,22 @@ def collate_rows(items: list[dict]) -> dict:
     return batch
 
 
-def pool_tokens(tokens: torch.Tensor, kind: str) -> torch.Tensor:
-    """tokens [N, 1+L, E] -> embeddings [N, E] (cls, avg) or [N, 2E] (cat)."""
-    cls, avg = tokens[:, 0], tokens[:, 1:].mean(dim=1)
-    return {"cls": cls, "avg": avg, "cat": torch.cat([cls, avg], dim=-1)}[kind]
-
-
 def load_model(args):
     """The model in eval mode, its meta, and the PreprocessConfig prediction uses."""
-    input_size = cli.input_size_3d(args.input_size) if args.input_size else None
+    input_size = to_3tuple(args.input_size, "--input_size") if args.input_size else None
     try:  # pretraining checkpoints: 'token' pooling keeps the MAE's final norm (embeddings = MAE latent)
-        model, meta, saved = load_for_inference(args.finetune, args.device, input_size, global_pool="token")
+        model, meta, saved = load_for_inference(args.finetune, args.device, input_size, global_pool="token",
+                                                head_mode=args.head_mode)
     except (RuntimeError, KeyError) as e:
         raise ValueError(f"Checkpoint {args.finetune} does not match the model its metadata describes "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
-    if input_size and meta["mode"] != "embedding" and tuple(meta["input_size"]) != input_size:
+    if input_size and tuple(meta["input_size"]) != input_size:
         print(f"Note: --input_size is ignored for finetuned checkpoints (this one runs at {meta['input_size']}).")
     return model, meta, preprocess_config(saved, meta, args)
 
 
 def preprocess_config(saved: dict | None, meta: dict, args):
     """The checkpoint's preprocessing (TANGERINE defaults when it has none); typed flags override it."""
-    from datasets_three_d import PreprocessConfig
-
     cfg = PreprocessConfig.from_dict(saved) if saved else PreprocessConfig(size=tuple(meta["input_size"]))
     explicit = getattr(args, "explicit", set())
     typed = [k for k in PREPROCESS_FLAGS if k in explicit]
@@ -233,15 +238,7 @@ def build_loader(paths: list[str], rows: list[int], cfg, meta: dict, args) -> Da
     ds = PredictDataset(paths, rows, cfg, tuple(meta["input_size"]), keep_grid=seg, cache_dir=args.cache_dir)
     return DataLoader(ds, batch_size=1 if seg else args.batch_size, shuffle=False, num_workers=args.num_workers,
                       collate_fn=collate_rows, pin_memory=args.device.startswith("cuda"),
-                      prefetch_factor=2 if args.num_workers else None, worker_init_fn=_worker_init)
-
-
-def _worker_init(_: int) -> None:
-    """Loader processes share the cores (SimpleITK) and run torch single-threaded."""
-    from datasets_three_d import limit_sitk_threads
-
-    torch.set_num_threads(1)
-    limit_sitk_threads()
+                      prefetch_factor=2 if args.num_workers else None, worker_init_fn=worker_init)
 
 
 @torch.inference_mode()
@@ -249,10 +246,10 @@ def predict_batch(model, images: torch.Tensor, meta: dict, args) -> list[dict]:
     """images [B, 1, D, H, W] -> one result dict per volume: `probs` [K] and/or `emb` [F] (numpy float32)."""
     x = images.to(args.device, non_blocking=True)
     mode, emb, logits = meta["mode"], None, None
-    with cli.autocast(args.precision, args.device):
+    with autocast(args.precision, args.device):
         if args.embeddings:
             tokens = model.forward_features(x)
-            emb = pool_tokens(tokens.float(), args.embedding_type).cpu().numpy()
+            emb = pool_tokens(tokens.float(), EMBEDDING_POOLS[args.embedding_type]).cpu().numpy()
             if mode != "embedding":
                 logits = model.forward_head(tokens)
         else:
@@ -272,12 +269,10 @@ def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta: d
     """image [1, D, H, W] in the preprocessed grid -> label map (sitk.Image) on the input image's own grid."""
     from monai.inferers import sliding_window_inference
 
-    from datasets_three_d import to_input_grid
-
     x = image[None].to(args.device, non_blocking=True)
     k = int(meta["nb_classes"])
     stitch = "cpu" if k * x.numel() * 4 > 2 ** 32 else args.device  # keep huge logit volumes off the GPU
-    with cli.autocast(args.precision, args.device):
+    with autocast(args.precision, args.device):
         logits = sliding_window_inference(x, roi_size=tuple(meta["input_size"]),
                                           sw_batch_size=args.sw_batch_size or args.batch_size,
                                           predictor=lambda t: model(t).float(), overlap=args.sw_overlap,
@@ -346,11 +341,11 @@ def finish(args, df, paths: list[str], results: dict[int, dict], meta: dict) -> 
 
 def main(args) -> int:
     init_distributed_mode(args)
-    cli.torch_threads()
+    torch_threads()
     if args.demo:
         prepare_demo(args)
     check_flags(args)
-    args.precision = cli.resolve_precision(args.precision, args.device)
+    args.precision = resolve_precision(args.precision, args.device)
     df, paths = io.read_input_table(args.input_csv)
     model, meta, cfg = load_model(args)
     seg_paths = check_task(args, meta, paths)
@@ -366,5 +361,10 @@ def main(args) -> int:
     return code
 
 
+def cli_main(argv: list[str] | None = None) -> int:
+    """Parse `argv` (default: the command line), run, return the exit status (0, or 2 when rows failed)."""
+    return run_main(main, parse_args(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main, parse_args()))
+    sys.exit(cli_main())

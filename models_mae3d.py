@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from util.patch_embed import PatchEmbed3D, patchify, to_3tuple, unpatchify
+from util.patch_embed import PatchEmbed3D, patchify, unpatchify
 from util.pos_embed import get_3d_sincos_pos_embed
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 from functools import partial
 from typing import Any, Callable, Sequence
 
@@ -11,10 +10,21 @@ import torch.nn as nn
 
 from models_mae3d import (ENCODER_SIZES, fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks,
                           run_blocks)
-from util.patch_embed import PatchEmbed3D, to_3tuple
+from util.checkpoint import load_checkpoint, state_dict_of
+from util.patch_embed import PatchEmbed3D
 from util.pos_embed import get_3d_sincos_pos_embed
+from util.triple import to_3tuple
 
 GLOBAL_POOLS = ("avg", "token", "cat")
+
+
+def pool_tokens(tokens: torch.Tensor, kind: str) -> torch.Tensor:
+    """tokens [N, 1+L, E] -> [N, E]: 'token' = the class token, 'avg' = the mean of the L patch tokens;
+    'cat' = both concatenated [N, 2E]."""
+    if kind == "token":
+        return tokens[:, 0]
+    avg = tokens[:, 1:].mean(dim=1)
+    return avg if kind == "avg" else torch.cat([tokens[:, 0], avg], dim=-1)
 
 
 class VisionTransformer3D(nn.Module):
@@ -89,13 +99,7 @@ class VisionTransformer3D(nn.Module):
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """tokens [N, 1+L, E] -> pooled features [N, num_features] if pre_logits else logits [N, num_classes]."""
-        if self.global_pool == "avg":
-            x = tokens[:, 1:].mean(dim=1)
-        elif self.global_pool == "token":
-            x = tokens[:, 0]
-        else:
-            x = torch.cat([tokens[:, 0], tokens[:, 1:].mean(dim=1)], dim=-1)
-        x = self.fc_norm(x)
+        x = self.fc_norm(pool_tokens(tokens, self.global_pool))
         return x if pre_logits else self.head(self.head_drop(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,42 +159,31 @@ VIT_FACTORIES: dict[str, Callable[..., VisionTransformer3D]] = {
 }
 
 
-def _read_state_dict(checkpoint: str | os.PathLike | dict) -> dict[str, torch.Tensor]:
-    """Path, state dict or {'model': sd} -> state dict with `module.` / `_orig_mod.` prefixes removed."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = os.fspath(checkpoint)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path} does not exist.")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise ValueError(f"checkpoint {path} needs pickled code to load (only weights_only=True files are "
-                             f"accepted): {str(err).splitlines()[0]}") from err
-        except (RuntimeError, EOFError) as err:
-            raise ValueError(f"checkpoint {path} is not a readable torch file: {err}") from err
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"expected a state dict or {{'model': state_dict}}, got {type(checkpoint).__name__}.")
-    sd = checkpoint["model"] if isinstance(checkpoint.get("model"), dict) else checkpoint
-    clean = {}
-    for key, value in sd.items():
-        while key.startswith(("module.", "_orig_mod.")):
-            key = key.split(".", 1)[1]
-        clean[key] = value
-    return clean
+# Model keys a pretrained encoder may lack: the task head and the pooling norms (freshly initialised), and the
+# positional table (regenerated for the model's grid). Any other missing key means another architecture.
+EXPECTED_MISSING = ("head.", "fc_norm.", "norm.", "pos_embed")
 
 
 def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.PathLike | dict,
                             verbose: bool = True) -> dict[str, list[str]]:
     """Load an MAE (or ViT) checkpoint into a VisionTransformer3D, possibly of another input size.
 
-    Decoder keys and `mask_token` are dropped, `pos_embed` is regenerated for the model's grid, `head.*` is
-    dropped unless it fits the model's head, checkpoint keys the model lacks (e.g. `norm.*` for 'avg'
-    pooling) are dropped; model keys absent from the checkpoint are reported as missing.
+    `checkpoint` is a path or a loaded dict in any container util.checkpoint.state_dict_of reads. Decoder keys
+    and `mask_token` are dropped, `pos_embed` is regenerated for the model's grid, `head.*` is dropped unless it
+    fits the model's head, checkpoint keys the model lacks (e.g. `norm.*` for 'avg' pooling) are dropped.
+
+    Raises:
+        ValueError: a key with another shape (naming it and both shapes), or model keys other than the head,
+            pooling norms and positional table missing from the checkpoint (another architecture, e.g. fewer blocks).
 
     Returns:
         dict(loaded=[...], dropped=[...], missing=[...]) of key names.
     """
-    sd = _read_state_dict(checkpoint)
+    name = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"expected a state dict or {{'model': state_dict}}, got {type(ckpt).__name__}.")
+    sd = state_dict_of(ckpt)
     own = model.state_dict()
     loaded, dropped, to_load = [], [], {}
     for key, value in sd.items():
@@ -205,6 +198,12 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
             to_load[key] = value
             loaded.append(key)
     missing = [k for k in own if k not in to_load and k != "pos_embed"]
+    foreign = [k for k in missing if not k.startswith(EXPECTED_MISSING)]
+    if foreign:
+        blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        raise ValueError(f"{name} does not hold this encoder: {len(foreign)} of its tensors are missing (first "
+                         f"{foreign[0]!r}); the checkpoint has {blocks} blocks, the model {model.depth} (pick the "
+                         f"--model of the checkpoint).")
     model.load_state_dict(to_load, strict=False)
     model.reset_pos_embed()
     if verbose:
@@ -217,6 +216,11 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
     return {"loaded": loaded, "dropped": dropped, "missing": missing}
 
 
+def backbone(model: nn.Module) -> VisionTransformer3D:
+    """The VisionTransformer3D of a classifier (itself) or of a UNETR3D (its `encoder`)."""
+    return model.encoder if isinstance(model, UNETR3D) else model
+
+
 def unetr_strides(patch_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-axis upsampling strides for the UNETR decoder.
 
@@ -226,7 +230,7 @@ def unetr_strides(patch_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int
     Returns:
         (t per axis, last-stage stride per axis).
     """
-    coarse, last, sizes = [], [], to_3tuple(patch_size)
+    coarse, last, sizes = [], [], to_3tuple(patch_size, "patch_size")
     for p in sizes:
         t = 2 if p >= 8 else 1
         if p < 1 or p & (p - 1) or p % t ** 3:

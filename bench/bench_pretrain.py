@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 import models_mae3d  # noqa: E402
 from bench.baseline_mae3d import baseline_from  # noqa: E402
-from util.cli import autocast, torch_threads  # noqa: E402
+from util.runtime import autocast, torch_threads  # noqa: E402
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 
 DEFAULT_CONFIGS = "large:256:8,large:256:32,base:160:32"

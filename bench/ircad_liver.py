@@ -99,9 +99,9 @@ def get_args(argv=None) -> argparse.Namespace:
 def write_atomic(img, path: Path) -> None:
     import SimpleITK as sitk
 
-    tmp = path.with_name("tmp_" + path.name)
-    sitk.WriteImage(img, str(tmp), True)
-    os.replace(tmp, path)
+    from util.atomic import atomic_write
+
+    atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True))
 
 
 def split_slices(mask_zyx: np.ndarray, split: str, slab: int, gap: int) -> dict[str, list[tuple[int, int]]]:

@@ -32,6 +32,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from util.atomic import atomic_write  # noqa: E402
+
 DATA = ROOT.parent / "shared" / "data" / "lidc_nodules"
 
 
@@ -95,18 +97,14 @@ def write_volumes(images: np.ndarray, rows: np.ndarray, out_dir: Path) -> list[s
         if not path.exists():
             img = sitk.GetImageFromArray(images[i])  # numpy [D, H, W] -> SimpleITK size (W, H, D)
             img.SetSpacing((1.0, 1.0, 1.0))
-            tmp = path.with_name("tmp_" + path.name)
-            sitk.WriteImage(img, str(tmp))
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp))
         paths.append(str(path))
     return paths
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
     """Atomic CSV write, so two invocations sharing --work_dir (different --label_seeds) never read half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def prepare(args) -> dict:

@@ -12,6 +12,17 @@ SHARED_DATA = (ROOT / ".." / "shared" / "data").resolve()
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny test models: threads cost more than they give
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight parallel test processes for the 2 cores)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path to ../shared/data; skips the test when the folder is absent (a user's clone lacks it)."""

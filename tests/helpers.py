@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -41,3 +42,50 @@ def state_dicts_equal(a: dict, b: dict) -> bool:
 
 def load(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class _Evil:
+    """Unpickling this object would create a marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def make_hostile_checkpoint(path, marker) -> None:
+    torch.save({"model": {"w": torch.zeros(2)}, "args": _Evil(str(marker))}, path, pickle_protocol=2)
+
+
+def save_tiny_mae(path: Path, size=64, prefix="module.") -> Path:
+    """A TANGERINE-style file: {'model': state dict with DDP prefixes} of a tiny MAE at size^3, patch 16."""
+    import models_mae3d
+
+    torch.manual_seed(0)
+    mae = models_mae3d.mae_vit_tiny_patch16(img_size=size, decoder_depth=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": {prefix + k: v for k, v in mae.state_dict().items()}}, path)
+    return path
+
+
+def run_in_process(script: str, *args, capsys) -> SimpleNamespace:
+    """Run a script's `cli_main(args)` in this process (no interpreter start-up), like `run_script`: returns
+    returncode, stdout and stderr (warnings included, one per line)."""
+    import contextlib
+    import importlib
+    import warnings
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    code = 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                code = module.cli_main([str(a) for a in args]) or 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    notes = "".join(f"{type(w.message).__name__}: {w.message}\n" for w in caught)
+    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err + notes)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-import datasets_three_d
 import datasets_three_d_fine as fine
+import util.preprocess
 from datasets_three_d import Custom3DDataset, PreprocessConfig
 from util.cache import QMAX, VolumeCache, decode, encode
 
@@ -42,14 +42,14 @@ def csv(tmp_path) -> Path:
 
 @pytest.fixture()
 def reads(monkeypatch) -> list[str]:
-    """Every path datasets_three_d.read_image opens."""
-    seen, real = [], datasets_three_d.read_image
+    """Every path the preprocessing (util.preprocess.read_image) opens."""
+    seen, real = [], util.preprocess.read_image
 
     def counting(path):
         seen.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(datasets_three_d, "read_image", counting)
+    monkeypatch.setattr(util.preprocess, "read_image", counting)
     return seen
 
 

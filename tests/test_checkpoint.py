@@ -6,21 +6,8 @@ import os
 import pytest
 import torch
 
+from tests.helpers import make_hostile_checkpoint
 from util import checkpoint as ck
-
-
-class _Evil:
-    """Unpickling this object would create a marker file: proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def make_hostile_checkpoint(path, marker) -> None:
-    torch.save({"model": {"w": torch.zeros(2)}, "args": _Evil(str(marker))}, path, pickle_protocol=2)
 
 
 def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
@@ -33,15 +20,18 @@ def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_atomic_save_on_full_disk_keeps_previous_checkpoint(tmp_path):
+def test_atomic_save_on_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    import util.atomic
+
     path = tmp_path / "checkpoint-last.pth"
     ck.save_atomic({"epoch": 1, "model": {"w": torch.ones(3)}}, path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = tmp_path / ".tmp-full-checkpoint-last.pth"
     os.symlink("/dev/full", tmp)  # every write to the temporary file fails with ENOSPC, as on a full disk
+    monkeypatch.setattr(util.atomic, "tmp_path_for", lambda p: str(tmp))
     with pytest.raises(OSError, match="checkpoint-last.pth.*No space left on device.*intact"):
         ck.save_atomic({"epoch": 2, "model": {"w": torch.zeros(10_000)}}, path)
     assert ck.load_checkpoint(path)["epoch"] == 1
-    assert not os.path.lexists(tmp)
+    assert not os.path.lexists(tmp) and not list(tmp_path.glob(".tmp-*"))
 
 
 def test_torn_and_foreign_files_are_reported_as_corrupt(tmp_path):
@@ -67,9 +57,9 @@ def test_find_resume_skips_a_torn_last_checkpoint(tmp_path, capsys):
     assert "WARNING" in capsys.readouterr().out
 
 
-def test_clean_state_dict_strips_ddp_and_compile_prefixes():
+def test_state_dict_of_strips_ddp_and_compile_prefixes():
     sd = {"model": {"module.blocks.0.attn.qkv.weight": 1, "_orig_mod.cls_token": 2, "blocks.1._orig_mod.x": 3}}
-    assert ck.clean_state_dict(sd) == {"blocks.0.attn.qkv.weight": 1, "cls_token": 2, "blocks.1.x": 3}
+    assert ck.state_dict_of(sd) == {"blocks.0.attn.qkv.weight": 1, "cls_token": 2, "blocks.1.x": 3}
 
 
 def test_plain_makes_args_loadable_with_weights_only(tmp_path):

@@ -13,22 +13,8 @@ import torch
 import engine_finetune
 import main_finetune
 import models_mae3d
-from tests.helpers import load
+from tests.helpers import load, save_tiny_mae
 from util.pos_embed import get_3d_sincos_pos_embed
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight parallel test processes for the 2 cores)."""
-    old_env, old_n = os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old_n)
-    if old_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +34,6 @@ def demo(tmp_path_factory) -> dict:
     return {**paths, "root": root, "cache": str(root / "cache"),
             "train_x": str(Path(paths["train"]).with_name("train_extra.csv")),
             "val_x": str(Path(paths["val"]).with_name("val_extra.csv"))}
-
-
-def save_tiny_mae(path: Path, size=64, prefix="module.") -> Path:
-    """A TANGERINE-style file: {'model': state dict with DDP prefixes} of a tiny MAE at size^3, patch 16."""
-    torch.manual_seed(0)
-    mae = models_mae3d.mae_vit_tiny_patch16(img_size=size, decoder_depth=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": {prefix + k: v for k, v in mae.state_dict().items()}}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +73,7 @@ def test_binary_from_mae_at_other_size_writes_self_contained_checkpoints_and_res
     best = load(out / "checkpoint-best.pth")
     assert best["best"]["metric"] == "auroc" and best["metrics"]["auroc"] == max(x["val_auroc"] for x in lines)
     assert list(out.glob("events.out.tfevents.*"))
-    from util.model_build import load_for_inference
+    from models_build import load_for_inference
 
     model, meta2, pre = load_for_inference(str(out / "checkpoint-last.pth"))
     assert meta2 == meta and pre == ckpt["preprocess"]
@@ -165,11 +142,11 @@ def test_segmentation_with_spacing_validates_whole_volumes_by_sliding_window(dem
     # the eval set holds whole volumes, larger than the 32^3 training crops on some axis
     parser = main_finetune.get_args_parser()
     a = parser.parse_args(args)
-    a.input_size, a.preprocess = (32, 32, 32), load(out / "checkpoint-last.pth")["preprocess"]
+    a.input_size = (32, 32, 32)
     from datasets_three_d import PreprocessConfig
 
-    a.preprocess = PreprocessConfig.from_dict(a.preprocess)
-    ds = main_finetune.make_dataset(demo["val"], False, a)
+    ds = main_finetune.make_dataset(demo["val"], False, a,
+                                    PreprocessConfig.from_dict(load(out / "checkpoint-last.pth")["preprocess"]))
     img, mask = ds[0]
     assert img.shape[1:] == mask.shape and any(s > 32 for s in mask.shape)
 
@@ -182,7 +159,7 @@ def test_linprobe_freezes_encoder_and_reloads_for_prediction(demo, mae64, tmp_pa
     assert "head.0.running_mean" in ckpt["model"] and ckpt["model"]["head.1.weight"].shape == (1, 192)
     mae = load(mae64)["model"]
     assert torch.equal(ckpt["model"]["blocks.3.mlp.fc1.weight"], mae["module.blocks.3.mlp.fc1.weight"])
-    from util.model_build import load_for_inference
+    from models_build import load_for_inference
 
     model, _, _ = load_for_inference(str(out / "checkpoint-last.pth"))
     assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model(torch.rand(1, 1, 64, 64, 64)).shape == (1, 1)
@@ -212,17 +189,18 @@ def test_mae_trained_at_64_loads_into_a_32x64x64_classifier(tmp_path):
 
 
 def test_layer_decay_groups_scale_lr_from_head_to_patch_embedding():
-    from util.lr_sched import adjust_learning_rate
-    from util.model_build import build_model_from_meta
+    from models_build import build_model_from_meta
+    from util.lr_sched import Schedule, adjust_learning_rate
+    from util.train_loop import TrainSettings
 
-    args = _parsed("--layer_decay", "0.5", "--weight_decay", "0.05")
     meta = dict(mode="binary", model="vit_tiny_patch16", nb_outputs=1, input_size=[32, 64, 64],
                 patch_size=[16, 16, 16])
     model = build_model_from_meta(meta)
-    args.lr, args.warmup_epochs, args.epochs = 1.0, 0, 10
-    opt = engine_finetune.build_optimizer(args, model)
+    schedule = Schedule(lr=1.0, epochs=10, warmup_epochs=0)
+    opt = engine_finetune.build_optimizer(model, TrainSettings("cpu", schedule=schedule), weight_decay=0.05,
+                                          layer_decay=0.5)
     assert isinstance(opt, torch.optim.AdamW)
-    adjust_learning_rate(opt, 0.0, args)
+    adjust_learning_rate(opt, 0.0, schedule)
     where = {id(p): g for g in opt.param_groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert where[id(named["head.weight"])]["lr"] == 1.0
@@ -243,13 +221,14 @@ def test_encoder_mismatch_fails_with_one_sentence_naming_key_and_shapes(demo, ma
 
 
 def test_unsafe_pickle_is_refused(demo, tmp_path, capsys):
-    bad = tmp_path / "bad.pth"
-    import argparse
+    from tests.helpers import make_hostile_checkpoint
 
-    torch.save({"model": {}, "args": argparse.Namespace(a=1)}, bad)
+    bad = tmp_path / "bad.pth"
+    make_hostile_checkpoint(bad, tmp_path / "code_ran")
     with pytest.raises(SystemExit):
         main_finetune.cli_main(ft_args(demo, tmp_path / "x", "--finetune", bad))
-    assert "unsafe pickle" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unsafe pickle" in err and "io.open" in err and not (tmp_path / "code_ran").exists()
 
 
 def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_path, monkeypatch, capsys):
@@ -278,6 +257,8 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
 def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
     """At batch 16 the MAE LARS recipe must still fit a linearly separable rule on frozen features."""
     from engine_finetune import build_optimizer
+    from util.lr_sched import Schedule
+    from util.train_loop import TrainSettings
 
     torch.manual_seed(0)
     feats = torch.randn(512, 192) * 3 + 1
@@ -285,10 +266,8 @@ def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
     head = torch.nn.Sequential(torch.nn.BatchNorm1d(192, affine=False), torch.nn.Linear(192, 1))
     torch.nn.init.trunc_normal_(head[1].weight, std=0.01)
     head[1].bias.data.zero_()
-    args = _parsed("--linprobe")
-    args.linprobe, args.batch_size, args.accum_iter, args.world_size = True, 16, 1, 1
-    args.lr, args.weight_decay = 0.1 * 16 / 256, 0.0
-    opt = build_optimizer(args, head)
+    settings = TrainSettings("cpu", batch_size=16, schedule=Schedule(lr=0.1 * 16 / 256, epochs=1))
+    opt = build_optimizer(head, settings, weight_decay=0.0, linprobe=True)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     for step in range(320):
         i = torch.randint(0, 512, (16,))

@@ -9,7 +9,6 @@ import pytest
 
 import main_finetune
 from tests.helpers import load, run_script
-from tests.test_finetune import one_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

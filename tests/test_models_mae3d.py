@@ -64,17 +64,21 @@ def test_large_state_dict_matches_tangerine(large_meta):
     assert large_meta.blocks[0].norm1.eps == 1e-6 and large_meta.blocks[0].attn.fused_attn
 
 
-def test_module_prefixed_checkpoint_loads_strict(large_meta):
+def test_module_prefixed_checkpoint_loads_strict(large_meta, tmp_path):
+    from util.checkpoint import load_checkpoint, state_dict_of
+
     ckpt = {"model": {f"module.{k}": v for k, v in large_meta.state_dict().items()}}
-    sd = {k.removeprefix("module."): v for k, v in ckpt["model"].items()}
     with torch.device("meta"):
         fresh = mm.mae_vit_large_patch16()
-    fresh.load_state_dict(sd, strict=True)
-    # the same on real tensors: values survive the round trip
-    src, dst = tiny_mae(), tiny_mae(norm_pix_loss=True)
-    dst.load_state_dict({k.removeprefix("module."): v for k, v in
-                         {f"module.{k}": v for k, v in src.state_dict().items()}.items()}, strict=True)
-    assert torch.equal(dst.decoder_pred[0].weight, src.decoder_pred[0].weight)
+    fresh.load_state_dict(state_dict_of(ckpt), strict=True)
+    # the same on real tensors through a file, in every container TANGERINE users have: values survive
+    src = tiny_mae()
+    for container in ("model", "state_dict", "model_state", None):
+        weights = {f"module.{k}": v for k, v in src.state_dict().items()}
+        torch.save(weights if container is None else {container: weights}, tmp_path / "w.pth")
+        dst = tiny_mae(norm_pix_loss=True)
+        dst.load_state_dict(state_dict_of(load_checkpoint(tmp_path / "w.pth")), strict=True)
+        assert torch.equal(dst.decoder_pred[0].weight, src.decoder_pred[0].weight), container
 
 
 def analytic_params(e, depth, de, ddepth, img=256, patch=16, c=1) -> int:

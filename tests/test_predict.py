@@ -1,7 +1,6 @@
 """main_predict.py: demo run, probabilities, embeddings, orientation invariance, bad rows, segmentation, torchrun."""
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,8 @@ from tests.bad_inputs import build_bad_files, good_volume
 from tests.helpers import run_script
 from util import predict_io as io
 from util.checkpoint import save_atomic
-from util.model_build import build_model_from_meta, nb_outputs
+from models_build import build_model_from_meta
+from util.tasks import nb_outputs, output_columns
 
 SIZE = [32, 32, 32]
 
@@ -188,7 +188,7 @@ def test_output_columns_name_classes_labels_and_regression_targets():
     t = io.prediction_table(df, results, regression)
     assert list(t.columns) == ["Path", "Site", "pred_Age", "pred_BMI", "error"] and np.isclose(t.loc[0, "pred_BMI"], 0.2)
     binary = {"mode": "binary", "nb_classes": 2, "nb_outputs": 1, "label_names": ["0", "1"]}
-    assert io.class_names(binary) == ["0", "1"]
+    assert output_columns(binary) == ["0", "1"]
     assert io.seg_output_paths(["a/ct.nii.gz", "b/ct.nii.gz", "c/lung.nrrd"], "m") == [
         "m/ct_row1_seg.nii.gz", "m/ct_row2_seg.nii.gz", "m/lung_seg.nii.gz"]
 
@@ -260,10 +260,13 @@ def test_existing_output_is_kept_without_overwrite_and_unsafe_checkpoints_are_re
     assert out.read_text() == "keep\n"
     assert predict(*args, "--overwrite") == 0 and len(pd.read_csv(out)) == 5
     assert not list(tmp_path.glob(".tmp*"))
-    torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
+    from tests.helpers import make_hostile_checkpoint
+
+    make_hostile_checkpoint(tmp_path / "pickled.pth", tmp_path / "code_ran")
     with pytest.raises(ValueError, match="unsafe"):
         predict("--input_csv", volumes / "in.csv", "--output_csv", tmp_path / "o2.csv", "--finetune",
                 tmp_path / "pickled.pth")
+    assert not (tmp_path / "code_ran").exists()
 
 
 def test_segmentation_label_map_lands_on_the_input_grid(shared_data, tmp_path):

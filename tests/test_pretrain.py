@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import types
 
 import pytest
 import torch
@@ -67,6 +66,8 @@ def _fixed_noise_model():
 @pytest.mark.parametrize("accum", [2])
 def test_accumulation_matches_bigger_batch(accum):
     from engine_pretrain import train_one_epoch
+    from util.lr_sched import Schedule
+    from util.train_loop import TrainSettings
 
     torch.manual_seed(1)
     vols = torch.rand(2, 1, 32, 32, 32)
@@ -84,11 +85,10 @@ def test_accumulation_matches_bigger_batch(accum):
         model = _fixed_noise_model()
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        args = types.SimpleNamespace(device="cpu", print_freq=100, batch_size=batch, world_size=1, accum_iter=accum_iter,
-                                     lr=1.0, min_lr=0.0, warmup_epochs=0, epochs=1, precision="fp32", mask_ratio=0.75,
-                                     distributed=False, clip_grad=None)
+        settings = TrainSettings(device="cpu", print_freq=100, batch_size=batch, accum_iter=accum_iter,
+                                 schedule=Schedule(lr=1.0, epochs=1))
         loader = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=False)
-        train_one_epoch(model, loader, opt, torch.amp.GradScaler("cpu", enabled=False), 0, args)
+        train_one_epoch(model, loader, opt, torch.amp.GradScaler("cpu", enabled=False), 0, settings, 0.75)
         return {k: before[k] - v for k, v in model.state_dict().items()}
 
     big, acc = step(2, 1), step(1, accum)
@@ -103,7 +103,8 @@ def test_non_finite_loss_stops_with_batch_paths_and_keeps_checkpoint(demo, tmp_p
     ok = run_script("main_pretrain.py", *tiny_pretrain_args(demo["pretrain"], out, epochs=1))
     assert ok.returncode == 0, ok.stderr[-3000:]
     before = load(out / "checkpoint-last.pth")["model"]
-    r = run_script("main_pretrain.py", *tiny_pretrain_args(demo["pretrain"], out, epochs=3, lr=1e38))
+    r = run_script("main_pretrain.py", *tiny_pretrain_args(demo["pretrain"], out, epochs=3, lr=1e38,
+                                                                    allow_recipe_change=True))
     assert r.returncode != 0
     msg = r.stderr + r.stdout
     assert "Loss became" in msg and "batch files" in msg and ".nii.gz" in msg

@@ -3,19 +3,20 @@
 Images (float in [0, 1]) are stored as uint16 (q = round(x * 65535)): max error 0.5 / 65535 plus float32
 rounding, measured 7.7e-6, i.e. 0.015 HU for the default 2000 HU window; half the disk of float32 (32 MiB
 per 256^3 volume), and float16 would be 30x less precise near 1. Label maps are stored as uint8 (int16/int32
-when needed). Other float arrays are stored as float32. Writes are atomic (temporary file in the same folder,
-then os.replace), so many DataLoader workers and ranks can fill one cache at the same time; the last writer
-of a key wins and every reader sees a complete file.
+when needed). Other float arrays are stored as float32. Writes are atomic (util.atomic), so many DataLoader
+workers and ranks can fill one cache at the same time; the last writer of a key wins and every reader sees a
+complete file.
 """
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from util.atomic import atomic_write
 
 QMAX = 65535
 
@@ -99,19 +100,12 @@ class VolumeCache:
         self.hits += 1
         return decode(stored) if decoded else stored
 
-    def put(self, key_parts: Sequence, array: np.ndarray) -> str:
-        """Store `array` atomically; returns the entry's path."""
-        final = self.path(key_parts)
-        folder = os.path.dirname(final)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npy")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, encode(array))
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; let other users of a shared cache read them
-            os.replace(tmp, final)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        return final
+    def put(self, key_parts: Sequence, array: np.ndarray, encoded: bool = False) -> str:
+        """Store `array` atomically (`encoded=True`: it is already in stored form); returns the entry's path."""
+        stored = array if encoded else encode(array)
+
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, stored)
+
+        return atomic_write(self.path(key_parts), save)

@@ -1,20 +1,36 @@
-"""Checkpoint I/O: atomic writes, safe (weights_only) loading, resume discovery with fallback."""
+"""Checkpoint I/O: atomic writes, the one safe (weights_only) reader, weights in any container, resume discovery.
+
+Readable: our checkpoints, TANGERINE / upstream files ({'model': ...}, {'state_dict': ...}, {'model_state': ...}
+or a raw state dict, `module.` / `_orig_mod.` prefixes, encoder-only or with the decoder) and the original
+project's training dicts whose 'args' is an argparse.Namespace. Everything loads with weights_only=True; the only
+classes allowed beyond plain data are argparse.Namespace and pathlib paths, which build data and run no code.
+"""
 from __future__ import annotations
 
+import argparse
+import copy
 import glob
 import os
+import pathlib
 import pickle
 import re
+import threading
 import zipfile
 from pathlib import Path
 
 import torch
 
+from util.atomic import atomic_write
 from util.faults import fault_point
+
+SAFE_CLASSES = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
+                pathlib.PureWindowsPath)
+WEIGHT_CONTAINERS = ("model", "state_dict", "model_state")
+PREFIXES = ("module.", "_orig_mod.")
 
 
 class UnsafeCheckpointError(ValueError):
-    """The file needs arbitrary pickled code to load; it is refused."""
+    """The file needs a Python class that could run code to load; it is refused."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -22,14 +38,16 @@ class CorruptCheckpointError(ValueError):
 
 
 def plain(obj):
-    """Convert argparse values (tuples, Paths, numpy scalars) to plain JSON-like Python types."""
+    """Convert argparse values (tuples, Paths, Namespaces, numpy scalars) to plain JSON-like Python types."""
+    if isinstance(obj, argparse.Namespace):
+        obj = vars(obj)
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
-    if isinstance(obj, Path):
+    if isinstance(obj, pathlib.PurePath):
         return str(obj)
     if hasattr(obj, "item"):
         return obj.item()
@@ -42,30 +60,68 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
     A crash or a full disk leaves the previous file at `path` untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             fault_point(f"save_mid:{path.name}")
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write, fsync=True)
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         os_err = _os_error_in_chain(e)  # torch.save reports a failed write as a RuntimeError
         if os_err is None:
             raise
         raise OSError(os_err.errno, f"Could not write checkpoint {path}: {os_err.strerror or os_err}; "
                                     f"the previous checkpoint there (if any) is intact.") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dfd)
-        os.close(dfd)
-    except OSError:
-        pass
+
+
+def snapshot(obj):
+    """A copy of a state (nested dicts/lists of tensors) on the CPU that training can no longer change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so training resumes as soon as the state is copied to the CPU.
+
+    One write at a time: `save` first waits for the previous write and re-raises its error (e.g. a full disk),
+    so a failed write stops the run at the next checkpoint at the latest; `wait()` before exiting.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, path: str | os.PathLike, background: bool = True) -> None:
+        self.wait()
+        state = snapshot(state)
+        if not background:
+            save_atomic(state, path)
+            return
+        self._thread = threading.Thread(target=self._write, args=(state, path), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict, path) -> None:
+        try:
+            save_atomic(state, path)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the pending write is on disk; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def _os_error_in_chain(e: BaseException) -> OSError | None:
@@ -77,39 +133,50 @@ def _os_error_in_chain(e: BaseException) -> OSError | None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True; refuse pickles that would run code, with a clear error."""
+    """Load a checkpoint with weights_only=True. A raw state dict comes back as is; an `args` Namespace becomes
+    a dict. Refuses, naming the class, files that need code to load."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "GLOBAL " in msg:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found or "Unsupported global" in str(e):
+            cls = found.group(1) if found else "a Python object"
             raise UnsafeCheckpointError(
-                f"Checkpoint {path} needs arbitrary Python code to load (unsafe pickle); it was refused. "
-                f"Re-save it as a plain state dict: torch.save({{'model': model.state_dict()}}, path).") from None
+                f"Checkpoint {path} needs {cls} to load, which could run arbitrary code (unsafe pickle); it was "
+                f"refused. Re-save its tensors as plain data: torch.save({{'model': model.state_dict()}}, path).") \
+                from None
         raise CorruptCheckpointError(f"Checkpoint {path} is corrupt or not a torch checkpoint ({e}).") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
         raise CorruptCheckpointError(
             f"Checkpoint {path} is truncated, corrupt or not a torch checkpoint ({type(e).__name__}).") from None
     if not isinstance(ckpt, dict):
         raise CorruptCheckpointError(f"Checkpoint {path} holds a {type(ckpt).__name__}, expected a dict.")
+    if isinstance(ckpt.get("args"), argparse.Namespace):  # the original project's misc.save_model
+        ckpt["args"] = plain(ckpt["args"])
     return ckpt
 
 
-def clean_state_dict(sd: dict) -> dict:
-    """Return the model state dict from a checkpoint, stripping DDP/compile prefixes."""
-    if "model" in sd and isinstance(sd["model"], dict):
-        sd = sd["model"]
+def strip_prefixes(sd: dict) -> dict:
+    """State dict keys without DDP / torch.compile prefixes (`module.`, `_orig_mod.`, also inside the key)."""
     out = {}
     for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        k = k.replace("._orig_mod.", ".")
-        out[k] = v
+        while k.startswith(PREFIXES):
+            k = k.split(".", 1)[1]
+        out[k.replace("._orig_mod.", ".")] = v
     return out
+
+
+def state_dict_of(ckpt: dict) -> dict:
+    """The model weights of a loaded checkpoint: under 'model', 'state_dict' or 'model_state', or the dict itself
+    when its values are tensors (a raw state dict); prefixes stripped. {} when there are none."""
+    for key in WEIGHT_CONTAINERS:
+        if isinstance(ckpt.get(key), dict):
+            return strip_prefixes(ckpt[key])
+    return strip_prefixes({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
 
 
 def _epoch_of(p: str) -> int:
@@ -124,23 +191,20 @@ def find_resume(output_dir: str | os.PathLike) -> tuple[str | None, dict | None]
     """
     last = os.path.join(output_dir, "checkpoint-last.pth")
     numbered = sorted(glob.glob(os.path.join(output_dir, "checkpoint-[0-9]*.pth")), key=_epoch_of, reverse=True)
-    candidates = ([last] if os.path.isfile(last) else []) + numbered
-    for path in candidates:
+    for path in ([last] if os.path.isfile(last) else []) + numbered:
         try:
             ckpt = load_checkpoint(path)
         except CorruptCheckpointError as e:
             print(f"WARNING: {e} Trying an older checkpoint.")
             continue
         if "epoch" in ckpt and "model" in ckpt:
-            # checkpoint-last may be older than a numbered one if a run was moved; take the newest epoch
             return path, ckpt
     return None, None
 
 
-def remove_stale_tmp(output_dir: str | os.PathLike) -> None:
-    """Delete temporary files left by a process killed while writing a checkpoint."""
-    for p in glob.glob(os.path.join(output_dir, ".*.tmp[0-9]*")):
-        try:
-            os.remove(p)
-        except OSError:
-            pass
+def best_or_last(folder: str | os.PathLike) -> str | None:
+    """checkpoint-best.pth in `folder`, else checkpoint-last.pth, else None."""
+    for name in ("checkpoint-best.pth", "checkpoint-last.pth"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None

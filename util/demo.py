@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from util.atomic import atomic_write, write_text
+
 DEMO_VERSION = 1
 
 
@@ -89,9 +91,7 @@ def _to_image(arr: np.ndarray, spacing: tuple[float, ...], ras: bool) -> sitk.Im
 
 
 def _write(img: sitk.Image, path: str) -> None:
-    tmp = path[:-len(".nii.gz")] + ".tmp.nii.gz"
-    sitk.WriteImage(img, tmp, True, 1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: sitk.WriteImage(img, tmp, True, 1))
 
 
 def make_demo_data(root: str = "demo_data", n_pretrain: int = 24, n_labeled: int = 32,
@@ -133,8 +133,6 @@ def make_demo_data(root: str = "demo_data", n_pretrain: int = 24, n_labeled: int
               "val": pd.DataFrame(rows[n_train:n_train + n_val]),
               "predict": pd.DataFrame(rows[n_train + n_val:], columns=["Path", "Label", "Mask"])[["Path", "Label"]]}
     for name, df in splits.items():
-        df.to_csv(out[name] + ".tmp", index=False)
-        os.replace(out[name] + ".tmp", out[name])
-    with open(out["manifest"], "w") as f:
-        json.dump(params, f)
+        atomic_write(out[name], lambda tmp: df.to_csv(tmp, index=False))
+    write_text(out["manifest"], json.dumps(params))
     return out

@@ -137,3 +137,19 @@ def all_gather_objects(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def on_main_then_share(fn):
+    """Run `fn()` on rank 0 only; if it raises, every rank raises the same kind of error with the same message
+    (so all processes of a torchrun job stop with one sentence instead of hanging at the next collective)."""
+    err = None
+    if is_main_process():
+        try:
+            fn()
+        except (ValueError, OSError) as e:
+            err = e
+    failed = all_gather_objects(None if err is None else str(err))[0]
+    if err is not None:
+        raise err
+    if failed is not None:
+        raise ValueError(failed)

@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -> float:
+@dataclass
+class Schedule:
+    """Peak `lr`, reached after `warmup_epochs`, then cosine decay to `min_lr` at `epochs`."""
+    lr: float
+    epochs: int
+    warmup_epochs: float = 0
+    min_lr: float = 0.0
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: Schedule) -> float:
     """Set the lr of every param group for a (fractional) epoch and return the base lr.
 
     Linear warmup from 0 to `args.lr` over `args.warmup_epochs`, then half-cycle cosine from `args.lr` to
@@ -15,7 +25,7 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args) -
     Args:
         optimizer: optimizer whose groups may carry `lr_scale` (layer-wise decay).
         epoch: current epoch, e.g. `epoch + it / iters_per_epoch`.
-        args: namespace with `lr`, `epochs`, `warmup_epochs` and optionally `min_lr`.
+        args: a Schedule (or any object with `lr`, `epochs`, `warmup_epochs` and optionally `min_lr`).
     """
     min_lr = getattr(args, "min_lr", 0.0)
     warmup = getattr(args, "warmup_epochs", 0)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
-MODES = ("binary", "multiclass", "multilabel")
+CLASSIFICATION_MODES = ("binary", "multiclass", "multilabel")
 
 
 def _auroc(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -32,8 +32,8 @@ def _nanmean(values: list[float]) -> float:
 
 def _check_classification(probs: np.ndarray, targets: np.ndarray, mode: str, label_names: list[str]) -> None:
     """Raise one-sentence ValueErrors for inconsistent classification inputs."""
-    if mode not in MODES:
-        raise ValueError(f"classification_metrics: mode must be one of {MODES}, got {mode!r}.")
+    if mode not in CLASSIFICATION_MODES:
+        raise ValueError(f"classification_metrics: mode must be one of {CLASSIFICATION_MODES}, got {mode!r}.")
     if probs.shape[0] == 0 or probs.shape[0] != targets.shape[0]:
         raise ValueError(f"classification_metrics: expected probs and targets with the same non-zero number of "
                          f"rows, got probs {probs.shape} and targets {targets.shape}.")

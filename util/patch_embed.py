@@ -7,15 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def to_3tuple(x: int | Sequence[int]) -> tuple[int, int, int]:
-    """Turn an int or a length-3 sequence into a 3-tuple of ints."""
-    if isinstance(x, int):
-        return (x, x, x)
-    values = tuple(int(v) for v in x)
-    if len(values) != 3:
-        raise ValueError(f"expected an int or 3 values (D, H, W), got {tuple(x)}.")
-    return values
+from util.triple import to_3tuple
 
 
 def patchify(imgs: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
@@ -28,7 +20,7 @@ def patchify(imgs: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     Returns:
         [N, L, pd*ph*pw*C]; tokens depth-major, voxels inside a patch ordered (pd, ph, pw, c).
     """
-    pd, ph, pw = to_3tuple(patch_size)
+    pd, ph, pw = to_3tuple(patch_size, "patch_size")
     n, c, d, h, w = imgs.shape
     if d % pd or h % ph or w % pw:
         raise ValueError(f"volume size {(d, h, w)} is not divisible by patch size {(pd, ph, pw)}.")
@@ -50,8 +42,8 @@ def unpatchify(x: torch.Tensor, patch_size: Sequence[int], grid_size: Sequence[i
     Returns:
         [N, C, gd*pd, gh*ph, gw*pw].
     """
-    pd, ph, pw = to_3tuple(patch_size)
-    gd, gh, gw = to_3tuple(grid_size)
+    pd, ph, pw = to_3tuple(patch_size, "patch_size")
+    gd, gh, gw = to_3tuple(grid_size, "grid_size")
     n, length, p = x.shape
     if length != gd * gh * gw or p != pd * ph * pw * in_chans:
         raise ValueError(f"expected patches [N, {gd * gh * gw}, {pd * ph * pw * in_chans}], "
@@ -72,8 +64,8 @@ class PatchEmbed3D(nn.Module):
     def __init__(self, img_size: int | Sequence[int] = 256, patch_size: int | Sequence[int] = 16,
                  in_chans: int = 1, embed_dim: int = 1024) -> None:
         super().__init__()
-        self.img_size = to_3tuple(img_size)
-        self.patch_size = to_3tuple(patch_size)
+        self.img_size = to_3tuple(img_size, "img_size")
+        self.patch_size = to_3tuple(patch_size, "patch_size")
         for axis, (s, p) in enumerate(zip(self.img_size, self.patch_size)):
             if p < 1 or s % p:
                 raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size} "

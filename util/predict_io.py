@@ -1,64 +1,38 @@
-"""Input and output of `main_predict.py`: the input CSV, prediction/embedding tables, label maps, atomic writes.
+"""Input and output of `main_predict.py`: the input CSV, prediction/embedding tables, label maps.
 
-Every output is written to a temporary file in the destination folder and renamed into place, so an
-interrupted run never leaves a half-written file under the final name.
+Every output is written atomically (util.atomic), so an interrupted run never leaves a half-written file under
+the final name.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-PATH_COLUMNS = ("Path", "path")
+from util.atomic import atomic_write
+from util.path_table import find_column, read_csv_table, resolve_paths
+from util.tasks import output_columns, predicted_label
+
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
 EMBEDDING_SUFFIXES = (".npy", ".csv", ".parquet")
 
 
 def read_input_table(csv_path: str) -> tuple[pd.DataFrame, list[str]]:
-    """The input CSV exactly as written (all columns as text) and the absolute volume path of every row.
+    """The input CSV exactly as written (all cells text) and the absolute volume path of every row.
 
-    Relative paths resolve against the CSV's folder. Missing volumes are not checked here: they become
-    per-row errors during prediction, so one bad row never stops the others.
+    Read by util.path_table like every other table; relative paths resolve against the CSV's folder. Missing
+    volumes and empty cells are not checked here: they become per-row errors during prediction.
     """
-    if not os.path.isfile(csv_path):
-        raise FileNotFoundError(f"--input_csv {csv_path} does not exist.")
-    try:
-        df = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ValueError(f"--input_csv {csv_path} is not a readable CSV ({type(e).__name__}).") from None
-    col = next((c for c in PATH_COLUMNS if c in df.columns), None)
+    df = read_csv_table(csv_path).reset_index(drop=True)
+    col = find_column(df, "Path")
     if col is None:
         raise ValueError(f"--input_csv {csv_path} has no 'Path' column (columns: {', '.join(df.columns)}).")
     if len(df) == 0:
         raise ValueError(f"--input_csv {csv_path} has a header but no rows.")
-    base = os.path.dirname(os.path.abspath(csv_path))
-    paths = [os.path.normpath(os.path.join(base, p.strip())) if p.strip() else "" for p in df[col]]
-    return df, paths
-
-
-def class_names(meta: dict) -> list[str]:
-    """Names of the probability / value columns of a finetuned checkpoint, one per output column.
-
-    Binary and multiclass heads give one column per class (the checkpoint's class names when it stores one
-    per class, else the class index); multi-label and regression heads give one column per label column.
-    """
-    mode, names = meta["mode"], [str(n) for n in meta.get("label_names") or []]
-    if mode in ("multilabel", "regression"):
-        k = int(meta["nb_outputs"])
-        return names if len(names) == k else [str(i) for i in range(k)]
-    k = 2 if mode == "binary" else int(meta["nb_classes"])
-    names = [str(n) for n in meta.get("class_names") or names]
-    return names if len(names) == k else [str(i) for i in range(k)]
-
-
-def _predicted(mode: str, names: list[str], probs: np.ndarray):
-    if mode == "multilabel":
-        return ";".join(n for n, p in zip(names, probs) if p >= 0.5)
-    return names[int(np.argmax(probs))]
+    return df, resolve_paths(df, col, csv_path, check_exists=False)
 
 
 def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta: dict) -> pd.DataFrame:
@@ -69,13 +43,13 @@ def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta: dict) -> 
     if mode == "segmentation":
         out["seg_path"] = [results.get(i, {}).get("seg_path", "") for i in range(n)]
     elif mode != "embedding":
-        names = class_names(meta)
+        names = output_columns(meta)
         values = np.full((n, len(names)), np.nan, dtype=np.float64)
         pred = [""] * n
         for i, r in results.items():
             if "probs" in r:
                 values[i] = r["probs"]
-                pred[i] = "" if mode == "regression" else _predicted(mode, names, r["probs"])
+                pred[i] = "" if mode == "regression" else predicted_label(mode, names, r["probs"])
         prefix = "pred_" if mode == "regression" else "prob_"
         for k, name in enumerate(names):
             out[f"{prefix}{name}"] = values[:, k]
@@ -136,20 +110,6 @@ def write_embeddings(path: str, df: pd.DataFrame, results: dict[int, dict], dim:
 
 def write_predictions(path: str, table: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.7g"))
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call `write(tmp)` on a temporary name in `path`'s folder (same extension), then rename it to `path`."""
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp{os.getpid()}.{name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def check_outputs(paths: list[str], overwrite: bool) -> None:

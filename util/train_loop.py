@@ -1,22 +1,49 @@
-"""The training epoch shared by pretraining and finetuning: accumulation, mixed precision, lagged checks, logging."""
+"""The training epoch shared by pretraining and finetuning: accumulation, mixed precision, per-step seeding,
+lagged host checks, mid-epoch checkpoints and preemption, logging."""
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from util import lr_sched
-from util.cli import autocast
-from util.distributed import all_gather_objects, all_reduce_mean
+from util.distributed import all_gather_objects, all_reduce_mean, get_rank
 from util.faults import fault_point
 from util.logger import Progress
+from util.runtime import autocast, step_seed
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(ValueError):
+    """The loss became NaN or infinite; the message names the epoch, the step and the batch's files."""
+
+
+@dataclass
+class TrainSettings:
+    """What the epoch loop needs (built from the command line by util.trainer)."""
+    device: str
+    precision: str = "fp32"
+    batch_size: int = 1
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    print_freq: int = 20
+    world_size: int = 1
+    rank: int = 0
+    distributed: bool = False
+    seed: int = 0
+    schedule: lr_sched.Schedule = field(default_factory=lambda: lr_sched.Schedule(lr=1e-3, epochs=1))
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: optimizer-aligned micro-steps done, and the running loss and coverage so far."""
+    step: int = 0
+    loss_sum: float = 0.0
+    count: int = 0
+    seen: list = field(default_factory=list)
 
 
 def _check_finite(pending, epoch: int, describe: Callable | None) -> None:
@@ -31,35 +58,41 @@ def _check_finite(pending, epoch: int, describe: Callable | None) -> None:
             f"checkpoint was kept; lower --blr, use --clip_grad, or check these volumes.")
 
 
-def train_one_epoch(model, loader, optimizer, scaler, epoch: int, args, compute_loss: Callable, tb=None,
-                    batch_ids: Callable | None = None, describe: Callable | None = None) -> dict:
-    """One epoch. `compute_loss(model, batch) -> scalar loss` runs under autocast.
+def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettings, compute_loss: Callable,
+                    tb=None, batch_ids: Callable | None = None, describe: Callable | None = None,
+                    start: EpochProgress | None = None, control=None, checkpoint: Callable | None = None) -> dict:
+    """One epoch (or its rest, from `start.step`). `compute_loss(model, batch) -> scalar loss` runs under autocast.
 
-    Gradient accumulation: the loss is divided by accum_iter, DDP gradient sync happens only on the last micro-step,
-    and gradients are zeroed once per optimizer step. Loss and grad norm reach the host only every print_freq steps.
-    `batch_ids(batch) -> list[int]` records which samples this rank saw (gathered at the end, to log coverage);
-    `describe(batch) -> str` names the batch's files if its loss is not finite.
+    Every micro-step reseeds torch from (seed, epoch, step, rank), so masks and drop paths replay exactly after a
+    resume. Accumulation divides the loss by accum_iter, syncs DDP gradients on the last micro-step only and zeroes
+    gradients once per optimizer step. Loss and grad norm reach the host only every print_freq steps.
+    `batch_ids(batch) -> list[int]` records which samples this rank saw; `describe(batch)` names a batch's files.
+    `control` (util.preempt.StepControl) decides after each optimizer step whether to write a mid-epoch checkpoint
+    (`checkpoint(progress)`) and whether to stop (then util.preempt.Preempted is raised after the checkpoint).
     """
     model.train()
-    device, n_steps = args.device, len(loader)
-    progress = Progress(n_steps, f"Epoch [{epoch}]", args.print_freq, args.batch_size * args.world_size)
-    loss_sum, gnorm = torch.zeros((), device=device), torch.zeros((), device=device)
-    count, pending, lr, t0, seen = 0, None, 0.0, time.time(), []
+    device, n_steps = s.device, len(loader) + (start.step if start else 0)
+    start = start or EpochProgress()
+    progress = Progress(n_steps, epoch, s.schedule.epochs, s.print_freq, s.batch_size * s.world_size, start.step)
+    loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
+    gnorm = torch.zeros((), device=device)
+    count, pending, lr, t0, seen = start.count, None, 0.0, time.time(), list(start.seen)
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    for it, batch in enumerate(loader):
+    for it, batch in enumerate(loader, start=start.step):
         fault_point(f"step:{epoch}:{it}")
-        last_micro = (it + 1) % args.accum_iter == 0 or it + 1 == n_steps
-        if it % args.accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(optimizer, it / n_steps + epoch, args)
-        sync_ctx = model.no_sync() if (args.distributed and not last_micro) else contextlib.nullcontext()
+        torch.manual_seed(step_seed(s.seed, epoch, it, s.rank))
+        last_micro = (it + 1) % s.accum_iter == 0 or it + 1 == n_steps
+        if it % s.accum_iter == 0:
+            lr = lr_sched.adjust_learning_rate(optimizer, it / n_steps + epoch, s.schedule)
+        sync_ctx = model.no_sync() if (s.distributed and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
-            with autocast(args.precision, device):
+            with autocast(s.precision, device):
                 loss = compute_loss(model, batch)
-            scaler.scale(loss / args.accum_iter).backward()
+            scaler.scale(loss / s.accum_iter).backward()
         if last_micro:
             scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad or float("inf"))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -67,19 +100,33 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, args, compute_
         pending = (loss.detach(), it, batch)
         if batch_ids is not None:
             seen.extend(batch_ids(batch))
-        loss_sum += pending[0]
+        loss_sum += pending[0].double()
         count += 1
         if progress.due(it):
             _log_progress(progress, it, loss_sum / count, lr, gnorm, tb, epoch * n_steps + it, device)
+        if last_micro and control is not None and it + 1 < n_steps:
+            save, stop = control.decide(it + 1)
+            if save or stop:
+                _check_finite(pending, epoch, describe)
+                checkpoint(EpochProgress(it + 1, all_reduce_mean(loss_sum, device), count,
+                                         _gathered(seen) if batch_ids is not None else []))
+                control.saved()
+            if stop:
+                control.stop(epoch, it + 1)
     _check_finite(pending, epoch, describe)
     stats = {"loss": all_reduce_mean(loss_sum / max(count, 1), device), "lr": lr}
-    volumes = count * args.batch_size * args.world_size
+    volumes = (count - start.count) * s.batch_size * s.world_size
     if batch_ids is not None:  # a few ints per rank: proves the ranks saw disjoint volumes
         per_rank = all_gather_objects(seen)
-        volumes = sum(len(s) for s in per_rank)
-        stats.update(volumes=volumes, unique_volumes=len(set().union(*map(set, per_rank))))
-    stats["volumes_per_s"] = volumes / (time.time() - t0)
+        stats.update(volumes=sum(len(p) for p in per_rank), unique_volumes=len(set().union(*map(set, per_rank))))
+    stats["volumes_per_s"] = volumes / max(time.time() - t0, 1e-9)
     return stats
+
+
+def _gathered(seen: list) -> list:
+    """Every rank's seen indices, kept on rank 0 only (rank 0 alone restores them after a resume)."""
+    parts = all_gather_objects(seen)
+    return [i for p in parts for i in p] if get_rank() == 0 else []
 
 
 def _log_progress(progress, it, loss_mean, lr, gnorm, tb, step, device) -> None:

@@ -5,11 +5,11 @@ Written with PIL only (no matplotlib); the returned HWC uint8 array goes straigh
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from util.atomic import atomic_write
 
 ROW_TITLES = ("input", "masked", "recon")
 COL_TITLES = ("axial", "coronal", "sagittal")
@@ -64,7 +64,7 @@ def _to_uint8(sl: np.ndarray, removed: np.ndarray | None) -> np.ndarray:
 
 
 def render_reconstruction_grid(img: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor,
-                               mask: torch.Tensor | None = None, cell: int = 128) -> np.ndarray:
+                               mask: torch.Tensor | None = None, cell: int = 128, title: str = "") -> np.ndarray:
     """3x3 grid (rows: input / masked / recon; columns: axial / coronal / sagittal) as uint8 [H', W', 3].
 
     Args:
@@ -72,6 +72,7 @@ def render_reconstruction_grid(img: torch.Tensor, masked: torch.Tensor, recon: t
         mask: optional voxel mask of the same spatial shape, 1 = removed; removed voxels (and any NaN in
             `masked`) are drawn mid-grey in the masked row.
         cell: side of each grid cell in pixels.
+        title: a line of text under the grid (e.g. the epoch and the loss).
     """
     vols = [_to_volume(v, n) for v, n in ((img, "img"), (masked, "masked"), (recon, "recon"))]
     if not vols[0].shape == vols[1].shape == vols[2].shape:
@@ -84,7 +85,7 @@ def render_reconstruction_grid(img: torch.Tensor, masked: torch.Tensor, recon: t
             raise ValueError(f"save_reconstruction_figure: expected mask of spatial shape {vols[0].shape}, "
                              f"got {removed.shape}.")
     step = cell + GAP
-    canvas = np.empty((LABEL_H + 3 * step, LABEL_W + 3 * step, 3), dtype=np.uint8)
+    canvas = np.empty((LABEL_H * (2 if title else 1) + 3 * step, LABEL_W + 3 * step, 3), dtype=np.uint8)
     canvas[:] = BACKGROUND
     for r, vol in enumerate(vols):
         masks = mid_slices(removed) if (r == 1 and removed is not None) else [None] * 3
@@ -93,15 +94,17 @@ def render_reconstruction_grid(img: torch.Tensor, masked: torch.Tensor, recon: t
             canvas[y:y + cell, x:x + cell] = _fit_cell(_to_uint8(sl, rm), cell)
     pil = Image.fromarray(canvas)
     draw = ImageDraw.Draw(pil)
-    for c, title in enumerate(COL_TITLES):
-        draw.text((LABEL_W + c * step + 2, 2), title, fill=(255, 255, 255))
-    for r, title in enumerate(ROW_TITLES):
-        draw.text((2, LABEL_H + r * step + cell // 2 - 6), title, fill=(255, 255, 255))
+    for c, name in enumerate(COL_TITLES):
+        draw.text((LABEL_W + c * step + 2, 2), name, fill=(255, 255, 255))
+    for r, name in enumerate(ROW_TITLES):
+        draw.text((2, LABEL_H + r * step + cell // 2 - 6), name, fill=(255, 255, 255))
+    if title:
+        draw.text((2, LABEL_H + 3 * step + 1), title, fill=(255, 255, 255))
     return np.asarray(pil, dtype=np.uint8).copy()
 
 
 def save_reconstruction_figure(img: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: str,
-                               mask: torch.Tensor | None = None, cell: int = 128) -> np.ndarray:
+                               mask: torch.Tensor | None = None, cell: int = 128, title: str = "") -> np.ndarray:
     """Write the input / masked / reconstruction mid-slice grid as a PNG (atomically) and return it.
 
     Args:
@@ -110,18 +113,11 @@ def save_reconstruction_figure(img: torch.Tensor, masked: torch.Tensor, recon: t
         mask: optional [1, D, H, W] voxel mask, 1 = removed, drawn mid-grey in the masked row
             (NaN voxels in `masked` are drawn the same way).
         cell: side of each grid cell in pixels.
+        title: a line of text under the grid.
 
     Returns:
         uint8 [H', W', 3] image array (for `add_image(..., dataformats='HWC')`).
     """
-    grid = render_reconstruction_grid(img, masked, recon, mask=mask, cell=cell)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        Image.fromarray(grid).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    grid = render_reconstruction_grid(img, masked, recon, mask=mask, cell=cell, title=title)
+    atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return grid

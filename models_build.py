@@ -1,0 +1,120 @@
+"""Downstream models built from what a checkpoint says about itself, so prediction needs nothing but the file.
+
+Finetuned checkpoints of this repository carry `meta` (task, mode, model name, class count, label names, sizes,
+pooling) and `preprocess`. Checkpoints without `meta` are recognised from their weights: an MAE or ViT encoder
+(ours or TANGERINE's, with or without the decoder) becomes a headless encoder for embeddings, and a ViT with a
+`head` (the original project's finetuned classifier, e.g. best_model_loss.pth) becomes a classifier whose
+outputs are read from the head (1 output: binary sigmoid; K outputs: softmax over K classes).
+"""
+from __future__ import annotations
+
+import torch
+
+import models_vit3d
+from models_mae3d import ENCODER_SIZES
+from util.checkpoint import load_checkpoint, state_dict_of
+from util.tasks import MODES
+from util.triple import to_3tuple
+
+_SIZES = {(e, d): name for name, (e, d, _) in ENCODER_SIZES.items()}  # (width, depth) -> size name
+
+
+def build_model_from_meta(meta: dict, drop_path: float = 0.0, **kw) -> torch.nn.Module:
+    """A VisionTransformer3D (classification/regression/embeddings) or UNETR3D (segmentation) for `meta`.
+
+    meta['linprobe'] = True gives the linear-probe head Sequential(BatchNorm1d(affine=False), Linear).
+    """
+    name = meta["model"].replace("mae_", "")
+    img_size, patch_size = to_3tuple(meta["input_size"], "input_size"), to_3tuple(meta["patch_size"], "patch_size")
+    if meta["mode"] == "segmentation":
+        return models_vit3d.build_segmentation_model(name, num_classes=meta["nb_classes"], img_size=img_size,
+                                                     patch_size=patch_size, drop_path_rate=drop_path,
+                                                     feature_size=meta.get("feature_size", 16), **kw)
+    model = models_vit3d.VIT_FACTORIES[name](img_size=img_size, patch_size=patch_size, num_classes=meta["nb_outputs"],
+                                             global_pool=meta.get("global_pool", "avg"), drop_path_rate=drop_path, **kw)
+    if meta.get("linprobe") and meta["nb_outputs"] > 0:
+        # MAE linear probe: a parameter-free BatchNorm in front of the linear head (keys head.0.*, head.1.*)
+        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6), model.head)
+    return model
+
+
+def encoder_meta_from_state_dict(sd: dict, input_size=None) -> dict:
+    """The ViT size, patch size and input size of an MAE/ViT state dict without metadata (e.g. TANGERINE)."""
+    sd = state_dict_of(sd)
+    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+        raise ValueError("The checkpoint holds no ViT encoder (patch_embed.proj.weight / pos_embed are missing).")
+    w = sd["patch_embed.proj.weight"]
+    dim, patch = w.shape[0], tuple(w.shape[2:])
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    if (dim, depth) not in _SIZES:
+        raise ValueError(f"Unknown encoder: width {dim}, depth {depth}; expected one of {sorted(_SIZES)}.")
+    if input_size is None:
+        n = sd["pos_embed"].shape[1] - 1
+        g = round(n ** (1 / 3))
+        if g ** 3 != n:
+            raise ValueError(f"The checkpoint's grid of {n} patches is not cubic; pass --input_size D H W.")
+        input_size = tuple(g * p for p in patch)
+    return {"model": f"vit_{_SIZES[(dim, depth)]}_patch16", "input_size": list(to_3tuple(input_size, "input_size")),
+            "patch_size": list(patch)}
+
+
+def meta_from_weights(ckpt: dict, input_size=None, global_pool: str = "token", head_mode: str | None = None) -> dict:
+    """`meta` of a checkpoint that has none: an embedding encoder, or a classifier when its weights hold a head.
+
+    input_size: what to run at (default: the checkpoint's args['input_size'], else inferred from pos_embed).
+    global_pool: pooling of a headless encoder; a classifier's pooling is read from its fc_norm / head width.
+    head_mode: 'binary' / 'multiclass' / 'multilabel' / 'regression' for a head without metadata (default:
+    binary for 1 output, multiclass for more).
+    """
+    sd = state_dict_of(ckpt)
+    size = input_size or (ckpt.get("args") or {}).get("input_size")
+    meta = encoder_meta_from_state_dict(sd, size)
+    head = sd.get("head.weight", sd.get("head.1.weight"))
+    if head is None or head.ndim != 2:
+        return dict(meta, mode="embedding", task="embedding", nb_outputs=0, nb_classes=0, label_names=[],
+                    global_pool=global_pool)
+    k, width = int(head.shape[0]), int(head.shape[1])
+    dim = sd["patch_embed.proj.weight"].shape[0]
+    pool = "cat" if width == 2 * dim else ("avg" if "fc_norm.weight" in sd else "token")
+    mode = head_mode or ("binary" if k == 1 else "multiclass")
+    if mode not in MODES or mode == "segmentation":
+        raise ValueError(f"head_mode must be binary, multiclass, multilabel or regression, got {mode!r}.")
+    nb_classes = 2 if mode == "binary" else k
+    names = [str(c) for c in range(nb_classes)] if mode in ("binary", "multiclass") else [str(c) for c in range(k)]
+    return dict(meta, task="classification", mode=mode, nb_outputs=k, nb_classes=nb_classes, label_names=names,
+                global_pool=pool, linprobe="head.1.weight" in sd)
+
+
+def model_from_checkpoint(ckpt: dict, meta: dict) -> torch.nn.Module:
+    """The finetuned model `meta` describes, with the checkpoint's weights (strict)."""
+    model = build_model_from_meta(meta)
+    model.load_state_dict(state_dict_of(ckpt))
+    return model
+
+
+def load_for_inference(path: str, device="cpu", input_size=None, global_pool=None, head_mode=None):
+    """Load any checkpoint for prediction. Returns (model in eval mode, meta, preprocess dict or None).
+
+    Finetuned checkpoints rebuild their exact model; checkpoints without metadata are recognised from their
+    weights (see `meta_from_weights`); a headless encoder has meta['mode'] == 'embedding'.
+    """
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("meta")
+    if meta is not None:
+        return model_from_checkpoint(ckpt, meta).to(device).eval(), meta, ckpt.get("preprocess")
+    meta = meta_from_weights(ckpt, input_size, global_pool or "avg", head_mode)
+    model = build_model_from_meta(meta)
+    if meta["mode"] == "embedding":
+        models_vit3d.load_pretrained_encoder(model, ckpt, verbose=False)
+    else:
+        sd, own = state_dict_of(ckpt), model.state_dict()
+        missing = [k for k in own if k not in sd and k != "pos_embed"]
+        if missing:
+            raise ValueError(f"Checkpoint {path} lacks {missing[0]!r} of the {meta['model']} classifier it "
+                             f"looks like ({len(missing)} tensors missing).")
+        keep_pos = "pos_embed" in sd and sd["pos_embed"].shape == own["pos_embed"].shape  # finetuned table
+        model.load_state_dict({k: v for k, v in sd.items() if k in own and (k != "pos_embed" or keep_pos)},
+                              strict=False)
+        if not keep_pos:
+            model.reset_pos_embed()
+    return model.to(device).eval(), meta, ckpt.get("preprocess")

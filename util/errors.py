@@ -1,0 +1,59 @@
+"""The one error boundary of the scripts: errors a user can cause end as one `error: ...` line, no traceback.
+
+Set MAE3D_DEBUG=1 to see the full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Callable
+
+# "util.volume_io.VolumeError: " at the start of a line re-raised from a DataLoader worker
+_CLASS_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\b:\s*")
+
+
+class UserError(ValueError):
+    """A problem with the user's input, flags or files; its message is one sentence naming what to fix."""
+
+
+def user_message(e: BaseException) -> str:
+    """The one-sentence message of `e`, the same whether it was raised here or inside a DataLoader worker."""
+    msg = str(e).strip()
+    if "Original Traceback" in msg:  # re-raised by the DataLoader: keep the original exception's last line
+        msg = msg.splitlines()[-1]
+    msg = _CLASS_PREFIX.sub("", msg, count=1)
+    return " ".join(msg.split()) or type(e).__name__
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that report a user-caused problem (ValueError covers VolumeError, UserError and the
+    checkpoint errors; OSError covers missing files, permissions and full disks)."""
+    return (ValueError, OSError)
+
+
+def run_main(main: Callable, args):
+    """Run a script's `main(args)` and return its result; user-caused errors end as one sentence on stderr
+    and exit status 1; a preempted run prints where its checkpoint is and exits 75 (130 after Ctrl-C)."""
+    from util.preempt import EXIT_INTERRUPTED, Preempted
+
+    try:
+        return main(args)
+    except Preempted as e:  # a checkpoint was written: say where, exit with the documented status
+        print(str(e), file=sys.stderr, flush=True)
+        raise SystemExit(e.code) from None
+    except KeyboardInterrupt:
+        if os.environ.get("MAE3D_DEBUG"):
+            raise
+        print("Interrupted (Ctrl-C); nothing more was written.", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except SystemExit as e:  # scripts may stop with SystemExit("sentence")
+        if isinstance(e.code, str):
+            print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        raise
+    except user_error_types() as e:
+        if os.environ.get("MAE3D_DEBUG"):
+            raise
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None

@@ -1,0 +1,203 @@
+"""Preprocessing of CT volumes: one function configured by one `PreprocessConfig`, used by every script.
+
+read (util.volume_io) -> reorient to `orientation` -> resample (whole volume to `size` keeping its physical
+extent, or to `spacing` then pad to >= `size`) -> clip to the HU `window` and scale to [0, 1] float32 [D, H, W].
+Axis-aligned resampling of images (B-spline, linear) uses the separable resampler in util.resample; SimpleITK
+stays the reference and serves label maps and everything else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from util.cache import VolumeCache, encode
+from util.resample import SITK_INTERPOLATORS, resample_centered
+from util.triple import optional_3tuple
+from util.volume_io import VolumeError, read_image
+
+PREPROCESS_VERSION = 1  # bump when the preprocessing changes what it produces (invalidates caches)
+INTERPOLATORS = tuple(SITK_INTERPOLATORS)
+
+
+@dataclass
+class PreprocessConfig:
+    """Preprocessing settings, stored in every checkpoint. Sizes and spacings are (D, H, W).
+
+    spacing None: resample the whole volume to `size` keeping its physical extent (TANGERINE default 256^3).
+    spacing given: resample to that spacing (mm), then pad every axis to >= size (datasets crop later).
+    Both None: keep the native grid (reorientation and windowing only).
+    """
+
+    orientation: str = "LPS"
+    size: tuple[int, int, int] | None = (256, 256, 256)
+    spacing: tuple[float, float, float] | None = None
+    window: tuple[float, float] = (-1200.0, 800.0)
+    interpolator: str = "bspline"
+    mask_interpolator: str = "nearest"
+
+    def __post_init__(self) -> None:
+        self.orientation = str(self.orientation).upper()
+        axis = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
+        if sorted(axis.get(c, -1) for c in self.orientation) != [0, 1, 2]:
+            raise ValueError(f"PreprocessConfig.orientation must be three letters, one of each L/R, P/A, S/I "
+                             f"(e.g. 'LPS'), got {self.orientation!r}.")
+        self.size = optional_3tuple(self.size, "PreprocessConfig.size")
+        self.spacing = optional_3tuple(self.spacing, "PreprocessConfig.spacing", float)
+        self.window = tuple(float(v) for v in self.window)
+        if len(self.window) != 2 or not self.window[0] < self.window[1]:
+            raise ValueError(f"PreprocessConfig.window must be (low, high) HU with low < high, got {self.window}.")
+        for name in ("interpolator", "mask_interpolator"):
+            if getattr(self, name) not in INTERPOLATORS:
+                raise ValueError(f"PreprocessConfig.{name} must be one of {sorted(INTERPOLATORS)}, "
+                                 f"got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessConfig":
+        """Inverse of `to_dict`; unknown keys are refused."""
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"PreprocessConfig.from_dict: unknown keys {sorted(unknown)}.")
+        return cls(**d)
+
+    def key(self) -> str:
+        """Stable 16-hex-digit hash of the settings and of PREPROCESS_VERSION (cache keys)."""
+        blob = json.dumps({**self.to_dict(), "_version": PREPROCESS_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def reorient(img: sitk.Image, orientation: str = "LPS") -> sitk.Image:
+    """Permute/flip the axes so they point to `orientation` (DICOM letters); the physical image is unchanged."""
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+    return img if current == orientation else sitk.DICOMOrient(img, orientation)
+
+
+def target_grid(img: sitk.Image, cfg: PreprocessConfig) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(size, spacing) in sitk (x, y, z) order of the preprocessed grid for `img` under `cfg`."""
+    n, s = np.array(img.GetSize()), np.array(img.GetSpacing())
+    if cfg.spacing is None and cfg.size is None:
+        return tuple(int(v) for v in n), tuple(float(v) for v in s)
+    if cfg.spacing is None:
+        n1 = np.array(cfg.size[::-1])
+        return tuple(int(v) for v in n1), tuple(float(v) for v in s * n / n1)
+    s1 = np.array(cfg.spacing[::-1], float)
+    n1 = np.maximum(np.rint(n * s / s1), 1).astype(int)
+    if cfg.size is not None:
+        n1 = np.maximum(n1, cfg.size[::-1])
+    return tuple(int(v) for v in n1), tuple(float(v) for v in s1)
+
+
+def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image>") -> tuple[np.ndarray, sitk.Image]:
+    """Reorient -> resample -> window -> scale. Returns float32 [D, H, W] in [0, 1] and the reference grid.
+
+    The reference is the resampled float32 HU image (its geometry is what `preprocess_mask` and
+    `to_input_grid` need). `name` (the file path) starts error messages.
+    """
+    img = reorient(img, cfg.orientation)
+    if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
+            raise VolumeError(f"{name}: contains NaN or infinite voxels; expected finite HU values.")
+    if img.GetPixelID() != sitk.sitkFloat32:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    size, spacing = target_grid(img, cfg)
+    lo, hi = cfg.window
+    if size != img.GetSize() or not np.allclose(spacing, img.GetSpacing(), rtol=1e-6, atol=0):
+        img = resample_centered(img, size, spacing, cfg.interpolator, lo, sitk.sitkFloat32)
+    arr = (sitk.GetArrayViewFromImage(img) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    np.clip(arr, 0.0, 1.0, out=arr)
+    return arr.astype(np.float32, copy=False), img
+
+
+def _physical_box(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical bounding box (min, max corners, mm) of the voxel corners."""
+    n = np.array(img.GetSize())
+    corners = [img.TransformContinuousIndexToPhysicalPoint([(c >> k & 1) * n[k] - 0.5 for k in range(3)])
+               for c in range(8)]
+    return np.min(corners, axis=0), np.max(corners, axis=0)
+
+
+def same_grid(a: sitk.Image, b: sitk.Image, atol: float = 1e-4) -> bool:
+    """True when two images share size, spacing, origin and direction (up to `atol`)."""
+    return a.GetSize() == b.GetSize() and all(np.allclose(getattr(a, g)(), getattr(b, g)(), atol=atol)
+                                              for g in ("GetSpacing", "GetOrigin", "GetDirection"))
+
+
+def preprocess_mask(mask: sitk.Image, reference: sitk.Image, name: str = "<mask>",
+                    interpolator: str = "nearest") -> np.ndarray:
+    """Label map -> int64 [D, H, W] on exactly the reference grid returned by `preprocess_image`."""
+    if mask.GetDimension() != 3:
+        raise VolumeError(f"{name}: is a {mask.GetDimension()}D label map; expected 3D like its image.")
+    (alo, ahi), (blo, bhi) = _physical_box(mask), _physical_box(reference)
+    if np.any(ahi <= blo) or np.any(bhi <= alo):
+        raise VolumeError(f"{name}: does not overlap its image in physical space; check that the Mask matches Path.")
+    ref_orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
+    mask = reorient(mask, ref_orient)
+    if not same_grid(mask, reference):
+        mask = sitk.Resample(mask, reference, sitk.Transform(), SITK_INTERPOLATORS[interpolator], 0.0,
+                             mask.GetPixelID())
+    arr = sitk.GetArrayViewFromImage(mask)
+    if arr.dtype.kind == "f":
+        if not np.array_equal(arr, np.round(arr)):
+            raise VolumeError(f"{name}: holds non-integer values; expected an integer label map.")
+    return arr.astype(np.int64)
+
+
+def load_volume(path: str, cfg: PreprocessConfig | None = None) -> np.ndarray:
+    """Read + preprocess one image: float32 [D, H, W] in [0, 1]."""
+    return preprocess_image(read_image(path), cfg or PreprocessConfig(), name=str(path))[0]
+
+
+def load_volume_and_mask(img_path: str, mask_path: str,
+                         cfg: PreprocessConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Image float32 [D, H, W] in [0, 1] and its label map int64 [D, H, W] on the same voxels."""
+    cfg = cfg or PreprocessConfig()
+    img, ref = preprocess_image(read_image(img_path), cfg, name=str(img_path))
+    return img, preprocess_mask(read_image(mask_path), ref, str(mask_path), cfg.mask_interpolator)
+
+
+def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None) -> list[tuple]:
+    """VolumeCache keys of an image (and of its label map, which depends on the image's grid too)."""
+    keys = [(path, cfg.key(), "image")]
+    return keys + [(mask_path, cfg.key(), "mask", Path(path))] if mask_path else keys
+
+
+def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
+                decoded: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """`load_volume` / `load_volume_and_mask` through an optional VolumeCache: (image, mask or None).
+
+    decoded=False (with a cache) returns the stored form (uint16 image, memory-mapped on a hit) so that crops and
+    flips are views and `util.cache.decode` (or the training device) makes the one float copy at the end.
+    """
+    keys = cache_keys(path, cfg, mask_path)
+    if cache is not None:
+        got = [cache.get(k, decoded) for k in keys]
+        if all(g is not None for g in got):
+            return got[0], (got[1] if mask_path else None)
+    out = load_volume_and_mask(path, mask_path, cfg) if mask_path else (load_volume(path, cfg), None)
+    if cache is None:
+        return out
+    stored = [encode(a) for a in out[:len(keys)]]
+    for k, a in zip(keys, stored):
+        cache.put(k, a, encoded=True)
+    if decoded:
+        return out
+    return stored[0], (stored[1] if mask_path else None)
+
+
+def to_input_grid(label: np.ndarray, reference: sitk.Image, original: sitk.Image) -> sitk.Image:
+    """Label map [D, H, W] on the preprocessed grid -> sitk label image on the original image's grid (nearest)."""
+    if tuple(label.shape) != tuple(reference.GetSize()[::-1]):
+        raise ValueError(f"to_input_grid: label shape {tuple(label.shape)} does not match the reference grid "
+                         f"{tuple(reference.GetSize()[::-1])} (D, H, W).")
+    dtype = np.uint8 if label.min() >= 0 and label.max() < 256 else np.int32
+    lab = sitk.GetImageFromArray(np.ascontiguousarray(label, dtype=dtype))
+    lab.CopyInformation(reference)
+    return sitk.Resample(lab, original, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, lab.GetPixelID())

@@ -1,0 +1,175 @@
+"""Scaffolding both trainers share: start-up, the locked output folder, loaders and samplers, DDP, the grad
+scaler, the lr rule, checkpoints (end of epoch and mid-epoch), resume with a recipe check, and preemption."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from util import args as cli_args
+from util.atomic import ensure_writable_dir, remove_stale_tmp
+from util.checkpoint import find_resume, load_checkpoint, plain, save_atomic, state_dict_of
+from util.distributed import barrier, init_distributed_mode, is_main_process, on_main_then_share
+from util.errors import UserError
+from util.lr_sched import Schedule
+from util.preempt import StepControl
+from util.run_lock import RunLock
+from util.runtime import resolve_precision, seed_all, torch_threads
+from util.sampler import EpochSampler
+from util.train_loop import EpochProgress, TrainSettings
+from util.volume_dataset import limit_sitk_threads
+
+# flags that define a run's recipe: resuming with other values is refused unless --allow_recipe_change
+RECIPE_FLAGS = ("model", "input_size", "patch_size", "seed", "lr", "effective_batch")
+
+
+def start(args) -> None:
+    """torchrun/device, threads, sizes checked, precision resolved, seeds."""
+    init_distributed_mode(args)
+    torch_threads()
+    cli_args.check_sizes(args)
+    args.precision = resolve_precision(args.precision, args.device)
+    args.effective_batch = args.batch_size * args.accum_iter * args.world_size
+    if args.lr is None:
+        args.lr = args.blr * args.effective_batch / 256
+    if args.warmup_epochs > args.epochs:
+        print(f"WARNING: --warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}: the lr never "
+              f"reaches its peak {args.lr:.3g}.")
+    seed_all(args.seed + args.rank)
+
+
+def open_output_dir(args):
+    """Create and lock --output_dir (rank 0), remove temporary files of killed writes; one sentence on failure.
+    Returns a context manager that releases the lock (a no-op on other ranks)."""
+    lock = RunLock(args.output_dir)
+
+    def prepare() -> None:
+        ensure_writable_dir(args.output_dir)
+        lock.acquire()
+        remove_stale_tmp(args.output_dir)
+
+    on_main_then_share(prepare)
+    return lock if is_main_process() else contextlib.nullcontext()
+
+
+def settings(args) -> TrainSettings:
+    return TrainSettings(device=args.device, precision=args.precision, batch_size=args.batch_size,
+                         accum_iter=args.accum_iter, clip_grad=args.clip_grad, print_freq=args.print_freq,
+                         world_size=args.world_size, rank=args.rank, distributed=args.distributed, seed=args.seed,
+                         schedule=Schedule(lr=args.lr, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+                                           min_lr=args.min_lr))
+
+
+def train_loader(ds, args, what: str):
+    """(sampler, loader) of a training set: seeded per epoch, sharded over ranks, resumable mid-epoch."""
+    per_rank = len(ds) // ds.crops_per_volume // args.world_size * ds.crops_per_volume if len(ds) else 0
+    if per_rank < args.batch_size:
+        raise UserError(f"{what} has {len(ds) // ds.crops_per_volume} volumes x {ds.crops_per_volume} crops: fewer "
+                        f"than --batch_size {args.batch_size} per process x {args.world_size} processes; lower "
+                        f"--batch_size or raise --crops_per_volume.")
+    if args.device.startswith("cuda"):
+        ds.set_transport("uint16")  # cached volumes travel as stored, scaled on the GPU (util.transport)
+    sampler = EpochSampler(len(ds), args.rank, args.world_size, args.seed, group=ds.crops_per_volume)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
+                                         prefetch_factor=4 if args.num_workers else None,
+                                         worker_init_fn=worker_init if args.num_workers else None)
+    return sampler, loader
+
+
+def worker_init(_: int) -> None:
+    """Loader processes run torch single-threaded and share the cores between SimpleITK's threads."""
+    torch.set_num_threads(1)
+    limit_sitk_threads()
+
+
+def wrap_ddp(model, args):
+    if not args.distributed:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.startswith("cuda")
+                                                     else None)
+
+
+def grad_scaler(args) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda" if args.device.startswith("cuda") else "cpu", enabled=args.precision == "fp16")
+
+
+def step_control(args) -> StepControl:
+    return StepControl(args.device, args.save_every_minutes, args.save_every_steps,
+                       os.path.join(args.output_dir, "checkpoint-last.pth"))
+
+
+def args_record(args) -> dict:
+    """The flags of a run as plain data (what checkpoints store as 'args')."""
+    return plain({k: v for k, v in vars(args).items() if k != "explicit"})
+
+
+def recipe_of(args, extra: dict) -> dict:
+    """The values a resumed run must share with its checkpoint (RECIPE_FLAGS plus script-specific ones)."""
+    return plain({**{k: getattr(args, k) for k in RECIPE_FLAGS}, **extra})
+
+
+def save_checkpoint(path: str, model, optimizer, scaler, epoch: int, args, recipe: dict,
+                    progress: EpochProgress | None = None, **extra) -> None:
+    """Rank 0 writes {'model', 'optimizer', 'epoch', 'scaler', 'args', 'recipe', ...} atomically; every rank waits.
+
+    A mid-epoch checkpoint also records `progress` (micro-steps done, running loss, volumes seen)."""
+    if is_main_process():
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "scaler": scaler.state_dict(), "args": args_record(args), "recipe": recipe, **extra}
+        if progress is not None:
+            state["progress"] = vars(progress)
+        save_atomic(state, path)
+    barrier()
+
+
+def mid_epoch_saver(args, epoch: int, parts: tuple, **extra):
+    """The `checkpoint(progress)` callback of util.train_loop: a mid-epoch checkpoint-last.pth."""
+    model, optimizer, scaler = parts
+    path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    return lambda progress: save_checkpoint(path, model, optimizer, scaler, epoch, args, progress=progress, **extra)
+
+
+def _recipe_changes(saved: dict, current: dict) -> list[str]:
+    return [f"{k} {saved[k]} -> {current[k]}" for k in current if k in saved and saved[k] != current[k]]
+
+
+def load_resume(args, recipe: dict) -> tuple[str | None, dict]:
+    """The checkpoint to resume from (--resume auto/PATH/none) after the recipe check; (None, {}) for a fresh run."""
+    if args.resume in (None, "", "none"):
+        return None, {}
+    path, ckpt = find_resume(args.output_dir) if args.resume == "auto" else (args.resume, load_checkpoint(args.resume))
+    if path is None:
+        return None, {}
+    changes = _recipe_changes(ckpt.get("recipe") or {}, recipe)
+    if changes and not args.allow_recipe_change:
+        raise UserError(f"{path} was made with another recipe ({'; '.join(changes)}); pass --allow_recipe_change to "
+                        f"continue it anyway, --resume none to start over, or choose another --output_dir.")
+    if changes:
+        print(f"WARNING: resuming {path} with a changed recipe: {'; '.join(changes)}.")
+    return path, ckpt
+
+
+def restore(path: str, ckpt: dict, model, optimizer, scaler, what: str) -> tuple[int, EpochProgress | None]:
+    """Load model/optimizer/scaler state; returns (epoch to run, progress inside it or None)."""
+    try:
+        model.load_state_dict(state_dict_of(ckpt))
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:300]
+        raise UserError(f"{path} does not fit {what} ({first}); use another --output_dir or --resume none.") from None
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    progress = ckpt.get("progress")
+    if progress:
+        print(f"Resumed from {path} (epoch {ckpt['epoch']}, step {progress['step']}).")
+        return int(ckpt["epoch"]), EpochProgress(**progress)
+    print(f"Resumed from {path} (finished epoch {ckpt['epoch']}).")
+    return int(ckpt["epoch"]) + 1, None
+
+
+def begin_epoch(epoch: int, sampler, dataset, progress: EpochProgress | None, args) -> None:
+    """Point the sampler (at the resume step) and the dataset's augmentation at `epoch`."""
+    sampler.set_epoch(epoch, progress.step * args.batch_size if progress else 0)
+    dataset.set_epoch(epoch)

@@ -1,0 +1,102 @@
+"""What both `Custom3DDataset` classes share: preprocessing through the cache, per-(seed, epoch, index) random
+crops and flips, K crops per volume read, and the compact transport of cached volumes to the training device.
+
+Transport: by default items are float32 [1, D, H, W] in [0, 1]. The training scripts switch on
+`transport = "uint16"`: cached volumes then travel as their stored uint16 values (bit-cast to int16, which every
+device supports; half the bytes of float32) plus a flag for a flip of the innermost axis still to be done, and
+`util.transport.to_device` scales and flips them on the device, giving exactly the float32 numbers of the default.
+"""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.utils.data import Dataset
+
+from util.augment import Augment3D, center_crop_or_pad, random_crop
+from util.cache import VolumeCache, decode
+from util.preprocess import PreprocessConfig, load_cached
+from util.runtime import available_cpus
+from util.triple import to_3tuple
+
+TRANSPORTS = ("float32", "uint16")
+
+
+def limit_sitk_threads() -> None:
+    """Inside a DataLoader worker, share the cores between workers instead of oversubscribing them."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(max(1, available_cpus() // info.num_workers))
+
+
+class VolumeDataset(Dataset):
+    """Base of the datasets: `paths` (and optional `mask_paths`) preprocessed by `preprocess`, cropped to
+    `input_size`. Item i is crop i % K of volume i // K (K = crops_per_volume); a sampler that keeps the K
+    indices of a volume together (util.sampler.EpochSampler) makes each worker read the volume once."""
+
+    def __init__(self, input_size=256, train: bool = True, preprocess: PreprocessConfig | None = None,
+                 cache_dir: str | None = None, seed: int = 0, intensity_jitter: float = 0.0,
+                 crops_per_volume: int = 1) -> None:
+        self.input_size = to_3tuple(input_size, "Custom3DDataset input_size")
+        self.cfg = preprocess if preprocess is not None else PreprocessConfig(size=self.input_size)
+        self.train, self.seed, self.epoch = train, seed, 0
+        self.crops_per_volume = max(1, int(crops_per_volume)) if train else 1
+        self.cache = VolumeCache(cache_dir) if cache_dir else None
+        self.augment = Augment3D(intensity_jitter=intensity_jitter)
+        self.transport, self.fg_prob = "float32", 0.0
+        self.paths: list[str] = []
+        self.mask_paths: list[str] | None = None
+        self._last: tuple | None = None  # (volume index, image, mask) of the last volume read by this process
+
+    def __len__(self) -> int:
+        return len(self.paths) * self.crops_per_volume
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def set_transport(self, transport: str) -> None:
+        """'float32' (the contract: float32 items) or 'uint16' (cached volumes as stored; see the module doc)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}.")
+        if transport == "uint16" and self.augment.intensity_jitter > 0:
+            transport = "float32"  # jitter works on float images
+        self.transport = transport
+
+    def volume_index(self, index: int) -> int:
+        return index // self.crops_per_volume
+
+    def load(self, v: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Preprocessed (image, mask or None) of volume v, through the cache; uint16 when it came from it."""
+        if self._last is not None and self._last[0] == v:
+            return self._last[1], self._last[2]
+        mask_path = self.mask_paths[v] if self.mask_paths is not None else None
+        img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False)
+        if self.crops_per_volume > 1:
+            self._last = (v, img, mask)
+        return img, mask
+
+    def sample(self, index: int, img: np.ndarray, mask: np.ndarray | None = None, whole: bool = False
+               ) -> tuple[torch.Tensor, np.ndarray | None, bool]:
+        """Training: random crop + flips from np.random.default_rng([seed, epoch, index]); eval: centre crop/pad
+        (or the whole volume). Returns (image tensor [1, D, H, W], mask array or None, innermost flip deferred)."""
+        deferred = False
+        if self.train:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            arrays = random_crop([img] if mask is None else [img, mask], self.input_size, rng, fg_mask=mask,
+                                 fg_prob=self.fg_prob if mask is not None else 0.0)
+            defer = 2 if self.transport == "uint16" and arrays[0].dtype == np.uint16 else None
+            img, mask, deferred = self.augment.apply(arrays[0], arrays[1] if mask is not None else None, rng, defer)
+        elif not whole:
+            img = center_crop_or_pad(img, self.input_size, 0.0)
+            mask = None if mask is None else np.ascontiguousarray(center_crop_or_pad(mask, self.input_size, 0))
+        if img.dtype == np.uint16 and self.transport == "uint16":
+            x = torch.from_numpy(np.ascontiguousarray(img).view(np.int16))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(decode(img), dtype=np.float32))
+        return x[None], mask, deferred
+
+    def pack(self, x: torch.Tensor, target, deferred: bool) -> tuple:
+        """The item: (image, target), plus the deferred-flip flag in uint16 transport."""
+        if self.transport == "uint16":
+            return x, target, torch.tensor(deferred)
+        return x, target
