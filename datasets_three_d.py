@@ -36,6 +36,10 @@ class Custom3DDataset(VolumeDataset):
                  skip_bad: bool = False, intensity_jitter: float = 0.0, crops_per_volume: int = 1) -> None:
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
         self.table = read_path_table(data_path)
+        if skip_bad and cache_dir:  # rows main_cache.py could not preprocess, listed in <cache_dir>/failures.csv
+            from util.cache_fill import drop_known_failures
+
+            self.table = drop_known_failures(self.table, data_path, cache_dir, self.cfg.key())
         self.paths = list(self.table["Path"])
         self.skip_bad = skip_bad
         self.bad_files: list[str] = []

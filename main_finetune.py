@@ -169,9 +169,9 @@ def end_of_epoch(args, parts: tuple, metrics: dict, best: dict, epoch: int) -> d
     if improved:
         best = {"metric": args.best_metric, "value": metrics[args.best_metric], "epoch": epoch}
     model, optimizer, scaler, extra = parts
-    for name in (["checkpoint-best.pth"] if improved else []) + ["checkpoint-last.pth"]:
-        trainer.save_checkpoint(os.path.join(args.output_dir, name), model, optimizer, scaler, epoch, args,
-                                best=best, metrics=metrics, **extra)
+    names = (["checkpoint-best.pth"] if improved else []) + ["checkpoint-last.pth"]
+    trainer.save_checkpoint([os.path.join(args.output_dir, n) for n in names], model, optimizer, scaler, epoch, args,
+                            best=best, metrics=metrics, **extra)
     if metrics:
         print(f"epoch {epoch + 1}/{args.epochs}: val {args.best_metric} {metrics[args.best_metric]:.4f} "
               f"(best {best.get('value', float('nan')):.4f} at epoch {best.get('epoch', 0) + 1})")
@@ -201,8 +201,8 @@ def train(args, preprocess) -> None:
                                           nb_outputs=meta["nb_outputs"], global_pool=args.pool, linprobe=args.linprobe,
                                           finetune=args.finetune, preprocess=preprocess.to_dict()))
     path, ckpt = trainer.load_resume(args, recipe)
-    start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"this {args.model} {mode} model") \
-        if path else (0, None)
+    start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"this {args.model} {mode} model",
+                                              args.epochs) if path else (0, None)
     best = ckpt.get("best") or {}
     extra = dict(recipe=recipe, meta=meta, preprocess=preprocess.to_dict(), loss_weights=weights)
     control, tb = trainer.step_control(args), TBLogger(args.log_dir)
@@ -223,8 +223,11 @@ def train(args, preprocess) -> None:
                 tb.flush()
                 append_json_log(args.output_dir, stats)
             if control.stop_requested() and epoch + 1 < args.epochs:
+                trainer.flush()
                 control.stop(epoch, None)
+        trainer.flush()
     finally:
+        trainer.finish_writes()
         control.close()
         tb.close()
     if test_loader is not None:

@@ -95,11 +95,10 @@ def end_of_epoch(args, epoch, stats, parts, tb, shown, val) -> dict:
     """Checkpoints, the held-out score and the picture (every --vis_every epochs), TensorBoard and log.txt."""
     model, optimizer, scaler, recipe, preprocess = parts
     ckpt = dict(recipe=recipe, preprocess=preprocess.to_dict())
-    trainer.save_checkpoint(os.path.join(args.output_dir, "checkpoint-last.pth"), model, optimizer, scaler, epoch,
-                            args, **ckpt)
+    paths = [os.path.join(args.output_dir, "checkpoint-last.pth")]
     if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-        trainer.save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"), model, optimizer, scaler,
-                                epoch, args, **ckpt)
+        paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    trainer.save_checkpoint(paths, model, optimizer, scaler, epoch, args, **ckpt)
     if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
         title = f"epoch {epoch + 1}/{args.epochs}  train loss {stats['loss']:.4f}"
         if val is not None:
@@ -141,7 +140,7 @@ def pretrain(args) -> None:
                                           norm_pix_loss=args.norm_pix_loss, preprocess=preprocess.to_dict()))
     path, ckpt = trainer.load_resume(args, recipe)
     start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"--model {args.model} "
-                                            f"{tuple(args.input_size)}") if path else (0, None)
+                                            f"{tuple(args.input_size)}", args.epochs) if path else (0, None)
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {args.input_size}, "
           f"{len(dataset.paths)} volumes, effective batch {args.effective_batch}, lr {args.lr:.3g}, precision "
           f"{args.precision}, {args.world_size} process(es) x {args.num_workers} loader workers")
@@ -165,13 +164,16 @@ def pretrain(args) -> None:
                 stats["skipped_files"] = list(dataset.bad_files)
             end_of_epoch(args, epoch, stats, parts, tb, shown, val)
             if control.stop_requested() and epoch + 1 < args.epochs:
+                trainer.flush()
                 control.stop(epoch, None)
+        trainer.flush()
         if is_main_process():
             save_atomic({"model": model.state_dict(), "args": trainer.args_record(args),
                          "preprocess": preprocess.to_dict()}, os.path.join(args.output_dir, "mae_pretrained.pth"))
             print(f"Done in {time.time() - t_start:.0f}s. Wrote {os.path.join(args.output_dir, 'mae_pretrained.pth')} "
                   f"(weights), checkpoint-last.pth, log.txt" + (", reconstruction-*.png" if args.vis_every else ""))
     finally:
+        trainer.finish_writes()
         control.close()
         tb.close()
 

@@ -77,6 +77,83 @@ def test_torchrun_restarts_a_dead_worker_and_resumes(data, tmp_path):
                        timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert marker.exists()  # the worker really died once
-    assert "Resumed from" in r.stdout and "finished epoch 0" in r.stdout
+    assert "Resumed from" in r.stdout and "after epoch 1 of 3" in r.stdout
     assert load(out / "checkpoint-last.pth")["epoch"] == 2
     assert torch.isfinite(load(out / "mae_pretrained.pth")["model"]["cls_token"]).all()
+
+
+def test_sigterm_sigusr1_and_ctrl_c_write_a_mid_epoch_checkpoint_and_the_rerun_matches(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_pretrain_args(data, out, epochs=EPOCHS)
+    # the signal arrives during a step: that step and the next finish (the decision is read one step late),
+    # the position inside the epoch is saved, one line says so, and the documented exit status follows
+    for point, code, name in (("term@step:1:1", 75, "SIGTERM"), ("usr1@step:2:0", 75, "SIGUSR1"),
+                              ("int@step:2:2", 130, "Ctrl-C")):
+        r = run_script("main_pretrain.py", *args, env={"MAE3D_FAULT": point})
+        assert r.returncode == code, (point, r.returncode, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "KeyboardInterrupt" not in r.stderr
+        stop = [line for line in r.stderr.splitlines() if line.startswith("Stopped by")]
+        assert len(stop) == 1 and name in stop[0] and "checkpoint-last.pth" in stop[0], r.stderr[-2000:]
+        ckpt = load(out / "checkpoint-last.pth")
+        epoch, step = int(point.split(":")[1]), int(point.split(":")[2])
+        assert ckpt["epoch"] == epoch and ckpt["progress"]["step"] == step + 1, (point, ckpt["epoch"], ckpt["progress"])
+    r = run_script("main_pretrain.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"Resumed from {out / 'checkpoint-last.pth'} (epoch 3/{EPOCHS}, step 3)" in r.stdout
+    assert state_dicts_equal(load(out / "mae_pretrained.pth")["model"], reference)
+
+
+def test_mid_epoch_checkpoints_by_steps_survive_sigkill_anywhere(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_pretrain_args(data, out, epochs=EPOCHS, save_every_steps=1)
+    for point in ("step:0:3", "step:1:2", "save_mid:checkpoint-last.pth", "step:3:1"):
+        r = run_script("main_pretrain.py", *args, env={"MAE3D_FAULT": point})
+        assert r.returncode == -9, (point, r.stderr[-2000:])
+        assert (out / ".run.lock").exists()  # left by the killed run: it must not block the restart
+        if point == "step:1:2":  # checkpoints are written in the background, one at a time: the write after
+            ckpt = load(out / "checkpoint-last.pth")  # step 0 was on disk before the one after step 1 began
+            assert ckpt["epoch"] == 1 and ckpt["progress"]["step"] in (1, 2), ckpt.get("progress")
+    r = run_script("main_pretrain.py", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Resumed from" in r.stdout
+    assert state_dicts_equal(load(out / "mae_pretrained.pth")["model"], reference)
+
+
+def _torchrun(args, env=None, restarts=0):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", str(ROOT / "main_pretrain.py"), *map(str, args)]
+    return subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})), capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_torchrun_mid_epoch_kill_restart_and_sigterm_end_with_the_uninterrupted_weights(tmp_path_factory, tmp_path):
+    root = tmp_path_factory.mktemp("kill16")
+    data = make_demo_data(str(root / "demo_data"), n_pretrain=16, n_labeled=8, seed=3)["pretrain"]
+    ref = tmp_path / "ref"
+    r = _torchrun(tiny_pretrain_args(data, ref, epochs=3))  # 16 volumes, 2 ranks x batch 2: 4 steps per epoch
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    out = tmp_path / "run"
+    args = tiny_pretrain_args(data, out, epochs=3, save_every_steps=1)
+    r = _torchrun(args, {"MAE3D_FAULT": "step:0:3", "MAE3D_FAULT_RANK": "1"})  # rank 1 dies: the job stops
+    assert r.returncode != 0 and load(out / "checkpoint-last.pth")["progress"]["step"] in (2, 3)
+    marker = tmp_path / "fired"  # a worker dies inside epoch 1; torchrun restarts both, they resume mid-epoch
+    r = _torchrun(args, {"MAE3D_FAULT": "step:1:3", "MAE3D_FAULT_RANK": "0", "MAE3D_FAULT_ONCE": str(marker)}, 1)
+    assert r.returncode == 0 and marker.exists(), r.stdout[-2000:] + r.stderr[-3000:]
+    assert "(epoch 1/3, step" in r.stdout and "(epoch 2/3, step" in r.stdout
+    assert state_dicts_equal(load(out / "mae_pretrained.pth")["model"], load(ref / "mae_pretrained.pth")["model"])
+    # SIGTERM to the torchrun agent (as SLURM sends it): it forwards it, every worker stops at the same step
+    out2 = tmp_path / "run2"
+    args2 = tiny_pretrain_args(data, out2, epochs=3, save_every_steps=2)
+    r = _torchrun(args2, {"MAE3D_FAULT": "term-parent@step:1:1", "MAE3D_FAULT_RANK": "0"})
+    assert r.returncode != 0 and "Stopped by SIGTERM" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    ckpt = load(out2 / "checkpoint-last.pth")
+    assert ckpt["epoch"] == 1 and ckpt["progress"]["step"] == 3
+    r = _torchrun(args2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert state_dicts_equal(load(out2 / "mae_pretrained.pth")["model"], load(ref / "mae_pretrained.pth")["model"])

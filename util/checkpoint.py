@@ -99,18 +99,20 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def save(self, state: dict, path: str | os.PathLike, background: bool = True) -> None:
+    def save(self, state: dict, paths: list, background: bool = True) -> None:
+        """Copy `state` to the CPU, then write it to every path in `paths` (in order), in the background."""
         self.wait()
         state = snapshot(state)
         if not background:
-            save_atomic(state, path)
-            return
-        self._thread = threading.Thread(target=self._write, args=(state, path), name="checkpoint-writer")
+            self._write(state, paths)
+            return self.wait()
+        self._thread = threading.Thread(target=self._write, args=(state, paths), name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, state: dict, path) -> None:
+    def _write(self, state: dict, paths: list) -> None:
         try:
-            save_atomic(state, path)
+            for path in paths:
+                save_atomic(state, path)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
 

@@ -33,8 +33,8 @@ class StepControl:
     """Decides, at optimizer-step boundaries, when to write a mid-epoch checkpoint and when to stop."""
 
     def __init__(self, device: str, save_every_minutes: float = 0.0, save_every_steps: int = 0,
-                 checkpoint_path: str = "checkpoint-last.pth") -> None:
-        self.device, self.minutes, self.steps = device, save_every_minutes, save_every_steps
+                 checkpoint_path: str = "checkpoint-last.pth", epochs: int = 0) -> None:
+        self.device, self.minutes, self.steps, self.epochs = device, save_every_minutes, save_every_steps, epochs
         self.checkpoint_path = checkpoint_path
         self.signal: str | None = None
         self.last_save = time.monotonic()
@@ -89,7 +89,8 @@ class StepControl:
     def stop(self, epoch: int, steps_done: int | None) -> None:
         """Raise Preempted with the one line to print."""
         name = self.signal or "SIGTERM"
-        where = f"epoch {epoch} step {steps_done}" if steps_done else f"the end of epoch {epoch}"
+        where = (f"epoch {epoch + 1}/{self.epochs}, step {steps_done}" if steps_done
+                 else f"the end of epoch {epoch + 1}/{self.epochs}")
         raise Preempted(f"Stopped by {'Ctrl-C' if name == 'SIGINT' else name} at {where}; checkpoint written to "
                         f"{self.checkpoint_path}; rerun the same command to resume.",
                         EXIT_INTERRUPTED if name == "SIGINT" else EXIT_PREEMPTED)

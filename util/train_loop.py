@@ -68,7 +68,8 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
     gradients once per optimizer step. Loss and grad norm reach the host only every print_freq steps.
     `batch_ids(batch) -> list[int]` records which samples this rank saw; `describe(batch)` names a batch's files.
     `control` (util.preempt.StepControl) decides after each optimizer step whether to write a mid-epoch checkpoint
-    (`checkpoint(progress)`) and whether to stop (then util.preempt.Preempted is raised after the checkpoint).
+    (`checkpoint(progress, final)`, final=True when stopping: it must be on disk when it returns) and whether to
+    stop (then util.preempt.Preempted is raised after the checkpoint).
     """
     model.train()
     device, n_steps = s.device, len(loader) + (start.step if start else 0)
@@ -109,7 +110,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
             if save or stop:
                 _check_finite(pending, epoch, describe)
                 checkpoint(EpochProgress(it + 1, all_reduce_mean(loss_sum, device), count,
-                                         _gathered(seen) if batch_ids is not None else []))
+                                         _gathered(seen) if batch_ids is not None else []), stop)
                 control.saved()
             if stop:
                 control.stop(epoch, it + 1)

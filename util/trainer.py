@@ -9,7 +9,7 @@ import torch
 
 from util import args as cli_args
 from util.atomic import ensure_writable_dir, remove_stale_tmp
-from util.checkpoint import find_resume, load_checkpoint, plain, save_atomic, state_dict_of
+from util.checkpoint import CheckpointWriter, find_resume, load_checkpoint, plain, state_dict_of
 from util.distributed import barrier, init_distributed_mode, is_main_process, on_main_then_share
 from util.errors import UserError
 from util.lr_sched import Schedule
@@ -22,6 +22,7 @@ from util.volume_dataset import limit_sitk_threads
 
 # flags that define a run's recipe: resuming with other values is refused unless --allow_recipe_change
 RECIPE_FLAGS = ("model", "input_size", "patch_size", "seed", "lr", "effective_batch")
+WRITER = CheckpointWriter()  # this process's background checkpoint writer
 
 
 def start(args) -> None:
@@ -97,7 +98,7 @@ def grad_scaler(args) -> torch.amp.GradScaler:
 
 def step_control(args) -> StepControl:
     return StepControl(args.device, args.save_every_minutes, args.save_every_steps,
-                       os.path.join(args.output_dir, "checkpoint-last.pth"))
+                       os.path.join(args.output_dir, "checkpoint-last.pth"), args.epochs)
 
 
 def args_record(args) -> dict:
@@ -110,17 +111,35 @@ def recipe_of(args, extra: dict) -> dict:
     return plain({**{k: getattr(args, k) for k in RECIPE_FLAGS}, **extra})
 
 
-def save_checkpoint(path: str, model, optimizer, scaler, epoch: int, args, recipe: dict,
-                    progress: EpochProgress | None = None, **extra) -> None:
-    """Rank 0 writes {'model', 'optimizer', 'epoch', 'scaler', 'args', 'recipe', ...} atomically; every rank waits.
+def save_checkpoint(paths: list[str], model, optimizer, scaler, epoch: int, args, recipe: dict,
+                    progress: EpochProgress | None = None, background: bool = True, **extra) -> None:
+    """Rank 0 writes {'model', 'optimizer', 'epoch', 'scaler', 'args', 'recipe', ...} to every path, atomically.
 
-    A mid-epoch checkpoint also records `progress` (micro-steps done, running loss, volumes seen)."""
+    The state is copied to the CPU here (every rank waits for that); the files are written by a background
+    thread while training goes on (`flush` waits for them). A mid-epoch checkpoint also records `progress`
+    (micro-steps done, running loss, volumes seen)."""
     if is_main_process():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                  "scaler": scaler.state_dict(), "args": args_record(args), "recipe": recipe, **extra}
         if progress is not None:
             state["progress"] = vars(progress)
-        save_atomic(state, path)
+        WRITER.save(state, paths, background)
+    barrier()
+
+
+def finish_writes() -> None:
+    """For `finally` blocks: let a pending checkpoint write finish (this process only, no collective); a failure
+    is printed, since another error is already on its way."""
+    try:
+        WRITER.wait()
+    except (OSError, RuntimeError) as e:
+        print(f"WARNING: {e}", flush=True)
+
+
+def flush() -> None:
+    """Wait until every checkpoint is on disk (rank 0 writes; every rank waits), raising a failed write's error."""
+    if is_main_process():
+        WRITER.wait()
     barrier()
 
 
@@ -128,7 +147,11 @@ def mid_epoch_saver(args, epoch: int, parts: tuple, **extra):
     """The `checkpoint(progress)` callback of util.train_loop: a mid-epoch checkpoint-last.pth."""
     model, optimizer, scaler = parts
     path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    return lambda progress: save_checkpoint(path, model, optimizer, scaler, epoch, args, progress=progress, **extra)
+
+    def save(progress: EpochProgress, final: bool) -> None:
+        save_checkpoint([path], model, optimizer, scaler, epoch, args, progress=progress, background=not final,
+                        **extra)
+    return save
 
 
 def _recipe_changes(saved: dict, current: dict) -> list[str]:
@@ -151,7 +174,7 @@ def load_resume(args, recipe: dict) -> tuple[str | None, dict]:
     return path, ckpt
 
 
-def restore(path: str, ckpt: dict, model, optimizer, scaler, what: str) -> tuple[int, EpochProgress | None]:
+def restore(path: str, ckpt: dict, model, optimizer, scaler, what: str, epochs: int) -> tuple[int, EpochProgress | None]:
     """Load model/optimizer/scaler state; returns (epoch to run, progress inside it or None)."""
     try:
         model.load_state_dict(state_dict_of(ckpt))
@@ -163,9 +186,9 @@ def restore(path: str, ckpt: dict, model, optimizer, scaler, what: str) -> tuple
         scaler.load_state_dict(ckpt["scaler"])
     progress = ckpt.get("progress")
     if progress:
-        print(f"Resumed from {path} (epoch {ckpt['epoch']}, step {progress['step']}).")
+        print(f"Resumed from {path} (epoch {ckpt['epoch'] + 1}/{epochs}, step {progress['step']}).")
         return int(ckpt["epoch"]), EpochProgress(**progress)
-    print(f"Resumed from {path} (finished epoch {ckpt['epoch']}).")
+    print(f"Resumed from {path} (after epoch {ckpt['epoch'] + 1} of {epochs}).")
     return int(ckpt["epoch"]) + 1, None
 
 

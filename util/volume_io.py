@@ -101,6 +101,8 @@ def _read_dicom_series(path: str) -> sitk.Image:
     files = max(series, key=len)
     if len(series) > 1:
         warnings.warn(f"{path}: holds {len(series)} DICOM series; using the largest ({len(files)} files).")
+    if len(files) == 1:  # one multi-frame file (Enhanced CT): the file holds the whole volume
+        return _read_file(files[0])
     head = sitk.ImageFileReader()
     head.SetFileName(files[0])
     try:
@@ -122,6 +124,10 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise VolumeError(f"{path}: file not found.")
     if os.path.isdir(path):
         return _read_dicom_series(path)
+    return _read_file(path)
+
+
+def _read_file(path: str) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
