@@ -139,7 +139,7 @@ def build_model(args, meta: dict):
         name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
         setattr(dyn, name, max(getattr(dyn, name), 4 * len(vit.blocks)))
         for blk in vit.blocks:
-            blk.compile()
+            blk.compile(dynamic=False)  # static shapes: one graph per (block, sequence length)
     return model
 
 

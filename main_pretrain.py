@@ -87,7 +87,7 @@ def build_model(args):
     model.to(args.device)
     if args.compile:
         for blk in list(model.blocks) + list(model.decoder_blocks):
-            blk.compile()
+            blk.compile(dynamic=False)  # static shapes: one graph per (block, sequence length)
     return model
 
 

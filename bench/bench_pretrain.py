@@ -33,7 +33,7 @@ from bench.baseline_mae3d import baseline_from  # noqa: E402
 from util.runtime import autocast, torch_threads  # noqa: E402
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 
-DEFAULT_CONFIGS = "large:256:8,large:256:32,base:160:32"
+DEFAULT_CONFIGS = "large:256:8,large:256:32"
 QUICK_CONFIGS = "tiny:32:2:8"
 QUICK_MODEL_KW = dict(depth=2, decoder_depth=1)  # ViT-Ti widths, 2 encoder + 1 decoder blocks
 VARIANTS = ("baseline", "eager", "compile", "compile_ckpt", "fp8")
@@ -155,8 +155,8 @@ def build(cfg: Config, variant: str, args, device: torch.device) -> torch.nn.Mod
         apply_fp8(model)
     if variant in COMPILED:
         torch._dynamo.reset()  # every compiled variant pays (and reports) its own compile time
-        for blk in [*model.blocks, *model.decoder_blocks]:  # as main_pretrain.py --compile
-            blk.compile(backend=args.compile_backend, dynamic=False if args.static_shapes else None)
+        for blk in [*model.blocks, *model.decoder_blocks]:  # as main_pretrain.py --compile (static shapes)
+            blk.compile(backend=args.compile_backend, dynamic=None if args.dynamic_shapes else False)
     if variant == "compile_ckpt":
         model.set_grad_checkpointing(True)
     return model
@@ -261,10 +261,9 @@ def reference_checks(cfg: Config, args, device: torch.device) -> dict:
         out["tflop_per_vol"] = count_flops(model, cfg, args, device) / 1e12
         out["baseline_executed_tflop_per_vol"] = count_flops(base, cfg, args, device) / 1e12
         out.update(compare_losses(model, base, cfg, args, device))
-    except Exception as e:  # noqa: BLE001
-        if not is_oom(e):
-            raise
-        out["note"] = "OOM during FLOP count / loss check"
+    except Exception as e:  # noqa: BLE001 - reported, and the timing rows still run
+        out["note"] = ("OOM during FLOP count / loss check" if is_oom(e) else
+                       f"reference check failed ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
     release(device)
     return out
 
@@ -320,7 +319,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask_ratio", type=float, default=0.75)
     p.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; "
                                                            "aot_eager with --quick on CPU)")
-    p.add_argument("--static_shapes", action="store_true", help="blk.compile(dynamic=False) instead of the default")
+    p.add_argument("--dynamic_shapes", action="store_true", help="blk.compile(dynamic=None) (Dynamo may mark sequence "
+                                                                 "lengths dynamic) instead of static shapes")
+    p.add_argument("--budget_s", type=float, default=None, help="skip the rows that would end after this many seconds "
+                                                                "(estimated from the rows measured so far)")
     p.add_argument("--matmul_size", type=int, default=None, help="n of the n^3 peak matmul (default 8192; 256 quick)")
     p.add_argument("--peak_tflops", type=float, default=None, help="MFU denominator instead of the measured peak "
                                                                    "(e.g. 989 for the H100 SXM bf16 datasheet)")
@@ -372,9 +374,13 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{args.precision} matmul peak: {measured:.4g} TFLOP/s measured (n={args.matmul_size}); MFU denominator "
           f"{peak:.4g} TFLOP/s" + (" (CPU smoke run: throughput and MFU are not meaningful)" if device.type == "cpu"
                                    else ""), flush=True)
-    refs, rows = {}, []
+    refs, rows, t0 = {}, [], time.perf_counter()
+    result = dict(device=describe(device), torch=torch.__version__, precision=args.precision,
+                  matmul_peak_tflops_measured=measured, mfu_peak_tflops=peak, references=[], results=rows,
+                  args=vars(args))
     for cfg in configs:
         ref = refs[cfg.name] = reference_checks(cfg, args, device)
+        result["references"] = list(refs.values())
         if "loss_ours" in ref:
             print(f"[{cfg.name}] loss ours {ref['loss_ours']:.6f} baseline {ref['loss_baseline']:.6f} max abs diff "
                   f"{ref['loss_abs_diff']:.2e} (pred max abs diff {ref['pred_max_abs_diff']:.2e}, same mask "
@@ -384,22 +390,39 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"[{cfg.name}] {ref['note']}", flush=True)
         for variant in variants:
-            rows.append(run_variant(cfg, variant, args, device))
+            if over_budget(args, rows, t0):
+                rows.append(dict(config=cfg.name, variant=variant, batch=cfg.batch, status="skipped",
+                                 note=f"--budget_s {args.budget_s:g} reached"))
+            else:
+                rows.append(run_variant(cfg, variant, args, device))
             r = rows[-1]
+            r["elapsed_s"] = time.perf_counter() - t0
             print(f"[{cfg.name}] {variant:<12} batch {r['batch']:>3}: {r['status']} "
                   f"{_f(r.get('step_ms'), '.1f')} ms/step, warm-up {_f(r.get('warmup_s'), '.1f')} s {r['note']}",
                   flush=True)
-    add_derived(rows, refs, peak)
+            add_derived(rows, refs, peak)
+            write_json(args.json, result)  # a run cut short keeps every row it measured
     print()
     print(format_table(rows))
-    result = dict(device=describe(device), torch=torch.__version__, precision=args.precision,
-                  matmul_peak_tflops_measured=measured, mfu_peak_tflops=peak, references=list(refs.values()),
-                  results=rows, args=vars(args))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"results written to {args.json}")
     return result
+
+
+def over_budget(args, rows: list[dict], t0: float) -> bool:
+    """True when the next row would probably end after --budget_s (the longest row so far as the estimate)."""
+    if not args.budget_s:
+        return False
+    spent = [r["elapsed_s"] - (rows[i - 1]["elapsed_s"] if i else 0.0) for i, r in enumerate(rows)]
+    return time.perf_counter() - t0 + (max(spent) if spent else 0.0) > args.budget_s
+
+
+def write_json(path: str | None, result: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -186,3 +186,26 @@ def test_segmentation_mask_values_beyond_nb_classes_are_reported(table, tmp_path
         ds[0]
     four = fine.Custom3DDataset(str(tmp_path / "seg.csv"), input_size=8, task="segmentation", nb_classes=4)
     assert four[0][1].max() == 3
+
+
+def test_uint16_transport_gives_the_float32_items_exactly(table, tmp_path):
+    from torch.utils.data import default_collate
+
+    from util.transport import to_device
+
+    kw = dict(input_size=(8, 12, 16), preprocess=PreprocessConfig(size=(10, 20, 20)), cache_dir=str(tmp_path / "c"),
+              seed=3)
+    for ds in (Custom3DDataset(str(table), **kw), fine.Custom3DDataset(str(table), task="segmentation", **kw)):
+        flips = 0
+        for epoch in range(4):
+            ds.set_epoch(epoch)
+            for i in range(len(ds)):
+                ds.set_transport("float32")
+                want_x, want_y = ds[i]
+                ds.set_transport("uint16")
+                item = ds[i]
+                assert item[0].dtype == torch.int16 and item[0].numel() * 2 == want_x.numel() * 2
+                x, y = to_device(default_collate([item]), "cpu", flip_target=ds.mask_paths is not None)
+                assert torch.equal(x[0], want_x) and torch.equal(y[0], torch.as_tensor(want_y))
+                flips += bool(item[2])
+        assert 0 < flips < 16  # the innermost flip was deferred to the device for some items, not all

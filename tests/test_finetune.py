@@ -277,3 +277,23 @@ def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
     head.eval()
     acc = ((head(feats).squeeze(1) > 0).float() == labels).float().mean().item()
     assert acc > 0.9, acc
+
+
+def test_segmentation_on_one_labelled_ct_takes_a_batch_of_crops_from_one_read(shared_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    import util.preprocess
+
+    ct, liver = shared_data / "ircadb01" / "ct.nii.gz", shared_data / "ircadb01" / "mask_liver.nii.gz"
+    pd.DataFrame({"Path": [str(ct)], "Mask": [str(liver)]}).to_csv(tmp_path / "one.csv", index=False)
+    base = ["--task", "segmentation", "--train_csv", str(tmp_path / "one.csv"), "--model", "vit_tiny_patch16",
+            "--input_size", "32", "--spacing", "6", "6", "6", "--feature_size", "8", "--epochs", "2",
+            "--warmup_epochs", "0", "--num_workers", "0", "--device", "cpu", "--output_dir", str(tmp_path / "seg")]
+    with pytest.raises(SystemExit):  # the default batch of 8 from 1 volume: one sentence says what to do
+        main_finetune.cli_main(base)
+    assert "--crops_per_volume" in capsys.readouterr().err
+    reads, real = [], util.preprocess.read_image
+    monkeypatch.setattr(util.preprocess, "read_image", lambda p: reads.append(str(p)) or real(p))
+    main_finetune.cli_main([*base, "--crops_per_volume", "8"])
+    lines = log_lines(tmp_path / "seg")
+    assert [x["epoch"] for x in lines] == [0, 1] and all(x["train_loss"] > 0 for x in lines)
+    assert reads.count(str(ct)) == 1 and reads.count(str(liver)) == 1  # 16 crops, one read of image and mask

@@ -112,3 +112,20 @@ def test_non_finite_loss_stops_with_batch_paths_and_keeps_checkpoint(demo, tmp_p
     after = load(out / "checkpoint-last.pth")["model"]
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_demo_preset_sends_every_output_to_the_typed_output_dir(tmp_path, monkeypatch, capsys):
+    import functools
+
+    import main_pretrain
+    import util.demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(util.demo, "make_demo_data",
+                        functools.partial(util.demo.make_demo_data, n_pretrain=4, n_labeled=8, seed=1))
+    main_pretrain.cli_main(["--epochs", "1", "--input_size", "32", "--num_workers", "0", "--output_dir", "mine",
+                            "--batch_size", "2", "--vis_every", "1"])
+    out = capsys.readouterr().out
+    assert "demo preset" in out and "tensorboard --logdir mine" in out
+    assert list((tmp_path / "mine").glob("events.out.tfevents.*")) and (tmp_path / "mine" / "log.txt").exists()
+    assert not (tmp_path / "output_dir").exists()  # nothing went to the preset's folder

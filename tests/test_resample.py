@@ -206,3 +206,18 @@ def test_gpu_matches_cpu(images):
     cpu = sitk.GetArrayFromImage(resample_centered(img, size, spacing, "bspline", DEFAULT))
     gpu = sitk.GetArrayFromImage(resample_centered(img, size, spacing, "bspline", DEFAULT, device="cuda"))
     np.testing.assert_allclose(gpu, cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("interpolator,tol_hu", [("bspline", 2e-3), ("linear", 1e-5)])
+def test_preprocessing_the_stored_int16_ct_matches_the_simpleitk_path(shared_data, interpolator, tol_hu):
+    """preprocess_image resamples straight from the stored int16 (no cast); the result is SimpleITK's."""
+    from util.preprocess import PreprocessConfig, preprocess_image
+
+    ct = sitk.ReadImage(str(shared_data / "ircadb01" / "ct.nii.gz"))[100:356, 120:376, 20:100]
+    assert ct.GetPixelID() == sitk.sitkInt16
+    for cfg in (PreprocessConfig(size=(40, 96, 96), interpolator=interpolator),
+                PreprocessConfig(size=(48, 160, 160), spacing=(2.0, 1.5, 1.5), interpolator=interpolator)):
+        ours, ref = preprocess_image(ct, cfg)
+        theirs, ref2 = preprocess_image(ct, cfg, backend="sitk")
+        assert ours.shape == theirs.shape and ref.GetSize() == ref2.GetSize() and ref.GetOrigin() == ref2.GetOrigin()
+        assert np.abs(ours - theirs).max() * 2000 <= tol_hu  # [0, 1] over a 2000 HU window

@@ -10,7 +10,11 @@ from util.triple import to_3tuple
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default and keeps the examples' line breaks."""
+    """--help shows every flag's default (unless its help already says it) and keeps the examples' line breaks."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def make_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:

@@ -66,18 +66,25 @@ def center_crop_or_pad(array: np.ndarray, size: Sequence[int], pad_value: float 
     return a[tuple(slice(b, b + s) for b, s in zip(start, size))]
 
 
+def foreground_index(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Flat indices of the foreground voxels of `mask` padded as `random_crop` pads it (compute once per volume)."""
+    return np.flatnonzero(pad_to(mask, size, 0) > 0)
+
+
 def random_crop(arrays: Sequence[np.ndarray], size: Sequence[int], rng: np.random.Generator,
-                fg_mask: np.ndarray | None = None, fg_prob: float = 0.0) -> list[np.ndarray]:
+                fg_mask: np.ndarray | None = None, fg_prob: float = 0.0,
+                fg: np.ndarray | None = None) -> list[np.ndarray]:
     """Same random `size` crop of every [D, H, W] array (padded with 0 first when smaller); views when possible.
 
-    With probability fg_prob (and a non-empty fg_mask) the crop contains a random foreground voxel.
+    With probability fg_prob (and a non-empty fg_mask) the crop contains a random foreground voxel; `fg` may
+    pass `foreground_index(fg_mask, size)` computed earlier (the K crops of one volume share it).
     """
     arrays = [pad_to(a, size, 0) for a in arrays]
     shape = arrays[0].shape
     hi = [n - s for n, s in zip(shape, size)]
     start = [int(rng.integers(0, h + 1)) for h in hi]
     if fg_mask is not None and fg_prob > 0 and rng.random() < fg_prob:
-        fg = np.flatnonzero(pad_to(fg_mask, size, 0) > 0)
+        fg = foreground_index(fg_mask, size) if fg is None else fg
         if fg.size:
             c = np.unravel_index(fg[rng.integers(fg.size)], shape)
             start = [int(rng.integers(max(0, ci - s + 1), min(ci, h) + 1)) for ci, s, h in zip(c, size, hi)]

@@ -32,12 +32,16 @@ def file_stamp(path: str | os.PathLike) -> str:
     return p + "|" + hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def encode(array: np.ndarray) -> np.ndarray:
-    """Array -> stored form: [0, 1] floats -> uint16, integers -> smallest fitting int type, other floats -> f32."""
+def encode(array: np.ndarray, unit_range: bool = False) -> np.ndarray:
+    """Array -> stored form: [0, 1] floats -> uint16, integers -> smallest fitting int type, other floats -> f32.
+
+    unit_range=True: the caller guarantees floats in [0, 1] (a windowed image), so the range is not checked.
+    """
     a = np.asarray(array)
     if a.dtype.kind == "f":
-        if a.size and 0.0 <= float(a.min()) and float(a.max()) <= 1.0:
-            return np.rint(a * np.float32(QMAX)).astype(np.uint16)
+        if unit_range or (a.size and 0.0 <= float(a.min()) and float(a.max()) <= 1.0):
+            scaled = np.multiply(a, np.float32(QMAX), dtype=np.float32)
+            return np.rint(scaled, out=scaled).astype(np.uint16)
         return a.astype(np.float32)
     if a.dtype == np.bool_ or a.size == 0:
         return a.astype(np.uint8)

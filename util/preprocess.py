@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from util.cache import VolumeCache, encode
-from util.resample import SITK_INTERPOLATORS, resample_centered
+from util.resample import SITK_INTERPOLATORS, resample_centered, resample_centered_array
 from util.triple import optional_3tuple
 from util.volume_io import VolumeError, read_image
 
@@ -95,25 +95,39 @@ def target_grid(img: sitk.Image, cfg: PreprocessConfig) -> tuple[tuple[int, ...]
     return tuple(int(v) for v in n1), tuple(float(v) for v in s1)
 
 
-def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image>") -> tuple[np.ndarray, sitk.Image]:
+def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image>",
+                     backend: str = "auto") -> tuple[np.ndarray, sitk.Image]:
     """Reorient -> resample -> window -> scale. Returns float32 [D, H, W] in [0, 1] and the reference grid.
 
-    The reference is the resampled float32 HU image (its geometry is what `preprocess_mask` and
-    `to_input_grid` need). `name` (the file path) starts error messages.
+    The reference is an image on the preprocessed grid: its geometry is what `preprocess_mask` and `to_input_grid`
+    need (its voxels are not the image's). `name` (the file path) starts error messages. backend: "auto" uses the
+    separable resampler of util.resample where it applies, "sitk" always SimpleITK (the reference).
     """
     img = reorient(img, cfg.orientation)
     if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
             raise VolumeError(f"{name}: contains NaN or infinite voxels; expected finite HU values.")
-    if img.GetPixelID() != sitk.sitkFloat32:
-        img = sitk.Cast(img, sitk.sitkFloat32)
     size, spacing = target_grid(img, cfg)
     lo, hi = cfg.window
+    done = None
     if size != img.GetSize() or not np.allclose(spacing, img.GetSpacing(), rtol=1e-6, atol=0):
-        img = resample_centered(img, size, spacing, cfg.interpolator, lo, sitk.sitkFloat32)
-    arr = (sitk.GetArrayViewFromImage(img) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+        if backend == "auto":  # straight from the stored pixel type into float32 [D, H, W]
+            done = resample_centered_array(img, size, spacing, cfg.interpolator, lo)
+        if done is None:
+            img = resample_centered(_float32(img), size, spacing, cfg.interpolator, lo, sitk.sitkFloat32,
+                                    backend="sitk")
+    if done is None:
+        img = _float32(img)
+        done = sitk.GetArrayFromImage(img), img
+    arr, ref = done
+    arr -= np.float32(lo)  # in place: the window and the scale to [0, 1]
+    arr *= np.float32(1.0 / (hi - lo))
     np.clip(arr, 0.0, 1.0, out=arr)
-    return arr.astype(np.float32, copy=False), img
+    return arr, ref
+
+
+def _float32(img: sitk.Image) -> sitk.Image:
+    return img if img.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, sitk.sitkFloat32)
 
 
 def _physical_box(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +198,7 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
     out = load_volume_and_mask(path, mask_path, cfg) if mask_path else (load_volume(path, cfg), None)
     if cache is None:
         return out
-    stored = [encode(a) for a in out[:len(keys)]]
+    stored = [encode(a, unit_range=k == 0) for k, a in enumerate(out[:len(keys)])]  # image in [0, 1], then mask
     for k, a in zip(keys, stored):
         cache.put(k, a, encoded=True)
     if decoded:

@@ -195,14 +195,53 @@ def _with_geometry(obj: sitk.Image | sitk.ResampleImageFilter, geometry: dict,
     return obj
 
 
+REAL_PIXELS = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32, sitk.sitkUInt32,
+               sitk.sitkFloat32, sitk.sitkFloat64)
+
+
+def _centered_grid(img: sitk.Image, size_xyz, spacing_xyz) -> tuple[np.ndarray, dict]:
+    """(offset of output voxel 0 from input voxel 0 along the image axes in mm, output geometry)."""
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    n0, s0 = np.array(img.GetSize(), float), np.array(img.GetSpacing())
+    n1, s1 = np.array(size_xyz, float), np.array(spacing_xyz, float)
+    offset = (n0 * s0 - n1 * s1) / 2 + (s1 - s0) / 2
+    return offset, {"Spacing": s1.tolist(), "Origin": (np.array(img.GetOrigin()) + d @ offset).tolist(),
+                    "Direction": img.GetDirection()}
+
+
+def resample_centered_array(img: sitk.Image, size_xyz: Sequence[int], spacing_xyz: Sequence[float],
+                            interpolator: str, default_value: float = 0.0,
+                            device: str | torch.device | None = None) -> tuple[np.ndarray, sitk.Image] | None:
+    """`resample_centered` to float32 through the separable path, without building the output image.
+
+    Returns (float32 [D', H', W'], a uint8 image with the output grid's geometry, its voxels unused), or None when
+    the separable path does not apply (interpolator not bspline/linear, non-scalar pixels, a 2-voxel axis for
+    B-spline, or an output grid whose edge rows ITK itself decides differently along the other axes). Integer
+    inputs are exact: ITK interpolates every pixel type in double precision.
+    """
+    if interpolator not in SEPARABLE_KINDS or img.GetPixelID() not in REAL_PIXELS:
+        return None
+    if interpolator == "bspline" and 2 in img.GetSize():  # ITK's B-spline mirror then reads outside the axis
+        return None
+    offset, geometry = _centered_grid(img, size_xyz, spacing_xyz)
+    n1, s0, s1 = np.array(size_xyz, float), np.array(img.GetSpacing()), np.array(spacing_xyz, float)
+    ref = _with_geometry(sitk.Image([int(v) for v in size_xyz], sitk.sitkUInt8), geometry)
+    inside = _itk_inside(img, ref, n1, [(offset[k] + np.arange(int(n1[k])) * s1[k]) / s0[k] for k in range(3)])
+    if inside is None:
+        return None
+    arr = resample_separable(sitk.GetArrayViewFromImage(img), s0[::-1], n1[::-1].astype(int), s1[::-1],
+                             offset[::-1], interpolator, default_value, inside[::-1], device)
+    return arr, ref
+
+
 def resample_centered(img: sitk.Image, size_xyz: Sequence[int], spacing_xyz: Sequence[float],
                       interpolator: str | int, default_value: float = 0.0, pixel_type: int | None = None,
                       backend: str = "auto", device: str | torch.device | None = None) -> sitk.Image:
     """Resample onto a grid of `size_xyz` x `spacing_xyz` (same direction) centred on the volume's physical box.
 
     When size * spacing equals the input's extent, the physical box (voxel corners) is exactly preserved.
-    The result is SimpleITK's ResampleImageFilter's (identity transform); "bspline" and "linear" on a float32
-    image with float32 output run through `resample_separable`, everything else through SimpleITK.
+    The result is SimpleITK's ResampleImageFilter's (identity transform); "bspline" and "linear" to a float32
+    output run through `resample_separable` (see `resample_centered_array`), everything else through SimpleITK.
 
     Args:
         img: 3D input image; size_xyz, spacing_xyz: output size and spacing (mm), sitk order x, y, z.
@@ -218,22 +257,14 @@ def resample_centered(img: sitk.Image, size_xyz: Sequence[int], spacing_xyz: Seq
     if name not in SITK_INTERPOLATORS or backend not in ("auto", "sitk"):
         raise ValueError(f"resample_centered: interpolator must be one of {sorted(SITK_INTERPOLATORS)} and backend "
                          f"'auto' or 'sitk', got {interpolator!r} and {backend!r}.")
-    d = np.array(img.GetDirection()).reshape(3, 3)
-    n0, s0 = np.array(img.GetSize(), float), np.array(img.GetSpacing())
-    n1, s1 = np.array(size_xyz, float), np.array(spacing_xyz, float)
-    offset = (n0 * s0 - n1 * s1) / 2 + (s1 - s0) / 2
-    origin, out_type = np.array(img.GetOrigin()) + d @ offset, img.GetPixelID() if pixel_type is None else pixel_type
-    geometry = {"Spacing": s1.tolist(), "Origin": origin.tolist(), "Direction": img.GetDirection()}
-    # N = 2 is left to ITK: its B-spline mirror then reads a coefficient outside the axis (not separable)
-    if (backend == "auto" and name in SEPARABLE_KINDS and img.GetPixelID() == out_type == sitk.sitkFloat32
-            and not (name == "bspline" and 2 in img.GetSize())):
-        ref = _with_geometry(sitk.Image([1, 1, 1], sitk.sitkUInt8), geometry)
-        inside = _itk_inside(img, ref, n1, [(offset[k] + np.arange(int(n1[k])) * s1[k]) / s0[k] for k in range(3)])
-        if inside is not None:
-            arr = resample_separable(sitk.GetArrayViewFromImage(img), s0[::-1], n1[::-1].astype(int), s1[::-1],
-                                     offset[::-1], name, default_value, inside[::-1], device)
-            return _with_geometry(sitk.GetImageFromArray(arr), geometry)
-    f = _with_geometry(sitk.ResampleImageFilter(), geometry, "SetOutput")
+    out_type = img.GetPixelID() if pixel_type is None else pixel_type
+    if backend == "auto" and out_type == sitk.sitkFloat32:
+        done = resample_centered_array(img, size_xyz, spacing_xyz, name, default_value, device)
+        if done is not None:
+            out = sitk.GetImageFromArray(done[0])
+            out.CopyInformation(done[1])
+            return out
+    f = _with_geometry(sitk.ResampleImageFilter(), _centered_grid(img, size_xyz, spacing_xyz)[1], "SetOutput")
     f.SetSize([int(v) for v in size_xyz])
     f.SetInterpolator(SITK_INTERPOLATORS[name])
     f.SetDefaultPixelValue(float(default_value))

@@ -64,14 +64,15 @@ def settings(args) -> TrainSettings:
 
 def train_loader(ds, args, what: str):
     """(sampler, loader) of a training set: seeded per epoch, sharded over ranks, resumable mid-epoch."""
-    per_rank = len(ds) // ds.crops_per_volume // args.world_size * ds.crops_per_volume if len(ds) else 0
+    k = getattr(ds, "crops_per_volume", 1)  # a user's dataset may not have this
+    per_rank = len(ds) // k // args.world_size * k
     if per_rank < args.batch_size:
-        raise UserError(f"{what} has {len(ds) // ds.crops_per_volume} volumes x {ds.crops_per_volume} crops: fewer "
+        raise UserError(f"{what} has {len(ds) // k} volumes x {k} crops: fewer "
                         f"than --batch_size {args.batch_size} per process x {args.world_size} processes; lower "
                         f"--batch_size or raise --crops_per_volume.")
-    if args.device.startswith("cuda"):
-        ds.set_transport("uint16")  # cached volumes travel as stored, scaled on the GPU (util.transport)
-    sampler = EpochSampler(len(ds), args.rank, args.world_size, args.seed, group=ds.crops_per_volume)
+    if hasattr(ds, "set_transport"):  # a user's own dataset may only give float32 items (the contract)
+        ds.set_transport("uint16")  # cached volumes travel as stored, scaled on the device (util.transport)
+    sampler = EpochSampler(len(ds), args.rank, args.world_size, args.seed, group=k)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
                                          prefetch_factor=4 if args.num_workers else None,

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
-from util.augment import Augment3D, center_crop_or_pad, random_crop
+from util.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
 from util.cache import VolumeCache, decode
 from util.preprocess import PreprocessConfig, load_cached
 from util.runtime import available_cpus
@@ -75,6 +75,14 @@ class VolumeDataset(Dataset):
             self._last = (v, img, mask)
         return img, mask
 
+    def _foreground(self, mask: np.ndarray | None) -> np.ndarray | None:
+        """Foreground indices of the remembered volume's mask (None: computed by random_crop when needed)."""
+        if mask is None or self._last is None or self._last[2] is not mask or self.fg_prob <= 0:
+            return None
+        if len(self._last) == 3:
+            self._last = (*self._last, foreground_index(mask, self.input_size))
+        return self._last[3]
+
     def sample(self, index: int, img: np.ndarray, mask: np.ndarray | None = None, whole: bool = False
                ) -> tuple[torch.Tensor, np.ndarray | None, bool]:
         """Training: random crop + flips from np.random.default_rng([seed, epoch, index]); eval: centre crop/pad
@@ -83,7 +91,7 @@ class VolumeDataset(Dataset):
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             arrays = random_crop([img] if mask is None else [img, mask], self.input_size, rng, fg_mask=mask,
-                                 fg_prob=self.fg_prob if mask is not None else 0.0)
+                                 fg_prob=self.fg_prob if mask is not None else 0.0, fg=self._foreground(mask))
             defer = 2 if self.transport == "uint16" and arrays[0].dtype == np.uint16 else None
             img, mask, deferred = self.augment.apply(arrays[0], arrays[1] if mask is not None else None, rng, defer)
         elif not whole:
