@@ -23,6 +23,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from util.atomic import write_text  # noqa: E402
+
 import models_mae3d  # noqa: E402
 from util.checkpoint import CheckpointWriter, save_atomic  # noqa: E402
 
@@ -80,8 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  background writer: training stalls {rng(r['stall_s'])} (copy to CPU), file on disk after "
           f"{rng(r['background_total_s'])}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(r, f, indent=1)
+        write_text(args.json, json.dumps(r, indent=1))
     return r
 
 

@@ -31,6 +31,8 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
+from util.atomic import write_text  # noqa: E402
+
 from datasets_three_d import Custom3DDataset  # noqa: E402
 from util.cache import VolumeCache  # noqa: E402
 from util.preprocess import PreprocessConfig, cache_keys, preprocess_image  # noqa: E402
@@ -167,8 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{cached['workers_needed_float32']:.1f} -> {cached['workers_needed_uint16']:.1f} worker cores")
     result = {"source": source, "size": args.size, "first_pass": fp, "cached": cached}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_text(args.json, json.dumps(result, indent=1))
     return result
 
 
