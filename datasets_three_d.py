@@ -35,7 +35,7 @@ class Custom3DDataset(VolumeDataset):
                  preprocess: PreprocessConfig | None = None, cache_dir: str | None = None, seed: int = 0,
                  skip_bad: bool = False, intensity_jitter: float = 0.0, crops_per_volume: int = 1) -> None:
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
-        self.table = read_path_table(data_path)
+        self.table = read_path_table(data_path, check_exists=not skip_bad)  # skip_bad: missing files are bad files
         if skip_bad and cache_dir:  # rows main_cache.py could not preprocess, listed in <cache_dir>/failures.csv
             from util.cache_fill import drop_known_failures
 

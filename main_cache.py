@@ -83,7 +83,7 @@ def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:
         print(f"Removed {removed} temporary files left by an interrupted run.")
     per_volume = f", {result.work_seconds / result.done:.1f} s per new volume in a worker" if result.done else ""
     print(f"Cache {args.cache_dir}: {result.done} done (newly cached), {result.cached} already cached, "
-          f"{len(result.failed)} failed, {result.bytes / 2 ** 30:.3f} GiB written, {time.time() - started:.1f} s "
+          f"{len(result.failed)} failed, {result.bytes / 2 ** 30:.3f} GiB ({result.bytes:,} bytes) written, {time.time() - started:.1f} s "
           f"({args.world_size} process{'es' if args.world_size > 1 else ''} x {args.workers} workers{per_volume}).")
     if result.failed:
         first = result.failed[min(result.failed)][0]

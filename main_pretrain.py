@@ -71,7 +71,7 @@ def build_data(args, preprocess):
                          intensity_jitter=args.intensity_jitter, crops_per_volume=args.crops_per_volume)
     sampler, loader = trainer.train_loader(ds, args, args.data_path)
     shown = Custom3DDataset(args.val_path or args.data_path, input_size=args.input_size, train=False,
-                            preprocess=preprocess, cache_dir=args.cache_dir)
+                            preprocess=preprocess, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
     val = None
     if args.val_path:
         val = torch.utils.data.DataLoader(shown, batch_size=args.batch_size, num_workers=0,

@@ -101,7 +101,7 @@ def test_disk_full_while_checkpointing_stops_and_keeps_previous_checkpoint(corpu
 
 def test_skip_bad_trains_past_broken_volumes_and_lists_them(corpus, tmp_path, capsys):
     root, files, goods = corpus
-    bad = [files[k] for k in ("truncated", "not_an_image", "2d", "nan", "one_slice")]
+    bad = [files[k] for k in ("truncated", "not_an_image", "2d", "nan", "one_slice", "missing")]
     data = write_csv(root / "mixed.csv", "Path", [str(p) for p in [*goods, *bad]])
     out = tmp_path / "run"
     r = pretrain(data, out, capsys, skip_bad=True)

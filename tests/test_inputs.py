@@ -76,3 +76,10 @@ def test_a_bad_mask_reads_the_same_with_or_without_loader_workers(folder, tmp_pa
     assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
     assert err[0] == f"error: {tmp_path / 'm.nii.gz'}: holds label values 7..7; expected 0..1 (pass nb_classes to " \
                      f"the dataset, --nb_classes to the script)."
+
+
+def test_home_relative_paths_resolve_the_same_in_training_and_prediction(folder, monkeypatch):
+    monkeypatch.setenv("HOME", str(folder))
+    (folder / "home.csv").write_text("Path,Label\n" + "\n".join(f"~/patiënt/v{k}.nii.gz,{k % 2}" for k in range(4)))
+    train = list(read_path_table(folder / "home.csv", ("Path", "Label"))["Path"])
+    assert train[0] == str(folder / "patiënt" / "v0.nii.gz") and read_input_table(str(folder / "home.csv"))[1] == train

@@ -50,7 +50,7 @@ def test_corrupt_last_checkpoint_falls_back_to_newest_numbered(data, reference, 
     r = run_script("main_pretrain.py", *args, env={"MAE3D_FAULT": "step:3:0"})
     assert r.returncode == -9
     last = out / "checkpoint-last.pth"
-    assert load(last)["epoch"] == 2
+    assert load(last)["epoch"] in (1, 2)  # epoch 2's file may still have been in its background write
     last.write_bytes(last.read_bytes()[:1000])  # torn file, as after a disk failure
     r = run_script("main_pretrain.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]

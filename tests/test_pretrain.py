@@ -24,6 +24,8 @@ def test_demo_run_without_data_path_writes_checkpoint_logs_and_picture(tmp_path)
     out = tmp_path / "output_dir" / "demo_pretrain"
     ckpt = load(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 1 and isinstance(ckpt["args"], dict)
+    assert all(isinstance(v, (str, int, float, bool, list, type(None))) for v in ckpt["args"].values())  # plain data
+    assert "preprocess" not in ckpt["args"]  # the config lives in ckpt["preprocess"] as a dict, not as a repr string
     assert ckpt["args"]["model"] == "mae_vit_tiny_patch16" and ckpt["args"]["input_size"] == [32, 32, 32]
     assert ckpt["preprocess"]["window"] == [-1200.0, 800.0]
     weights = load(out / "mae_pretrained.pth")

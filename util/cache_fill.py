@@ -12,7 +12,6 @@ pretraining's --skip_bad.
 from __future__ import annotations
 
 import csv
-import ctypes
 import datetime
 import glob
 import io
@@ -144,15 +143,14 @@ def fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
         return {"status": "done", "bytes": _entry_bytes(cache, missing), "seconds": time.perf_counter() - t0}
     except ROW_ERRORS as e:
         error = _reason(e, row)
-    if not row.mask or error.startswith(row.path + ":") and not error.startswith(row.mask + ":"):
+    if not row.mask or not error.startswith(row.mask + ":"):
         return {"status": "failed", "part": "image", "error": error}
-    try:  # the label map (or something unattributed) failed: is the image alone fine?
+    try:  # the label map failed: cache the image alone
         load_cached(row.path, cfg, cache, None, decoded=False)
     except ROW_ERRORS as e:
         return {"status": "failed", "part": "image", "error": _reason(e, row)}
-    if not error.startswith(row.mask + ":"):
-        error = f"{row.mask}: {error.removeprefix(row.path + ': ')}"
-    return {"status": "failed", "part": "mask", "error": error, "bytes": _entry_bytes(cache, missing[:1])}
+    image_keys = [k for k in missing if k[2] == "image"]
+    return {"status": "failed", "part": "mask", "error": error, "bytes": _entry_bytes(cache, image_keys)}
 
 
 # ---- worker processes -------------------------------------------------------------------------------------------
@@ -169,18 +167,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker watchdog: exit within a second of the parent's death (a killed fill leaves no busy orphans).
+
+    Not PR_SET_PDEATHSIG: it fires when the *thread* that forked the worker ends, and the pool forks replacement
+    workers from a helper thread that ends at shutdown, killing idle workers that hold the pool's queue lock.
+    """
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
 def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, parent: int) -> None:
-    """Pool initializer: one thread, ignore Ctrl-C (the parent stops the pool), die with the parent, claim a slot
+    """Pool initializer: one thread, ignore Ctrl-C (the parent stops the pool), exit with the parent, claim a slot
     of `busy` ([pid, row] pairs through which the parent learns which row a killed worker was on)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     slot = -1
     with busy.get_lock():
         for s in range(len(busy) // 2):

@@ -25,7 +25,8 @@ def where(line: int) -> str:
 
 
 def _decode(data_path: str) -> tuple[str, str]:
-    raw = open(data_path, "rb").read()
+    with open(data_path, "rb") as f:
+        raw = f.read()
     try:
         return raw.decode("utf-8-sig"), "utf-8"
     except UnicodeDecodeError as e:
@@ -110,10 +111,12 @@ def resolve_paths(df: pd.DataFrame, column: str, data_path: str, check_exists: b
     return out
 
 
-def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Path",)) -> pd.DataFrame:
+def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Path",),
+                    check_exists: bool = True) -> pd.DataFrame:
     """`read_csv_table` checked for `required` columns, with its Path (and Mask) columns resolved to existing
     absolute paths (`path` / `mask` headers are renamed to Path / Mask) and numeric columns as numbers (an empty
-    cell is NaN there; columns with text stay text)."""
+    cell is NaN there; columns with text stay text). check_exists=False: missing files and empty cells are left
+    for the reader to report (training with --skip_bad skips and lists them)."""
     data_path = os.path.abspath(os.fspath(data_path))
     df = read_csv_table(data_path)
     df = df.rename(columns={find_column(df, c): c for c in PATH_COLUMNS if find_column(df, c)})
@@ -124,7 +127,7 @@ def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Pa
     if len(df) == 0:
         raise ValueError(f"{data_path}: has no data rows; expected one row per volume.")
     for col in [c for c in PATH_COLUMNS if c in required]:
-        df[col] = resolve_paths(df, col, data_path)
+        df[col] = resolve_paths(df, col, data_path, check_exists)
     for col in [c for c in df.columns if c not in PATH_COLUMNS]:  # numeric columns as numbers, empty cells NaN
         text = df[col].str.strip()
         num = pd.to_numeric(text.replace("", np.nan), errors="coerce")
