@@ -120,3 +120,22 @@ def test_config_and_variant_flags_are_parsed_and_bad_ones_refused():
     assert bench_pretrain.parse_variants("eager,compile", fp8=True) == ["eager", "compile", "fp8"]
     with pytest.raises(SystemExit, match="subset"):
         bench_pretrain.parse_variants("eager,turbo", fp8=False)
+
+
+def test_a_failing_reference_check_is_reported_and_the_json_follows_every_row(monkeypatch, tmp_path, capsys):
+    def broken(*a, **k):
+        raise RuntimeError("flop counter broke")
+
+    monkeypatch.setattr(bench_pretrain, "count_flops", broken)
+    out = tmp_path / "b.json"
+    seen = []
+    real_write = bench_pretrain.write_json
+    monkeypatch.setattr(bench_pretrain, "write_json",
+                        lambda path, result: (seen.append(len(result["results"])), real_write(path, result)))
+    res = bench_pretrain.main(["--quick", "--device", "cpu", "--variants", "eager,baseline", "--json", str(out)])
+    assert "reference check failed (RuntimeError: flop counter broke)" in res["references"][0]["note"]
+    assert [r["status"] for r in res["results"]] == ["ok", "ok"] and seen == [1, 2]
+    assert json.loads(out.read_text())["results"][1]["variant"] == "baseline"
+    budget = bench_pretrain.main(["--quick", "--device", "cpu", "--variants", "eager,baseline", "--budget_s", "1e-3"])
+    assert [r["status"] for r in budget["results"]] == ["skipped", "skipped"]
+    assert "--budget_s" in budget["results"][0]["note"]
