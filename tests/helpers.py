@@ -69,23 +69,28 @@ def save_tiny_mae(path: Path, size=64, prefix="module.") -> Path:
     return path
 
 
-def run_in_process(script: str, *args, capsys) -> SimpleNamespace:
+def run_in_process(script: str, *args, env: dict | None = None) -> SimpleNamespace:
     """Run a script's `cli_main(args)` in this process (no interpreter start-up), like `run_script`: returns
-    returncode, stdout and stderr (warnings included, one per line)."""
+    returncode, stdout and stderr (warnings included, one per line). `env` is set for the call only."""
     import contextlib
     import importlib
+    import io
     import warnings
 
     module = importlib.import_module(script.removesuffix(".py"))
-    capsys.readouterr()
-    code = 0
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            with contextlib.suppress(KeyboardInterrupt):
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    old = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            try:
                 code = module.cli_main([str(a) for a in args]) or 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     notes = "".join(f"{type(w.message).__name__}: {w.message}\n" for w in caught)
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err + notes)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue() + notes)

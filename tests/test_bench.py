@@ -93,7 +93,7 @@ def test_quick_benchmark_runs_on_cpu_and_reports_every_variant(tmp_path):
     assert "max abs diff" in r.stdout and "OK" in r.stdout
 
 
-def test_out_of_memory_marks_the_row_and_the_run_goes_on(monkeypatch, capsys):
+def test_out_of_memory_marks_the_row_and_the_run_goes_on(monkeypatch):
     def boom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
@@ -122,7 +122,7 @@ def test_config_and_variant_flags_are_parsed_and_bad_ones_refused():
         bench_pretrain.parse_variants("eager,turbo", fp8=False)
 
 
-def test_a_failing_reference_check_is_reported_and_the_json_follows_every_row(monkeypatch, tmp_path, capsys):
+def test_a_failing_reference_check_is_reported_and_the_json_follows_every_row(monkeypatch, tmp_path):
     def broken(*a, **k):
         raise RuntimeError("flop counter broke")
 

@@ -47,11 +47,11 @@ def corpus(shared_data, tmp_path_factory) -> dict:
     return {"root": root, "bad": bad, "good": good, "bad_mask": bad_mask, "n_rows": len(rows)}
 
 
-def fill(corpus, cache: Path, *flags, capsys=None, **kw):
-    """main_cache.py on all.csv at 32^3: in this process with `capsys`, else as a subprocess (kw: torchrun, env)."""
+def fill(corpus, cache: Path, *flags, here: bool = False, **kw):
+    """main_cache.py on all.csv at 32^3: in this process (here=True), else as a subprocess (kw: torchrun, env)."""
     args = ["--csv", corpus["root"] / "all.csv", "--cache_dir", cache, "--input_size", SIZE, *flags]
-    if capsys is not None:
-        return run_in_process("main_cache.py", *args, capsys=capsys)
+    if here:
+        return run_in_process("main_cache.py", *args)
     return run_script("main_cache.py", *args, **kw)
 
 
@@ -108,8 +108,8 @@ def test_one_worker_fill_caches_the_good_rows_and_lists_the_bad(corpus, referenc
     assert stored[0].shape == stored[1].shape == (SIZE,) * 3 and set(np.unique(stored[1])) == {0, 1}
 
 
-def test_two_workers_and_two_torchrun_ranks_write_the_same_cache(corpus, reference, tmp_path, capsys):
-    r = fill(corpus, tmp_path / "two", "--workers", 2, capsys=capsys)
+def test_two_workers_and_two_torchrun_ranks_write_the_same_cache(corpus, reference, tmp_path):
+    r = fill(corpus, tmp_path / "two", "--workers", 2, here=True)
     assert r.returncode == 2 and counts(r)[:3] == counts(reference["run"])[:3], r.stderr[-3000:]
     t = fill(corpus, tmp_path / "ranks", torchrun=2)
     assert t.returncode != 0 and "2 processes x 1 workers" in t.stdout, t.stderr[-3000:]  # torchrun: exit 1
@@ -119,17 +119,17 @@ def test_two_workers_and_two_torchrun_ranks_write_the_same_cache(corpus, referen
         assert failures(cache) == reference["failures"]
 
 
-def test_rerun_reports_everything_cached_and_writes_nothing(corpus, reference, tmp_path, capsys):
+def test_rerun_reports_everything_cached_and_writes_nothing(corpus, reference, tmp_path):
     cache = tmp_path / "copy"
     shutil.copytree(reference["cache"], cache)
     stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
-    r = fill(corpus, cache, "--workers", 2, capsys=capsys)
+    r = fill(corpus, cache, "--workers", 2, here=True)
     assert r.returncode == 2 and counts(r) == (0, len(corpus["good"]), len(corpus["bad"]) + 1, 0), r.stdout
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == stamps
     assert entries(cache) == reference["entries"] and failures(cache) == reference["failures"]
 
 
-def test_killed_fill_restarted_completes_the_same_cache(corpus, reference, tmp_path, capsys):
+def test_killed_fill_restarted_completes_the_same_cache(corpus, reference, tmp_path):
     cache = tmp_path / "killed"
     r = fill(corpus, cache, "--workers", 1, env={"MAE3D_FAULT": "cache:row:3"})
     assert r.returncode == -9, r.stderr[-3000:]
@@ -140,26 +140,26 @@ def test_killed_fill_restarted_completes_the_same_cache(corpus, reference, tmp_p
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"\x93NUMPY half")
     os.utime(stale, (time.time() - 60, time.time() - 60))
-    r = fill(corpus, cache, "--workers", 2, capsys=capsys)
+    r = fill(corpus, cache, "--workers", 2, here=True)
     assert r.returncode == 2 and counts(r)[1] >= 1 and re.search(r"Removed \d+ temporary files", r.stdout), r.stdout
     assert entries(cache) == reference["entries"] and failures(cache) == reference["failures"]
     assert all(np.load(p).shape == (SIZE,) * 3 for p in cache.rglob("*.npy"))
     assert not list(cache.rglob(".tmp-*"))
 
 
-def test_killed_worker_fails_only_its_row_and_a_rerun_clears_it(corpus, tmp_path, capsys, monkeypatch):
+def test_killed_worker_fails_only_its_row_and_a_rerun_clears_it(corpus, tmp_path, monkeypatch):
     ts = [str(p) for p, _ in corpus["good"][1:3]]
     (tmp_path / "ts.csv").write_text("Path\n" + "\n".join(ts) + "\n")
     cache, args = tmp_path / "c", ["--csv", tmp_path / "ts.csv", "--cache_dir", tmp_path / "c", "--input_size", SIZE]
     monkeypatch.setenv("MAE3D_FAULT", "cache:worker:1")  # the worker preprocessing row 1 is SIGKILLed (OOM)
-    r = run_in_process("main_cache.py", *args, "--workers", 2, capsys=capsys)
+    r = run_in_process("main_cache.py", *args, "--workers", 2)
     assert r.returncode == 2 and counts(r)[:3] == (1, 0, 1), r.stdout + r.stderr
     (row,) = failures(cache)
     assert row["Path"] == ts[1] and "worker process preprocessing it was killed" in row["error"]
     with open(cache / "failures.csv", "a") as f:  # a failure under other settings must survive the rewrite
         f.write(f"{ts[1]},,0123456789abcdef,{ts[1]}: failed under other settings.\n")
     monkeypatch.delenv("MAE3D_FAULT")
-    r = run_in_process("main_cache.py", *args, capsys=capsys)
+    r = run_in_process("main_cache.py", *args)
     assert r.returncode == 0 and counts(r)[:3] == (1, 1, 0), r.stdout + r.stderr
     assert [f["key"] for f in failures(cache)] == ["0123456789abcdef"]
 
@@ -182,20 +182,20 @@ def test_training_dataset_reads_only_the_cache_after_a_fill(corpus, reference, m
     assert all(ds[i][0].shape == (1, SIZE, SIZE, SIZE) for i in range(len(ds))) and reads == []
 
 
-def test_checkpoint_preprocessing_is_used(corpus, tmp_path, capsys):
+def test_checkpoint_preprocessing_is_used(corpus, tmp_path):
     sm = str(corpus["good"][2][0])
     (tmp_path / "sm.csv").write_text(f"Path\n{sm}\n")
     saved = PreprocessConfig(size=(16, 24, 24), window=(-1000.0, 400.0), interpolator="linear")
     torch.save({"model": {}, "preprocess": saved.to_dict()}, tmp_path / "ckpt.pth")
     r = run_in_process("main_cache.py", "--csv", tmp_path / "sm.csv", "--cache_dir", tmp_path / "c",
-                       "--from_checkpoint", tmp_path / "ckpt.pth", capsys=capsys)
+                       "--from_checkpoint", tmp_path / "ckpt.pth")
     assert r.returncode == 0 and saved.key() in r.stdout, r.stdout + r.stderr
     stored = np.load(VolumeCache(tmp_path / "c").path(cache_keys(sm, saved)[0]))
     assert stored.shape == (16, 24, 24) and np.array_equal(stored, encode(load_volume(sm, saved)))
 
 
 @pytest.mark.parametrize("case", ["missing_csv", "no_path_column", "no_cache_dir", "no_preprocess_in_ckpt"])
-def test_bad_input_ends_with_one_error_line(case, tmp_path, capsys):
+def test_bad_input_ends_with_one_error_line(case, tmp_path):
     table = tmp_path / "t.csv"
     table.write_text("Image,Label\na.nii.gz,1\n")
     args = ["--csv", tmp_path / "nope.csv" if case == "missing_csv" else table, "--cache_dir", tmp_path / "c"]
@@ -206,7 +206,7 @@ def test_bad_input_ends_with_one_error_line(case, tmp_path, capsys):
     if case == "no_preprocess_in_ckpt":
         torch.save({"model": {}}, tmp_path / "ckpt.pth")
         args += ["--from_checkpoint", tmp_path / "ckpt.pth"]
-    r = run_in_process("main_cache.py", *args, capsys=capsys)
+    r = run_in_process("main_cache.py", *args)
     # util/path_table.py's open(...).read() leaves a ResourceWarning, shown in-process only (hidden in a real run)
     lines = [s for s in r.stderr.splitlines() if s.strip() and not s.startswith("ResourceWarning")]
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], lines

@@ -70,19 +70,18 @@ def test_the_original_training_dict_with_a_namespace_loads_with_weights_only(cas
 
 @pytest.mark.parametrize("init", ["original_mae.pth", "encoder_only.pth", "encoder_only_ddp.pth", "state_dict.pth",
                                   "model_state.pth"])
-def test_every_pretrained_form_finetunes(cases, tmp_path, capsys, init):
+def test_every_pretrained_form_finetunes(cases, tmp_path, init):
     root, mae, _ = cases
-    r = run_in_process("main_finetune.py", *finetune_args(root, init, tmp_path / "ft"), capsys=capsys)
+    r = run_in_process("main_finetune.py", *finetune_args(root, init, tmp_path / "ft"))
     assert r.returncode == 0, r.stderr[-2000:]
     sd = load(tmp_path / "ft" / "checkpoint-last.pth")["model"]
     assert "Loaded 147 tensors" in r.stdout  # 12 blocks x 12 + patch embedding (2) + cls (avg pool drops norm)
     assert not torch.equal(sd["blocks.0.attn.qkv.weight"], torch.zeros_like(sd["blocks.0.attn.qkv.weight"]))
 
 
-def test_linear_probe_and_embeddings_from_encoder_only_and_original_files(cases, tmp_path, capsys):
+def test_linear_probe_and_embeddings_from_encoder_only_and_original_files(cases, tmp_path):
     root, mae, _ = cases
-    r = run_in_process("main_finetune.py", *finetune_args(root, "encoder_only_ddp.pth", tmp_path / "lp", "--linprobe"),
-                       capsys=capsys)
+    r = run_in_process("main_finetune.py", *finetune_args(root, "encoder_only_ddp.pth", tmp_path / "lp", "--linprobe"))
     assert r.returncode == 0, r.stderr[-2000:]
     lp = load(tmp_path / "lp" / "checkpoint-last.pth")["model"]
     assert torch.equal(lp["blocks.5.mlp.fc1.weight"], mae.state_dict()["blocks.5.mlp.fc1.weight"])  # frozen
@@ -90,17 +89,17 @@ def test_linear_probe_and_embeddings_from_encoder_only_and_original_files(cases,
     for init in ("original_mae.pth", "encoder_only.pth"):  # args['input_size'] is one int in the original dict
         out = tmp_path / f"{init}.npy"
         r = run_in_process("main_predict.py", "--input_csv", root / "cases.csv", "--embeddings", out, "--finetune",
-                           root / init, "--device", "cpu", "--num_workers", 0, capsys=capsys)
+                           root / init, "--device", "cpu", "--num_workers", 0)
         assert r.returncode == 0, r.stderr[-2000:]
         embs.append(np.load(out))
     assert embs[0].shape == (6, 192) and np.allclose(embs[0], embs[1], atol=1e-5) and embs[0].std(0).mean() > 0
 
 
-def test_the_original_finetuned_classifier_predicts_probabilities(cases, tmp_path, capsys):
+def test_the_original_finetuned_classifier_predicts_probabilities(cases, tmp_path):
     root, _, clf = cases
     out = tmp_path / "pred.csv"
     r = run_in_process("main_predict.py", "--input_csv", root / "cases.csv", "--output_csv", out, "--finetune",
-                       root / "best_model_loss.pth", "--device", "cpu", "--num_workers", 0, capsys=capsys)
+                       root / "best_model_loss.pth", "--device", "cpu", "--num_workers", 0)
     assert r.returncode == 0, r.stderr[-2000:]
     df = pd.read_csv(out)
     probs = df[["prob_0", "prob_1", "prob_2"]].to_numpy()
@@ -114,9 +113,9 @@ def test_the_original_finetuned_classifier_predicts_probabilities(cases, tmp_pat
     assert list(df["pred"].astype(str)) == [str(k) for k in probs.argmax(1)]
 
 
-def test_an_encoder_with_fewer_blocks_stops_with_one_sentence(cases, tmp_path, capsys):
+def test_an_encoder_with_fewer_blocks_stops_with_one_sentence(cases, tmp_path):
     root, _, _ = cases
-    r = run_in_process("main_finetune.py", *finetune_args(root, "two_blocks.pth", tmp_path / "x"), capsys=capsys)
+    r = run_in_process("main_finetune.py", *finetune_args(root, "two_blocks.pth", tmp_path / "x"))
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
     assert "two_blocks.pth" in err[0] and "2 blocks" in err[0] and "12" in err[0]

@@ -46,23 +46,23 @@ def assert_one_sentence(r, *needles):
     return err[0]
 
 
-def pretrain(data, out, capsys, **kw):
-    return run_in_process("main_pretrain.py", *tiny_pretrain_args(data, out, epochs=1, size=16, **kw), capsys=capsys)
+def pretrain(data, out, **kw):
+    return run_in_process("main_pretrain.py", *tiny_pretrain_args(data, out, epochs=1, size=16, **kw))
 
 
-def test_pretraining_bad_csvs_and_files(corpus, outdir, capsys):
+def test_pretraining_bad_csvs_and_files(corpus, outdir):
     root, files, goods = corpus
     before = digest(outdir)
     empty = write_csv(root / "empty.csv", "", [])
     no_path = write_csv(root / "no_path.csv", "File,Label", [f"{goods[0]},1"])
     missing = write_csv(root / "missing.csv", "Path", [str(goods[0]), str(files["missing"])])
     truncated = write_csv(root / "trunc.csv", "Path", [str(goods[0]), str(files["truncated"])] + [str(g) for g in goods])
-    assert_one_sentence(pretrain(empty, outdir, capsys), "empty.csv")
-    assert_one_sentence(pretrain(no_path, outdir, capsys), "no_path.csv", "Path")
-    assert_one_sentence(pretrain(missing, outdir, capsys), "does_not_exist.nii.gz", "3")
-    assert_one_sentence(pretrain(truncated, outdir, capsys, batch_size=1), "checkpoint-last.pth", "does not fit")
+    assert_one_sentence(pretrain(empty, outdir), "empty.csv")
+    assert_one_sentence(pretrain(no_path, outdir), "no_path.csv", "Path")
+    assert_one_sentence(pretrain(missing, outdir), "does_not_exist.nii.gz", "3")
+    assert_one_sentence(pretrain(truncated, outdir, batch_size=1), "checkpoint-last.pth", "does not fit")
     assert digest(outdir) == before
-    r = pretrain(truncated, outdir.parent / "fresh", capsys, batch_size=1)
+    r = pretrain(truncated, outdir.parent / "fresh", batch_size=1)
     assert_one_sentence(r, "truncated.nii.gz")
     assert "1 duplicated paths" in r.stderr
 
@@ -99,19 +99,19 @@ def test_disk_full_while_checkpointing_stops_and_keeps_previous_checkpoint(corpu
         subprocess.run(["umount", str(disk)])
 
 
-def test_skip_bad_trains_past_broken_volumes_and_lists_them(corpus, tmp_path, capsys):
+def test_skip_bad_trains_past_broken_volumes_and_lists_them(corpus, tmp_path):
     root, files, goods = corpus
     bad = [files[k] for k in ("truncated", "not_an_image", "2d", "nan", "one_slice", "missing")]
     data = write_csv(root / "mixed.csv", "Path", [str(p) for p in [*goods, *bad]])
     out = tmp_path / "run"
-    r = pretrain(data, out, capsys, skip_bad=True)
+    r = pretrain(data, out, skip_bad=True)
     assert r.returncode == 0, r.stderr[-3000:]
     log = pd.read_json(out / "log.txt", lines=True)
     skipped = log["skipped_files"].iloc[-1]
     assert sorted(map(str, bad)) == sorted(skipped)
 
 
-def test_every_script_refuses_a_hostile_checkpoint(corpus, tmp_path, capsys):
+def test_every_script_refuses_a_hostile_checkpoint(corpus, tmp_path):
     root, files, goods = corpus
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pth"
@@ -122,16 +122,16 @@ def test_every_script_refuses_a_hostile_checkpoint(corpus, tmp_path, capsys):
         run_script("main_pretrain.py", *tiny_pretrain_args(data, tmp_path / "p", size=16), "--resume", evil),
         run_in_process("main_finetune.py", "--train_csv", ft, "--val_csv", ft, "--model", "vit_tiny_patch16",
                        "--input_size", 16, "--finetune", evil, "--output_dir", tmp_path / "f", "--device", "cpu",
-                       "--num_workers", 0, "--batch_size", 2, capsys=capsys),
+                       "--num_workers", 0, "--batch_size", 2),
         run_in_process("main_predict.py", "--input_csv", ft, "--output_csv", tmp_path / "pred.csv", "--finetune", evil,
-                       "--device", "cpu", "--num_workers", 0, capsys=capsys),
+                       "--device", "cpu", "--num_workers", 0),
     ]
     for r in runs:
         assert_one_sentence(r, "evil.pth", "unsafe")
     assert not marker.exists()
 
 
-def test_finetune_bad_labels_and_foreign_architecture(corpus, tmp_path, capsys):
+def test_finetune_bad_labels_and_foreign_architecture(corpus, tmp_path):
     root, files, goods = corpus
     g = [str(p) for p in goods]
     base = ["--model", "vit_tiny_patch16", "--input_size", 16, "--device", "cpu", "--num_workers", 0, "--epochs", 1,
@@ -142,15 +142,14 @@ def test_finetune_bad_labels_and_foreign_architecture(corpus, tmp_path, capsys):
         "missing label": (write_csv(root / "ft_nan.csv", "Path,Label", [f"{g[0]},0", f"{g[1]},"]), ["row", "Label"]),
     }
     for name, (csv, needles) in cases.items():
-        r = run_in_process("main_finetune.py", "--train_csv", csv, "--val_csv", good, *base, capsys=capsys)
+        r = run_in_process("main_finetune.py", "--train_csv", csv, "--val_csv", good, *base)
         assert_one_sentence(r, csv.name, *needles)
     r = run_in_process("main_finetune.py", "--train_csv", good, "--val_csv", good, "--label_columns", "Malignant",
-                       *base, capsys=capsys)
+                       *base)
     assert_one_sentence(r, "Malignant")
     foreign = tmp_path / "base.pth"
     torch.save({"model": models_mae3d.mae_vit_small_patch16(img_size=16).state_dict()}, foreign)
-    r = run_in_process("main_finetune.py", "--train_csv", good, "--val_csv", good, "--finetune", foreign, *base,
-                       capsys=capsys)
+    r = run_in_process("main_finetune.py", "--train_csv", good, "--val_csv", good, "--finetune", foreign, *base)
     assert_one_sentence(r, "cls_token", "384", "192")
 
 

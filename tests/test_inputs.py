@@ -37,12 +37,12 @@ def test_excel_csvs_read_the_same_in_training_and_prediction(folder):
     assert list(read_path_table(folder / "spaced.csv", ("Path", "Label"))["Path"]) == paths
 
 
-def test_an_empty_label_cell_is_called_empty(folder, tmp_path, capsys):
+def test_an_empty_label_cell_is_called_empty(folder, tmp_path):
     (folder / "gap.csv").write_text("Path,Label\npatiënt/v0.nii.gz,0\npatiënt/v1.nii.gz,\npatiënt/v2.nii.gz,1\n"
                                     "patiënt/v3.nii.gz,0\n")
     r = run_in_process("main_finetune.py", "--train_csv", folder / "gap.csv", "--model", "vit_tiny_patch16",
                        "--input_size", 16, "--device", "cpu", "--num_workers", 0, "--batch_size", 2,
-                       "--output_dir", tmp_path / "f", capsys=capsys)
+                       "--output_dir", tmp_path / "f")
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
     assert "gap.csv" in err[0] and "row 2 (line 3)" in err[0] and "column 'Label'" in err[0] and "empty" in err[0]
@@ -61,7 +61,7 @@ def test_a_dicom_folder_holding_one_multi_frame_file_loads_like_the_file(tmp_pat
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_a_bad_mask_reads_the_same_with_or_without_loader_workers(folder, tmp_path, capsys, workers):
+def test_a_bad_mask_reads_the_same_with_or_without_loader_workers(folder, tmp_path, workers):
     mask = sitk.GetImageFromArray(np.full((16, 20, 24), 7, np.uint8))  # label 7 in a 2-class task
     img = read_image(folder / "patiënt" / "v0.nii.gz")
     mask.CopyInformation(img)
@@ -71,7 +71,7 @@ def test_a_bad_mask_reads_the_same_with_or_without_loader_workers(folder, tmp_pa
     r = run_in_process("main_finetune.py", "--task", "segmentation", "--train_csv", tmp_path / "seg.csv",
                        "--model", "vit_tiny_patch16", "--input_size", 16, "--device", "cpu", "--num_workers",
                        workers, "--batch_size", 2, "--epochs", 1, "--output_dir", tmp_path / "f", "--feature_size",
-                       8, capsys=capsys)
+                       8)
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
     assert err[0] == f"error: {tmp_path / 'm.nii.gz'}: holds label values 7..7; expected 0..1 (pass nb_classes to " \
