@@ -97,8 +97,8 @@ class VolumeDataset(Dataset):
         elif not whole:
             img = center_crop_or_pad(img, self.input_size, 0.0)
             mask = None if mask is None else np.ascontiguousarray(center_crop_or_pad(mask, self.input_size, 0))
-        if img.dtype == np.uint16 and self.transport == "uint16":
-            x = torch.from_numpy(np.ascontiguousarray(img).view(np.int16))
+        if img.dtype == np.uint16 and self.transport == "uint16":  # own, writable memory (not the read-only map)
+            x = torch.from_numpy(np.require(img, requirements=["C", "W"]).view(np.int16))
         else:
             x = torch.from_numpy(np.ascontiguousarray(decode(img), dtype=np.float32))
         return x[None], mask, deferred
