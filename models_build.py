@@ -33,8 +33,13 @@ def build_model_from_meta(meta: dict, drop_path: float = 0.0, **kw) -> torch.nn.
     model = models_vit3d.VIT_FACTORIES[name](img_size=img_size, patch_size=patch_size, num_classes=meta["nb_outputs"],
                                              global_pool=meta.get("global_pool", "avg"), drop_path_rate=drop_path, **kw)
     if meta.get("linprobe") and meta["nb_outputs"] > 0:
-        # MAE linear probe: a parameter-free BatchNorm in front of the linear head (keys head.0.*, head.1.*)
-        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6), model.head)
+        # MAE linear probe: a parameter-free BatchNorm in front of the linear head (keys head.0.*, head.1.*). The
+        # encoder is frozen, so its features are stationary and the running statistics are their plain average
+        # (momentum=None): with the default momentum the initial running_var of 1 still weighs 0.9**steps, which
+        # after a few hundred steps is far above the variance of pooled ViT features (~1e-6 here) and squashes
+        # every evaluation logit towards zero.
+        bn = torch.nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6, momentum=None)
+        model.head = torch.nn.Sequential(bn, model.head)
     return model
 
 

@@ -251,7 +251,7 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
     ckpt = load(tmp_path / "output_dir" / "demo_finetune" / "checkpoint-last.pth")
     assert ckpt["args"]["model"] == "vit_tiny_patch16" and ckpt["meta"]["input_size"] == [32, 32, 32]
     assert ckpt["args"]["finetune"].endswith(os.path.join("demo_pretrain", "checkpoint-last.pth"))
-    assert ckpt["args"]["epochs"] == 1 and ckpt["args"]["batch_size"] == 4
+    assert ckpt["args"]["epochs"] == 1 and ckpt["args"]["batch_size"] == 16 and ckpt["args"]["linprobe"]
 
 
 def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
@@ -277,6 +277,25 @@ def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
     head.eval()
     acc = ((head(feats).squeeze(1) > 0).float() == labels).float().mean().item()
     assert acc > 0.9, acc
+
+
+def test_linprobe_head_evaluates_like_it_trains_on_features_of_small_variance():
+    """Pooled ViT features vary by ~1e-3 across volumes; after a few steps the probe's running statistics must be
+    theirs (not still the initial running_var of 1), or every evaluation logit is squashed towards zero."""
+    from models_build import build_model_from_meta
+
+    model = build_model_from_meta(dict(model="vit_tiny_patch16", input_size=[16, 16, 16], patch_size=[16, 16, 16],
+                                       nb_outputs=1, mode="binary", linprobe=True))
+    bn = model.head[0]
+    torch.manual_seed(0)
+    feats = 0.8 + 1e-3 * torch.randn(64, model.num_features)
+    bn.train()
+    for step in range(30):  # 30 steps of 16: the demo probe's whole run
+        bn(feats[torch.randint(0, 64, (16,))])
+    bn.eval()
+    train_mode = torch.nn.functional.batch_norm(feats, None, None, training=True, eps=bn.eps)
+    assert torch.allclose(bn(feats), train_mode, atol=0.3), (bn(feats) - train_mode).abs().max()
+    assert bn(feats).std() > 0.8  # standardised, not squashed
 
 
 def test_segmentation_on_one_labelled_ct_takes_a_batch_of_crops_from_one_read(shared_data, tmp_path, monkeypatch,
