@@ -15,7 +15,7 @@ from util.demo import make_demo_data, make_phantom
 
 
 def test_phantom_has_realistic_hu_per_tissue():
-    hu, mask, sp = make_phantom(np.random.default_rng(5), nodule=True)
+    hu, mask, sp = make_phantom(np.random.default_rng(5), effusion=True)
     d, h, w = hu.shape
     assert hu.dtype == np.int16 and 40 <= d <= 64 and 80 <= w <= 112 and 64 <= h <= w
     assert 320 <= w * sp[2] <= 400 and 220 <= d * sp[0] <= 300
@@ -25,7 +25,7 @@ def test_phantom_has_realistic_hu_per_tissue():
     centre = hu[:, h // 2 - 2:h // 2 + 2, w // 2 - 2:w // 2 + 2]            # mediastinum: soft tissue
     assert 0 < np.median(centre) < 80
     assert (hu > 500).mean() > 0.003 and 600 < np.median(hu[hu > 500]) < 800  # bone
-    assert mask.dtype == np.uint8 and mask.sum() > 0 and 0 < np.median(hu[mask > 0]) < 60  # nodule ~30 HU
+    assert mask.dtype == np.uint8 and mask.sum() > 0 and 0 < np.median(hu[mask > 0]) < 60  # fluid ~15 HU
     vessels = (hu > -200) & (hu < 200)
     assert vessels[:, int(h * 0.3):int(h * 0.6), int(w * 0.15):int(w * 0.35)].sum() > 0
 
@@ -45,7 +45,7 @@ def test_demo_data_files_csvs_and_orientation(tmp_path):
         assert img.GetPixelID() == sitk.sitkInt16 and msk.GetPixelID() == sitk.sitkUInt8
         orients.add(sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection()))
         assert (sitk.GetArrayViewFromImage(msk).max() > 0) == bool(label)
-        if label:  # mask (stored LPS) lands on the nodule even when the image is stored RAS
+        if label:  # mask (stored LPS) lands on the effusion even when the image is stored RAS
             arr, m = load_volume_and_mask(img_path, mask_path, PreprocessConfig(size=None))
             assert 0.55 < np.median(arr[m > 0]) < 0.65  # 0 to 60 HU in the [-1200, 800] window
     assert orients == {"LPS", "RAS"} and sum(pd.read_csv(paths["train"])["Label"]) == 2
