@@ -65,7 +65,7 @@ def make_source(args, tmp: str) -> str:
         return os.path.abspath(args.source)
     from util.demo import make_phantom
 
-    hu, _, sp = make_phantom(np.random.default_rng(0), nodule=True)
+    hu, _, sp = make_phantom(np.random.default_rng(0), effusion=True)
     img = sitk.GetImageFromArray(hu)
     img.SetSpacing(sp[::-1])
     sitk.WriteImage(img, os.path.join(tmp, "phantom.nii.gz"))

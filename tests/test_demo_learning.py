@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import run_in_process
 
-PRETRAIN_EPOCHS = 12   # of the preset's 25: the held-out ratio is ~0.55 here and ~0.48 at the end
+PRETRAIN_EPOCHS = 12   # of the preset's 25 (at 10 the ratio is still 0.67): 0.57 here, 0.46 at the end
 PROBE_EPOCHS = 20      # of the preset's 30
 
 
@@ -48,6 +48,7 @@ def test_demo_mae_halves_the_trivial_reconstruction_error_on_held_out_volumes(de
     scored = [x for x in lines if "val_ratio" in x]
     assert [x["epoch"] for x in scored] == [PRETRAIN_EPOCHS - 1]
     assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]          # the training loss falls
+    print("held-out ratio", scored[-1]["val_ratio"])
     assert scored[-1]["val_ratio"] < 0.62, scored[-1]           # the trivial reconstruction: 1.0
     assert (demo_dir / "output_dir" / "demo_pretrain" / f"reconstruction-{PRETRAIN_EPOCHS - 1:04d}.png").exists()
 
@@ -57,6 +58,7 @@ def test_linear_probe_of_the_demo_encoder_finds_the_effusions_on_unseen_volumes(
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "demo preset" in r.stdout and "linprobe=True" in r.stdout
     lines = log_lines(demo_dir / "output_dir" / "demo_finetune")
+    print("probe", [(x["val_auroc"], x["val_accuracy"], round(x["train_loss"], 3)) for x in lines])
     assert max(x["val_auroc"] for x in lines) >= 0.9, [x["val_auroc"] for x in lines]
     assert lines[-1]["val_accuracy"] >= 0.75 and lines[-1]["train_loss"] < 0.3 < lines[0]["train_loss"]
     # main_predict.py's demo: the best checkpoint on demo_data/predict.csv (volumes neither split saw)
@@ -64,5 +66,6 @@ def test_linear_probe_of_the_demo_encoder_finds_the_effusions_on_unseen_volumes(
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = pd.read_csv(demo_dir / "output_dir" / "demo_predict" / "predictions.csv")
     prob = out["prob_1"].to_numpy()
+    print("predict", out[["Label", "prob_1"]].to_numpy().round(3).tolist())
     assert prob.std() > 0.1 and len(set(out["pred"])) == 2       # not a constant classifier
     assert np.mean(out["pred"] == out["Label"]) >= 0.75, out[["Label", "prob_1"]]

@@ -246,12 +246,13 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
     assert "python main_pretrain.py" in capsys.readouterr().err
     save_tiny_mae(tmp_path / "output_dir" / "demo_pretrain" / "checkpoint-last.pth", size=32, prefix="")
     main_finetune.cli_main(["--epochs", "1", "--input_size", "32", "--num_workers", "0", "--device", "cpu",
-                            "--cache_dir", demo["cache"]])
+                            "--cache_dir", demo["cache"], "--batch_size", "4", "--patch_size", "16"])  # the saved MAE
     assert "demo preset" in capsys.readouterr().out
     ckpt = load(tmp_path / "output_dir" / "demo_finetune" / "checkpoint-last.pth")
     assert ckpt["args"]["model"] == "vit_tiny_patch16" and ckpt["meta"]["input_size"] == [32, 32, 32]
     assert ckpt["args"]["finetune"].endswith(os.path.join("demo_pretrain", "checkpoint-last.pth"))
-    assert ckpt["args"]["epochs"] == 1 and ckpt["args"]["batch_size"] == 16 and ckpt["args"]["linprobe"]
+    assert ckpt["args"]["epochs"] == 1 and ckpt["args"]["batch_size"] == 4
+    assert ckpt["args"]["linprobe"] and ckpt["args"]["blr"] == 3.0 and ckpt["args"]["weight_decay"] == 0.0
 
 
 def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
@@ -288,13 +289,14 @@ def test_linprobe_head_evaluates_like_it_trains_on_features_of_small_variance():
                                        nb_outputs=1, mode="binary", linprobe=True))
     bn = model.head[0]
     torch.manual_seed(0)
-    feats = 0.8 + 1e-3 * torch.randn(64, model.num_features)
+    feats = 0.8 + 3e-3 * torch.randn(64, model.num_features)
     bn.train()
     for step in range(30):  # 30 steps of 16: the demo probe's whole run
         bn(feats[torch.randint(0, 64, (16,))])
     bn.eval()
     train_mode = torch.nn.functional.batch_norm(feats, None, None, training=True, eps=bn.eps)
-    assert torch.allclose(bn(feats), train_mode, atol=0.3), (bn(feats) - train_mode).abs().max()
+    gap = (bn(feats) - train_mode).abs().mean()  # sampling noise of 30 batch means: ~0.05; momentum 0.1: ~0.8
+    assert gap < 0.15, gap
     assert bn(feats).std() > 0.8  # standardised, not squashed
 
 
