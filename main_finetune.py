@@ -197,7 +197,8 @@ def train(args, preprocess) -> None:
     criterion = build_criterion(mode, args.smoothing, weights, args.device)
     model = build_model(args, meta)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{args.model} ({mode}, {meta['nb_outputs']} outputs, {n_train / 1e6:.2f}M trainable): input "
+    shown = f"{n_train / 1e6:.2f}M" if n_train >= 10 ** 5 else str(n_train)  # a linear probe: a few hundred
+    print(f"{args.model} ({mode}, {meta['nb_outputs']} outputs, {shown} trainable): input "
           f"{args.input_size}, {len(train_ds.paths)} training volumes, effective batch {args.effective_batch}, "
           f"lr {args.lr:.3g}, precision {args.precision}")
     ddp, settings = trainer.wrap_ddp(model, args), trainer.settings(args)
