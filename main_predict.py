@@ -79,6 +79,8 @@ def get_args_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 on GPUs that support it, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--label_column", default="Label", help="classifiers: score the predictions against this "
+                                                            "input column when it holds class indices")
     p.add_argument("--strict", action="store_true", help="stop at the first row that fails, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     cli_args.add_preprocess_args(p, "default: what the checkpoint stored; a flag you type overrides it")
@@ -327,6 +329,9 @@ def finish(args, df, paths: list[str], results: dict[int, dict], meta: dict) -> 
         if args.output_csv:
             io.write_predictions(args.output_csv, io.prediction_table(df, results, meta))
             print(f"Predictions for {len(df)} rows written to {args.output_csv}")
+        score = io.score_against_labels(df, results, meta, args.label_column)
+        if score:
+            print(score)
         if args.embeddings:
             dim = meta["embed_dim"] * (2 if args.embedding_type == "cat" else 1)
             io.write_embeddings(args.embeddings, df, results, dim)

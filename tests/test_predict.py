@@ -88,6 +88,25 @@ def test_demo_without_arguments_predicts_every_row_in_order(tmp_path, monkeypatc
     assert (out["error"] == "").all()
 
 
+def test_a_label_column_in_the_input_is_scored_and_other_columns_are_not(volumes, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    tiny_finetuned(tmp_path / "bin.pth", "binary", 2)
+    table = pd.read_csv(volumes / "in.csv")
+    table.assign(Path=[str(volumes / p) for p in table["Path"]], Label=[0, 1, 0, 1, 1], Grade=["a"] * 5).to_csv(
+        tmp_path / "labelled.csv", index=False)
+    assert predict("--input_csv", tmp_path / "labelled.csv", "--output_csv", tmp_path / "a.csv",
+                   "--finetune", tmp_path / "bin.pth") == 0
+    out = pd.read_csv(tmp_path / "a.csv")
+    acc = np.mean((out["prob_class1"] >= 0.5).astype(int) == out["Label"])
+    auroc = roc_auc_score(out["Label"], out["prob_class1"])
+    printed = capsys.readouterr().out
+    assert f"Against the Label column (5 rows): accuracy {acc:.3f}" in printed and f"AUROC {auroc:.3f}" in printed
+    assert predict("--input_csv", tmp_path / "labelled.csv", "--output_csv", tmp_path / "b.csv", "--label_column",
+                   "Grade", "--finetune", tmp_path / "bin.pth") == 0
+    assert "Against" not in capsys.readouterr().out  # not class indices: nothing to score
+
+
 def test_binary_probabilities_and_embeddings_from_a_finetuned_classifier(volumes, tmp_path):
     model = tiny_finetuned(tmp_path / "bin.pth", "binary", 2)
     assert predict("--input_csv", volumes / "in.csv", "--output_csv", tmp_path / "a.csv",

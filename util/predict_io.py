@@ -14,6 +14,7 @@ import SimpleITK as sitk
 
 from util.atomic import atomic_write
 from util.path_table import find_column, read_csv_table, resolve_paths
+from util.metrics import classification_metrics
 from util.tasks import output_columns, predicted_label
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
@@ -57,6 +58,25 @@ def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta: dict) -> 
             out["pred"] = pred
     out["error"] = [results.get(i, {}).get("error", "") or "" for i in range(n)]
     return out
+
+
+def score_against_labels(df: pd.DataFrame, results: dict[int, dict], meta: dict, column: str) -> str | None:
+    """One line scoring a classifier's predictions against a class-index column of the input (a held-out set's
+    `Label`), over the rows that succeeded and hold a label; None when there is no such column or nothing to score
+    (other heads, labels that are not class indices of this head)."""
+    col = find_column(df, column)
+    if meta["mode"] not in ("binary", "multiclass") or col is None:
+        return None
+    labels = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
+    rows = [i for i in sorted(results) if "probs" in results[i] and np.isfinite(labels[i])]
+    if not rows:
+        return None
+    probs, y = np.stack([results[i]["probs"] for i in rows]), labels[rows]
+    if (y != np.round(y)).any() or y.min() < 0 or y.max() >= probs.shape[1]:
+        return None
+    m = classification_metrics(probs, y.astype(np.int64), meta["mode"], output_columns(meta))
+    return (f"Against the {col} column ({len(rows)} rows): accuracy {m['accuracy']:.3f}, balanced accuracy "
+            f"{m['balanced_accuracy']:.3f}, AUROC {m['auroc']:.3f}")
 
 
 def embedding_matrix(results: dict[int, dict], n: int, dim: int) -> np.ndarray:
