@@ -1,4 +1,5 @@
 """Pretraining-step benchmark: the original 3D-MAE compute path against ours (eager, per-block compile, + checkpointing).
+Timing and device helpers live in bench/gpu_timing.py.
 
     python bench/bench_pretrain.py --json bench_h100.json     # GPU: ViT-L/16 256^3 b8, b32; ViT-B/16 160^3 b32
     python bench/bench_pretrain.py --quick                    # seconds, CPU allowed: tiny model 32^3 (smoke test)
@@ -10,7 +11,6 @@ measured in the same run, and the speed-up over the baseline. See bench/README.m
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -19,7 +19,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,6 +29,8 @@ if str(ROOT) not in sys.path:
 
 import models_mae3d  # noqa: E402
 from bench.baseline_mae3d import baseline_from  # noqa: E402
+from bench.gpu_timing import (apply_fp8, fp8_skip_reason, is_oom, matmul_peak_tflops, release, sync,  # noqa: E402
+                              timed)
 from util.runtime import autocast, torch_threads  # noqa: E402
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 
@@ -88,61 +89,6 @@ def parse_variants(spec: str, fp8: bool) -> list[str]:
     return variants + (["fp8"] if fp8 and "fp8" not in variants else [])
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], n: int, device: torch.device) -> float:
-    """Milliseconds per call of fn over n back-to-back calls (CUDA events on GPU, perf_counter on CPU)."""
-    sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / n
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / n
-
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int, reps: int = 20, trials: int = 5) -> float:
-    """Best-of-`trials` TFLOP/s of an [n, n] x [n, n] matmul in `dtype`, repeated `reps` times per trial."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty_like(a)
-    fn = lambda: torch.matmul(a, b, out=out)  # noqa: E731
-    timed(fn, 3, device)
-    best_ms = min(timed(fn, reps, device) for _ in range(trials))
-    return 2 * n ** 3 / (best_ms * 1e-3) / 1e12
-
-
-def fp8_skip_reason(device: torch.device) -> str | None:
-    """Why the float8 variant cannot run here, or None when it can."""
-    try:
-        import torchao.float8  # noqa: F401
-    except ImportError:
-        return "skipped: torchao is not installed (pip install torchao)"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        return "skipped: float8 needs a CUDA GPU with compute capability >= 8.9 (e.g. H100)"
-    return None
-
-
-def apply_fp8(model: torch.nn.Module) -> None:
-    """torchao float8 training (dynamic tensorwise scaling) on the Linear layers of encoder and decoder blocks."""
-    from torchao.float8 import convert_to_float8_training
-
-    def block_linear(mod: torch.nn.Module, fqn: str) -> bool:
-        return (isinstance(mod, torch.nn.Linear) and "blocks." in fqn
-                and mod.in_features % 16 == 0 and mod.out_features % 16 == 0)
-
-    convert_to_float8_training(model, module_filter_fn=block_linear)
-
-
 def build(cfg: Config, variant: str, args, device: torch.device) -> torch.nn.Module:
     """The model of one variant, on `device`, with the same seeded weights for every variant."""
     kw = dict(img_size=cfg.img, patch_size=cfg.patch, **(QUICK_MODEL_KW if args.quick else {}))
@@ -192,17 +138,6 @@ def measure_training(cfg: Config, variant: str, batch: int, args, device: torch.
         peak = torch.cuda.max_memory_allocated(device)
         out.update(peak_gib=peak / GIB, gib_per_vol=peak / GIB / batch, act_gib_per_vol=(peak - static) / GIB / batch)
     return out
-
-
-def is_oom(e: BaseException) -> bool:
-    oom_type = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    return isinstance(e, oom_type) or "out of memory" in str(e).lower()
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_variant(cfg: Config, variant: str, args, device: torch.device) -> dict:
