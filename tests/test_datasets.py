@@ -209,3 +209,22 @@ def test_uint16_transport_gives_the_float32_items_exactly(table, tmp_path):
                 assert torch.equal(x[0], want_x) and torch.equal(y[0], torch.as_tensor(want_y))
                 flips += bool(item[2])
         assert 0 < flips < 16  # the innermost flip was deferred to the device for some items, not all
+
+
+def test_intensity_jitter_reads_through_the_cache_in_both_transports(table, tmp_path):
+    from torch.utils.data import default_collate
+
+    from util.transport import to_device
+
+    ds = Custom3DDataset(str(table), input_size=(8, 12, 16), preprocess=PreprocessConfig(size=(10, 20, 20)),
+                         cache_dir=str(tmp_path / "c"), seed=3, intensity_jitter=0.2)
+    plain = Custom3DDataset(str(table), input_size=(8, 12, 16), preprocess=PreprocessConfig(size=(10, 20, 20)),
+                            cache_dir=str(tmp_path / "c"), seed=3)
+    for i in range(len(ds)):
+        ds[i], ds[i]  # first read fills the cache, the second comes from it as uint16
+        ds.set_transport("float32")
+        want = ds[i][0]
+        ds.set_transport("uint16")
+        x, _ = to_device(default_collate([ds[i]]), "cpu")
+        assert want.dtype == torch.float32 and torch.equal(x[0], want)
+        assert 0 <= want.min() and want.max() <= 1 and not torch.equal(want, plain[i][0])  # jittered

@@ -58,8 +58,6 @@ class VolumeDataset(Dataset):
         """'float32' (the contract: float32 items) or 'uint16' (cached volumes as stored; see the module doc)."""
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}.")
-        if transport == "uint16" and self.augment.intensity_jitter > 0:
-            transport = "float32"  # jitter works on float images
         self.transport = transport
 
     def volume_index(self, index: int) -> int:
@@ -92,8 +90,11 @@ class VolumeDataset(Dataset):
             rng = np.random.default_rng([self.seed, self.epoch, index])
             arrays = random_crop([img] if mask is None else [img, mask], self.input_size, rng, fg_mask=mask,
                                  fg_prob=self.fg_prob if mask is not None else 0.0, fg=self._foreground(mask))
-            defer = 2 if self.transport == "uint16" and arrays[0].dtype == np.uint16 else None
-            img, mask, deferred = self.augment.apply(arrays[0], arrays[1] if mask is not None else None, rng, defer)
+            crop = arrays[0]
+            if self.augment.intensity_jitter > 0:  # jitter works on float images: decode the crop (not the volume)
+                crop = decode(crop)
+            defer = 2 if self.transport == "uint16" and crop.dtype == np.uint16 else None
+            img, mask, deferred = self.augment.apply(crop, arrays[1] if mask is not None else None, rng, defer)
         elif not whole:
             img = center_crop_or_pad(img, self.input_size, 0.0)
             mask = None if mask is None else np.ascontiguousarray(center_crop_or_pad(mask, self.input_size, 0))
