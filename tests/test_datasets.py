@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,10 @@ def test_path_table_resolves_relative_paths_and_accepts_lowercase_and_text_lists
     assert list(read_path_table(tmp_path / "lower.csv")["Path"]) == list(df["Path"])
     (tmp_path / "list.txt").write_text("# volumes\n" + "\n".join(f"vols/v{i}.nii.gz" for i in range(4)) + "\n\n")
     assert list(read_path_table(tmp_path / "list.txt")["Path"]) == list(df["Path"])
+    odd = os.path.join(os.path.dirname(df["Path"].iloc[0]), "v0,copy;1.nii.gz")  # a list line is one path
+    shutil.copy(df["Path"].iloc[0], odd)
+    (tmp_path / "odd.lst").write_text(odd + "\n" + df["Path"].iloc[1] + "\n")
+    assert list(read_path_table(tmp_path / "odd.lst")["Path"]) == [odd, df["Path"].iloc[1]]
 
 
 def test_path_table_errors_name_the_file_row_and_column(table, tmp_path):

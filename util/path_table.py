@@ -39,10 +39,15 @@ def _decode(data_path: str) -> tuple[str, str]:
         return text, "cp1252"
 
 
+LIST_EXTENSIONS = (".txt", ".lst", ".list")  # always one path per line (a path may hold ',' or ';')
+
+
 def _delimiter(data_path: str, header: str) -> str | None:
     """The header's delimiter, or None for a one-column file (a plain list of paths)."""
     if data_path.lower().endswith(".tsv"):
         return "\t"
+    if data_path.lower().endswith(LIST_EXTENSIONS):
+        return None
     counts = {d: header.count(d) for d in DELIMITERS}
     best = max(counts, key=counts.get)
     return best if counts[best] else None
