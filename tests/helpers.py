@@ -88,9 +88,12 @@ def run_in_process(script: str, *args, env: dict | None = None) -> SimpleNamespa
             try:
                 code = module.cli_main([str(a) for a in args]) or 0
             except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1  # as a process exits
     finally:
         for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     notes = "".join(f"{type(w.message).__name__}: {w.message}\n" for w in caught)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue() + notes)

@@ -111,3 +111,13 @@ def test_dice_rejects_bad_labels():
         dice_stats(torch.tensor([0, 3]), torch.tensor([0, 1]), 3)
     with pytest.raises(ValueError, match="same shape"):
         dice_stats(torch.zeros(2, 2, dtype=torch.long), torch.zeros(4, dtype=torch.long), 2)
+
+
+def test_best_checkpoint_keeps_the_lowest_error_for_every_error_metric():
+    from util.tasks import is_better
+
+    for metric in ("loss", "mae", "rmse", "mae_age", "rmse_volume_ml"):
+        assert is_better(0.1, 0.5, metric) and not is_better(0.5, 0.1, metric), metric
+    for metric in ("auroc", "auroc_1", "dice", "balanced_accuracy"):
+        assert is_better(0.9, 0.5, metric) and not is_better(0.5, 0.9, metric), metric
+    assert is_better(0.3, None, "mae_age") and not is_better(float("nan"), 0.5, "auroc")

@@ -176,7 +176,8 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
         return False
     if best is None or not math.isfinite(best):
         return True
-    return value < best if metric in LOWER_IS_BETTER else value > best
+    lower = metric.split("_")[0] in LOWER_IS_BETTER  # 'mae_<label>' of a multi-output regression too
+    return value < best if lower else value > best
 
 
 def output_columns(meta: dict) -> list[str]:
