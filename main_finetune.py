@@ -223,6 +223,7 @@ def train(args, preprocess) -> None:
             progress = None
             metrics = evaluate(model, criterion, val_loader, eval_settings, meta) if val_loader else {}
             best = end_of_epoch(args, (model, optimizer, scaler, extra), metrics, best, epoch)
+            control.saved()  # checkpoint-last.pth of this epoch: the --save_every_minutes timer restarts
             stats = {**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in metrics.items()},
                      "epoch": epoch}
             if is_main_process():

@@ -61,7 +61,7 @@ def get_args_parser():
 
 def build_data(args, preprocess):
     """Training set, sampler and loader; a held-out loader for --val_path (None without it)."""
-    if args.data_path is None or (args.val_path or "").startswith(DEMO_DIR):
+    if args.demo:
         from util.demo import make_demo_data
 
         if is_main_process():
@@ -146,8 +146,8 @@ def pretrain(args) -> None:
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {args.input_size}, "
           f"{len(dataset.paths)} volumes, effective batch {args.effective_batch}, lr {args.lr:.3g}, precision "
           f"{args.precision}, {args.world_size} process(es) x {args.num_workers} loader workers")
-    print(describe_outputs(args.output_dir, args.log_dir, pictures=bool(args.vis_every), demo=DEMO_DIR
-                           if args.data_path.startswith(DEMO_DIR) else None))
+    print(describe_outputs(args.output_dir, args.log_dir, pictures=bool(args.vis_every),
+                           demo=DEMO_DIR if args.demo else None))
     settings, control, tb = trainer.settings(args), trainer.step_control(args), TBLogger(args.log_dir)
     parts = (model, optimizer, scaler, recipe, preprocess)
     if is_main_process():
@@ -165,6 +165,7 @@ def pretrain(args) -> None:
             if dataset.bad_files:
                 stats["skipped_files"] = list(dataset.bad_files)
             end_of_epoch(args, epoch, stats, parts, tb, shown, val)
+            control.saved()  # checkpoint-last.pth of this epoch: the --save_every_minutes timer restarts
             if control.stop_requested() and epoch + 1 < args.epochs:
                 trainer.flush()
                 control.stop(epoch, None)
@@ -183,7 +184,8 @@ def pretrain(args) -> None:
 def cli_main(argv: list[str] | None = None):
     """Parse `argv` (default: the command line), apply the demo preset when no --data_path is given, run."""
     args = cli_args.parse(get_args_parser(), argv)
-    if args.data_path is None:
+    args.demo = args.data_path is None
+    if args.demo:
         cli_args.apply_preset(args, DEMO_PRESET, "demo")
     else:
         print("Using the TANGERINE recipe defaults (ViT-L/16, 256^3, mask 0.75); flags override them.")

@@ -152,3 +152,35 @@ def test_torchrun_mid_epoch_sigterm_kill_and_restart_end_with_the_uninterrupted_
     assert r.returncode == 0 and marker.exists(), r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count("Resumed from") == 2  # at the start, and after the restart
     assert state_dicts_equal(load(out / "mae_pretrained.pth")["model"], load(ref / "mae_pretrained.pth")["model"])
+
+
+def test_timed_saves_across_ranks_come_once_per_period_and_restart_after_any_save(monkeypatch):
+    """The ranks' flags are combined one step late; a save must void the flag already in flight."""
+    import torch.distributed as dist
+
+    import util.preempt as preempt
+
+    class Done:
+        def wait(self):
+            return None
+
+    clock = [0.0]
+    monkeypatch.setattr(preempt, "is_dist", lambda: True)
+    monkeypatch.setattr(preempt, "is_main_process", lambda: True)
+    monkeypatch.setattr(preempt.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None, async_op=False: Done())
+    control = preempt.StepControl("cpu", save_every_minutes=1.0)
+    try:
+        saves = []
+        for step in range(1, 40):
+            clock[0] += 7.0  # seconds per step: due every 60 s, i.e. every 9th step
+            save, stop = control.decide(step)
+            assert not stop
+            if save:
+                saves.append(step)
+                control.saved()
+        gaps = [b - a for a, b in zip(saves, saves[1:])]
+        assert len(saves) >= 3 and all(g >= 8 for g in gaps), saves  # never two saves in a row
+    finally:
+        control.close()

@@ -4,8 +4,10 @@ line and exit with EXIT_PREEMPTED (75, EX_TEMPFAIL: rerun the same command) or 1
 `--save_every_minutes` / `--save_every_steps` write the same mid-epoch checkpoint periodically.
 
 All ranks must stop and save at the same step. Decisions that depend on a clock or on a signal are therefore
-combined across ranks with one tiny all-reduce per optimizer step, read back one step later so the host never
-waits for the GPU; the saving schedule by steps is the same on every rank without communication.
+combined across ranks with one tiny all-reduce per optimizer step, on a CPU (gloo) group so that no GPU stream
+is involved, started asynchronously and read one step later so the ranks never wait for each other; one
+process decides from Python values alone. The saving schedule by steps is the same on every rank without
+communication.
 """
 from __future__ import annotations
 
@@ -38,7 +40,11 @@ class StepControl:
         self.checkpoint_path = checkpoint_path
         self.signal: str | None = None
         self.last_save = time.monotonic()
-        self._pending: torch.Tensor | None = None
+        self._pending: tuple | None = None  # (async work, flags) of the previous optimizer step
+        self._void_due = False              # a save happened since the pending flags were raised
+        self._group = None
+        if is_dist() and dist.get_backend() != "gloo":  # host flags on a CPU group (NCCL takes only GPU tensors)
+            self._group = dist.new_group(backend="gloo")
         self._old = {}
         for name, sig in SIGNALS.items():
             try:
@@ -56,34 +62,44 @@ class StepControl:
             print(f"{what} received: finishing this step, then writing a checkpoint"
                   + (" (Ctrl-C again to quit without one)." if name == "SIGINT" else "."), flush=True)
 
-    def _local_flags(self) -> torch.Tensor:
+    def _local_flags(self) -> tuple[bool, bool]:
+        """(a signal arrived, a timed save is due): the timer runs on rank 0, whose decision all ranks follow."""
         due = bool(self.minutes) and is_main_process() and time.monotonic() - self.last_save >= 60 * self.minutes
-        return torch.tensor([float(self.signal is not None), float(due)], device=self.device)
+        return self.signal is not None, due
 
     def decide(self, steps_done: int) -> tuple[bool, bool]:
         """(save, stop) after `steps_done` micro-steps of this epoch; identical on every rank."""
         by_steps = bool(self.steps) and steps_done % self.steps == 0
         if not is_dist():
-            stop, due = self._local_flags().tolist()
-            return bool(by_steps or due or stop), bool(stop)
-        flags = self._local_flags()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        previous, self._pending = self._pending, flags
+            stop, due = self._local_flags()
+            return by_steps or due or stop, stop
+        flags = torch.tensor(self._local_flags(), dtype=torch.float32)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        previous, self._pending = self._pending, (work, flags)
         if previous is None:
             return by_steps, False
-        stop, due = previous.tolist()
-        if stop:
-            self._pending = None
-        return bool(by_steps or due or stop), bool(stop)
+        previous[0].wait()
+        stop, due = (bool(v) for v in previous[1].tolist())
+        due, self._void_due = due and not self._void_due, False
+        return by_steps or due or stop, stop
 
     def saved(self) -> None:
+        """A checkpoint was written: the timer restarts, and a timed save already in flight is dropped."""
         self.last_save = time.monotonic()
+        self._void_due = True
+
+    def _drain(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def stop_requested(self) -> bool:
         """A stop agreed by every rank (a collective in distributed runs: call it on all ranks)."""
-        flag = torch.tensor([float(self.signal is not None)], device=self.device)
-        if is_dist():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not is_dist():
+            return self.signal is not None
+        self._drain()  # the last step's flags: a signal they carry is also in this one
+        flag = torch.tensor([float(self.signal is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
     def stop(self, epoch: int, steps_done: int | None) -> None:
@@ -96,7 +112,9 @@ class StepControl:
                         EXIT_INTERRUPTED if name == "SIGINT" else EXIT_PREEMPTED)
 
     def close(self) -> None:
-        """Restore the previous signal handlers."""
+        """Finish the collective in flight; restore the previous signal handlers."""
+        if is_dist():
+            self._drain()
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}

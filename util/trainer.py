@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 
 import torch
 
@@ -18,7 +19,6 @@ from util.run_lock import RunLock
 from util.runtime import resolve_precision, seed_all, torch_threads
 from util.sampler import EpochSampler
 from util.train_loop import EpochProgress, TrainSettings
-from util.volume_dataset import limit_sitk_threads
 
 # flags that define a run's recipe: resuming with other values is refused unless --allow_recipe_change
 RECIPE_FLAGS = ("model", "input_size", "patch_size", "seed", "lr", "effective_batch")
@@ -81,9 +81,11 @@ def train_loader(ds, args, what: str):
 
 
 def worker_init(_: int) -> None:
-    """Loader processes run torch single-threaded and share the cores between SimpleITK's threads."""
-    torch.set_num_threads(1)
-    limit_sitk_threads()
+    """Loader processes run torch single-threaded and share the cores between SimpleITK's threads; they ignore
+    the stop signals, which the training process handles (util.preempt) before it shuts them down."""
+    torch.set_num_threads(1)  # (the datasets share SimpleITK's threads themselves, util.volume_dataset)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def wrap_ddp(model, args):
