@@ -75,10 +75,9 @@ def evaluate_reconstruction(model, loader, mask_ratio: float, device: str, preci
         noise = torch.rand(len(x), m.num_patches, generator=g).to(device)
         with autocast(precision, device):
             _, pred, mask = m(x, mask_ratio=mask_ratio, noise=noise)
-        target = m.patchify(x).float()
+        target = m.loss_target(x)
         removed = mask.unsqueeze(-1).expand_as(target)
-        if m.norm_pix_loss:
-            target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        if m.norm_pix_loss:  # normalised patches: the trivial prediction of each is its mean, 0
             trivial = torch.zeros_like(target)
         else:
             visible = 1 - removed

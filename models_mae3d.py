@@ -195,17 +195,23 @@ class MaskedAutoencoderViT3D(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:]
 
+    def loss_target(self, imgs: torch.Tensor) -> torch.Tensor:
+        """What the decoder regresses: fp32 patches [N, L, P], each normalised to zero mean and unit variance
+        with norm_pix_loss."""
+        target = self.patchify(imgs).float()
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        return target
+
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error on removed patches only, computed in fp32.
 
         Args:
             imgs: [N, C, D, H, W]; pred: [N, L, P]; mask: [N, L] (1 = removed).
         """
-        target = self.patchify(imgs).float()
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6) ** 0.5
+        target = self.loss_target(imgs)
         loss = (pred.float() - target).pow(2).mean(dim=-1)  # [N, L] per-patch loss
         mask = mask.float()
         return (loss * mask).sum() / mask.sum().clamp_min(1.0)
