@@ -18,7 +18,7 @@ import time
 
 from util import args as cli_args
 from util import cache_fill
-from util.atomic import ensure_writable_dir
+from util.atomic import ensure_writable_dir, remove_stale_tmp
 from util.distributed import cleanup, init_distributed_mode, is_main_process, on_main_then_share
 from util.errors import run_main
 from util.preprocess import PreprocessConfig
@@ -78,7 +78,7 @@ def check_cache_dir(cache_dir: str) -> None:
 def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:
     """Rank 0: failures.csv, leftovers of killed writers, and the one-line summary."""
     listed = cache_fill.update_failures(args.cache_dir, cfg.key(), rows, result.failed)
-    removed = cache_fill.remove_stale_tmp(args.cache_dir, started)
+    removed = remove_stale_tmp(args.cache_dir, recursive=True, older_than=started)  # killed writers' files
     if removed:
         print(f"Removed {removed} temporary files left by an interrupted run.")
     per_volume = f", {result.work_seconds / result.done:.1f} s per new volume in a worker" if result.done else ""

@@ -70,13 +70,18 @@ def _fsync_folder(folder: str) -> None:
         pass
 
 
-def remove_stale_tmp(folder: str | os.PathLike) -> int:
-    """Delete temporary files a killed writer left in `folder` (call only where no other writer runs)."""
+def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = False, older_than: float | None = None) -> int:
+    """Delete temporary files a killed writer left in `folder` (and its subfolders when `recursive`); with
+    `older_than` (a time.time() stamp) only those last modified before it, so live writers elsewhere keep theirs.
+    Without it, call only where no other writer runs. Returns how many were removed."""
+    pattern = os.path.join(os.fspath(folder), "**", TMP_PREFIX + "*") if recursive else \
+        os.path.join(os.fspath(folder), TMP_PREFIX + "*")
     n = 0
-    for p in glob.glob(os.path.join(os.fspath(folder), TMP_PREFIX + "*")):
+    for p in glob.glob(pattern, recursive=recursive):
         try:
-            os.remove(p)
-            n += 1
+            if older_than is None or os.stat(p).st_mtime < older_than:
+                os.remove(p)
+                n += 1
         except OSError:
             pass
     return n

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import datetime
-import glob
 import io
 import multiprocessing as mp
 import os
@@ -28,7 +27,7 @@ import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
-from util.atomic import TMP_PREFIX, write_text
+from util.atomic import write_text
 from util.cache import VolumeCache
 from util.distributed import all_gather_objects
 from util.errors import user_message
@@ -344,17 +343,3 @@ def drop_known_failures(table: pd.DataFrame, data_path: str, cache_dir: str, cfg
     print(f"Skipping {int(bad.sum())} of {len(table)} volumes of {data_path} that main_cache.py could not "
           f"preprocess (listed with their reasons in {listed}).")
     return table[~bad]
-
-
-def remove_stale_tmp(cache_dir: str, started: float) -> int:
-    """Delete temporary files (`.tmp-*`) that a killed writer left in the cache: those last modified before this
-    run started (a live writer keeps touching its file and renames it right after the last write)."""
-    n = 0
-    for p in glob.glob(os.path.join(os.fspath(cache_dir), "**", TMP_PREFIX + "*"), recursive=True):
-        try:
-            if os.stat(p).st_mtime < started:
-                os.remove(p)
-                n += 1
-        except OSError:
-            pass
-    return n
