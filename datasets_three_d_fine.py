@@ -29,7 +29,6 @@ def resample_to_256(image: sitk.Image, is_mask: bool = False) -> sitk.Image:
     spacing = [s * n / 256 for s, n in zip(image.GetSpacing(), image.GetSize())]
     if is_mask:
         return resample_centered(image, size, spacing, "nearest", 0.0)
-    image = sitk.Cast(image, sitk.sitkFloat32) if image.GetPixelID() != sitk.sitkFloat32 else image
     return resample_centered(image, size, spacing, "bspline", PreprocessConfig().window[0], sitk.sitkFloat32)
 
 
@@ -56,6 +55,7 @@ class Custom3DDataset(VolumeDataset):
             raise ValueError(f"Custom3DDataset: task must be one of {TASKS}, got {task!r}.")
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
         self.task, self.fg_prob, self.whole_volume = task, fg_prob, whole_volume
+        self._checked = None  # the last label map whose values were checked
         self.segmentation = task == "segmentation"
         cols = [] if self.segmentation else list(["Label"] if label_columns is None else label_columns)
         self.label_columns, self.regression = cols, regression
@@ -89,7 +89,8 @@ class Custom3DDataset(VolumeDataset):
         limit_sitk_threads()
         v = self.volume_index(index)
         img, mask = self.load(v)
-        if mask is not None:
+        if mask is not None and mask is not self._checked:  # once per read, not once per crop of it
             self._check_mask(mask, v)
+            self._checked = mask
         x, mask, deferred = self.sample(index, img, mask, whole=self.whole_volume)
         return self.pack(x, self._target(v, mask), deferred)

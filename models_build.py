@@ -85,7 +85,7 @@ def meta_from_weights(ckpt: dict, input_size=None, global_pool: str = "token", h
     if mode not in MODES or mode == "segmentation":
         raise ValueError(f"head_mode must be binary, multiclass, multilabel or regression, got {mode!r}.")
     nb_classes = 2 if mode == "binary" else k
-    names = [str(c) for c in range(nb_classes)] if mode in ("binary", "multiclass") else [str(c) for c in range(k)]
+    names = [str(c) for c in range(nb_classes)]  # nb_classes == k except for binary
     return dict(meta, task="classification", mode=mode, nb_outputs=k, nb_classes=nb_classes, label_names=names,
                 global_pool=pool, linprobe="head.1.weight" in sd)
 

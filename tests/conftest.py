@@ -17,8 +17,10 @@ def one_thread():
     """Tiny models run fastest on one thread (and do not fight parallel test processes for the 2 cores)."""
     import torch
 
+    from util.runtime import torch_threads
+
     old = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch_threads()
     yield
     torch.set_num_threads(old)
 

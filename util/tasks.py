@@ -183,15 +183,14 @@ def is_better(value: float, best: float | None, metric: str) -> bool:
 def output_columns(meta: dict) -> list[str]:
     """Names of the probability / value columns of a finetuned checkpoint, one per output column.
 
-    Binary and multiclass heads give one column per class (the checkpoint's class names when it stores one
-    per class, else the class index); multi-label and regression heads give one column per label column.
+    Binary and multiclass heads give one column per class (the checkpoint's label names when there is one per
+    class, else the class index); multi-label and regression heads give one column per label column.
     """
     mode, names = meta["mode"], [str(n) for n in meta.get("label_names") or []]
     if mode in ("multilabel", "regression"):
         k = int(meta["nb_outputs"])
         return names if len(names) == k else [str(i) for i in range(k)]
     k = 2 if mode == "binary" else int(meta["nb_classes"])
-    names = [str(n) for n in meta.get("class_names") or names]
     return names if len(names) == k else [str(i) for i in range(k)]
 
 
