@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 import torch
 
@@ -81,11 +82,34 @@ def train_loader(ds, args, what: str):
 
 
 def worker_init(_: int) -> None:
-    """Loader processes run torch single-threaded and share the cores between SimpleITK's threads; they ignore
-    the stop signals, which the training process handles (util.preempt) before it shuts them down."""
+    """Loader processes run torch single-threaded and share the cores between SimpleITK's threads. They ignore the
+    stop signals a user or a scheduler sends (Ctrl-C to the terminal's group, SLURM's SIGTERM to every process),
+    which the training process handles (util.preempt) and then shuts them down; SIGTERM from that parent (how
+    the DataLoader and multiprocessing end a worker that missed its stop message) still ends them."""
     torch.set_num_threads(1)  # (the datasets share SimpleITK's threads themselves, util.volume_dataset)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    sigterm_from_parent_only(os.getppid())
+
+
+def sigterm_from_parent_only(parent: int) -> None:
+    """This process exits (status 0) on a SIGTERM sent by `parent` and ignores any other sender's.
+
+    A worker that ignored SIGTERM altogether would outlive a loader iterator freed by the garbage collector (its
+    queues are closed before the stop message goes out, so the DataLoader's last resort is terminate()) and hang
+    the parent at exit, where multiprocessing terminates and then joins its daemonic children. SIGTERM is
+    blocked in every thread and taken by one thread with sigwaitinfo, which names the sender. Where that call
+    does not exist (macOS), SIGTERM keeps its default action."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit it
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
 def wrap_ddp(model, args):
