@@ -98,7 +98,8 @@ def sigterm_from_parent_only(parent: int) -> None:
     A worker that ignored SIGTERM altogether would outlive a loader iterator freed by the garbage collector (its
     queues are closed before the stop message goes out, so the DataLoader's last resort is terminate()) and hang
     the parent at exit, where multiprocessing terminates and then joins its daemonic children. SIGTERM is
-    blocked in every thread and taken by one thread with sigwaitinfo, which names the sender. Where that call
+    blocked in this thread and the threads it starts (a forked worker has no other) and taken by one of them
+    with sigwaitinfo, which names the sender. Where that call
     does not exist (macOS), SIGTERM keeps its default action."""
     if not hasattr(signal, "sigwaitinfo"):
         return
