@@ -11,6 +11,7 @@ import torch.nn as nn
 from models_mae3d import (ENCODER_SIZES, fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks,
                           run_blocks)
 from util.checkpoint import load_checkpoint, state_dict_of
+from util.errors import UserError
 from util.patch_embed import PatchEmbed3D
 from util.pos_embed import get_3d_sincos_pos_embed
 from util.triple import to_3tuple
@@ -182,7 +183,7 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
     name = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(ckpt, dict):
-        raise ValueError(f"expected a state dict or {{'model': state_dict}}, got {type(ckpt).__name__}.")
+        raise UserError(f"expected a state dict or {{'model': state_dict}}, got {type(ckpt).__name__}.")
     sd = state_dict_of(ckpt)
     own = model.state_dict()
     loaded, dropped, to_load = [], [], {}
@@ -192,7 +193,7 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
         elif key.startswith("head.") and tuple(value.shape) != tuple(own[key].shape):
             dropped.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)} but the model expects "
+            raise UserError(f"checkpoint key {key!r} has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)} (check patch_size, in_chans and model size).")
         else:
             to_load[key] = value
@@ -201,7 +202,7 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
     foreign = [k for k in missing if not k.startswith(EXPECTED_MISSING)]
     if foreign:
         blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        raise ValueError(f"{name} does not hold this encoder: {len(foreign)} of its tensors are missing (first "
+        raise UserError(f"{name} does not hold this encoder: {len(foreign)} of its tensors are missing (first "
                          f"{foreign[0]!r}); the checkpoint has {blocks} blocks, the model {model.depth} (pick the "
                          f"--model of the checkpoint).")
     model.load_state_dict(to_load, strict=False)
@@ -234,7 +235,7 @@ def unetr_strides(patch_size: Sequence[int]) -> tuple[tuple[int, ...], tuple[int
     for p in sizes:
         t = 2 if p >= 8 else 1
         if p < 1 or p & (p - 1) or p % t ** 3:
-            raise ValueError(f"UNETR3D needs power-of-two patch sizes, got {sizes}.")
+            raise UserError(f"UNETR3D needs power-of-two patch sizes, got {sizes}.")
         coarse.append(t)
         last.append(p // t ** 3)
     return tuple(coarse), tuple(last)
@@ -260,7 +261,7 @@ class UNETR3D(nn.Module):
         self.encoder, self.num_classes = encoder, num_classes
         depth, e, f = encoder.depth, encoder.embed_dim, feature_size
         if depth < 4:
-            raise ValueError(f"UNETR3D needs an encoder with >= 4 blocks, got {depth}.")
+            raise UserError(f"UNETR3D needs an encoder with >= 4 blocks, got {depth}.")
         self.feature_blocks = [depth * k // 4 - 1 for k in range(1, 5)]
         t, s = unetr_strides(encoder.patch_size)
         common = dict(spatial_dims=3, kernel_size=3, norm_name=norm_name)
@@ -305,7 +306,7 @@ def build_segmentation_model(model_name: str, num_classes: int, img_size: int | 
                              drop_path_rate: float = 0.0, **kw: Any) -> UNETR3D:
     """UNETR3D on a `vit_*_patch16` encoder (cls-token variant, so the MAE's `norm.*` loads too)."""
     if model_name not in VIT_FACTORIES:
-        raise ValueError(f"unknown model {model_name!r}; expected one of {sorted(VIT_FACTORIES)}.")
+        raise UserError(f"unknown model {model_name!r}; expected one of {sorted(VIT_FACTORIES)}.")
     unetr_strides(patch_size)  # fail early on unsupported patch sizes
     norm_name = kw.pop("norm_name", "instance")
     encoder = VIT_FACTORIES[model_name](img_size=img_size, patch_size=patch_size, in_chans=in_chans,

@@ -1,6 +1,8 @@
 """The one error boundary of the scripts: errors a user can cause end as one `error: ...` line, no traceback.
 
-Set MAE3D_DEBUG=1 to see the full traceback instead.
+User-caused means the `UserError` family (unreadable volumes, bad tables, unusable checkpoints, bad flags; the
+volume and checkpoint errors subclass it) and `OSError` (a missing file, a permission, a full disk). Anything else,
+a plain `ValueError` included, is a bug and keeps its traceback. Set MAE3D_DEBUG=1 to see a traceback always.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ _CLASS_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|
 
 
 class UserError(ValueError):
-    """A problem with the user's input, flags or files; its message is one sentence naming what to fix."""
+    """A problem with the user's input, flags or files; its message is one sentence naming what to fix.
+
+    It stays a ValueError so that callers which catch ValueError around a reader keep working."""
 
 
 def user_message(e: BaseException) -> str:
@@ -27,9 +31,9 @@ def user_message(e: BaseException) -> str:
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions that report a user-caused problem (ValueError covers VolumeError, UserError and the
-    checkpoint errors; OSError covers missing files, permissions and full disks)."""
-    return (ValueError, OSError)
+    """Exceptions that report a user-caused problem: the UserError family, and OSError (missing files,
+    permissions, full disks). A plain ValueError is not one: it is a bug and keeps its traceback."""
+    return (UserError, OSError)
 
 
 def run_main(main: Callable, args):

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from util.errors import UserError
 from util.metrics import classification_metrics, regression_metrics
 from util.path_table import numeric_columns, where
 
@@ -60,7 +61,7 @@ def parse_labels(table: pd.DataFrame, columns: list[str], csv_path: str, regress
     k = int(nb_classes or max(2, int(y.max()) + 1))
     if y.max() >= k:
         i = int(np.argmax(y >= k))
-        raise ValueError(f"{csv_path}: {where(int(table.index[i]))}, column '{columns[0]}': class {y[i]} is >= "
+        raise UserError(f"{csv_path}: {where(int(table.index[i]))}, column '{columns[0]}': class {y[i]} is >= "
                          f"nb_classes={k}.")
     return dict(targets=y, nb_classes=k, label_names=[str(c) for c in range(k)],
                 class_counts=[int(c) for c in np.bincount(y, minlength=k)])
@@ -93,9 +94,9 @@ def _pos_weight(spec, counts: np.ndarray, n: int, k: int):
     try:
         values = [float(v) for v in spec]
     except ValueError:
-        raise ValueError(f"--pos_weight takes 'auto' or numbers, got {spec}.") from None
+        raise UserError(f"--pos_weight takes 'auto' or numbers, got {spec}.") from None
     if len(values) not in (1, k):
-        raise ValueError(f"--pos_weight takes 1 or {k} numbers (one per label column), got {len(values)}.")
+        raise UserError(f"--pos_weight takes 1 or {k} numbers (one per label column), got {len(values)}.")
     return torch.tensor(values * (k // len(values)), dtype=torch.float32)
 
 

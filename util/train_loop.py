@@ -1,9 +1,8 @@
 """The training epoch shared by pretraining and finetuning: accumulation, mixed precision, per-step seeding,
-lagged host checks, mid-epoch checkpoints and preemption, logging."""
+host checks at print steps only, mid-epoch checkpoints and preemption, logging."""
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -12,12 +11,13 @@ import torch
 
 from util import lr_sched
 from util.distributed import all_gather_objects, all_reduce_mean, get_rank
+from util.errors import UserError
 from util.faults import fault_point
 from util.logger import Progress
 from util.runtime import autocast, step_seed
 
 
-class NonFiniteLossError(ValueError):
+class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message names the epoch, the step and the batch's files."""
 
 
@@ -46,26 +46,45 @@ class EpochProgress:
     seen: list = field(default_factory=list)
 
 
-def _check_finite(pending, epoch: int, describe: Callable | None) -> None:
-    """Raise if the loss of an earlier step was not finite (checked one step late so the GPU never waits)."""
-    if pending is None:
-        return
-    loss, step, batch = pending
-    if not math.isfinite(float(loss)):
-        where = f"; batch files: {describe(batch)}" if describe else ""
-        raise NonFiniteLossError(
-            f"Loss became {float(loss)} at epoch {epoch}, step {step}{where}. The run stopped and the last good "
-            f"checkpoint was kept; lower --blr, use --clip_grad, or check these volumes.")
+class FiniteWatch:
+    """The losses of the steps since the last host check, kept on the device and read in one go at the print steps,
+    before a checkpoint and at the end of the epoch, so a steady-state step never waits for the device. A non-finite
+    loss raises NonFiniteLossError naming the first such step and its batch's files; no checkpoint is written after
+    it, so the last good one is kept."""
+
+    def __init__(self, epoch: int, describe: Callable | None):
+        self.epoch, self.describe = epoch, describe
+        self.losses, self.steps, self.names = [], [], []
+
+    def add(self, loss: torch.Tensor, step: int, batch) -> None:
+        self.losses.append(loss)
+        self.steps.append(step)
+        self.names.append(self.describe(batch) if self.describe else None)
+
+    def check(self) -> None:
+        if not self.losses:
+            return
+        losses = torch.stack(self.losses).float()
+        bad = (~torch.isfinite(losses)).nonzero()  # the one host read of this check
+        if len(bad):
+            i = int(bad[0, 0])
+            where = f"; batch files: {self.names[i]}" if self.names[i] is not None else ""
+            raise NonFiniteLossError(
+                f"Loss became {float(losses[i])} at epoch {self.epoch + 1}, step {self.steps[i]}{where}. The run "
+                f"stopped and the last good checkpoint was kept; lower --blr, use --clip_grad, or check these volumes.")
+        self.losses, self.steps, self.names = [], [], []
 
 
 def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettings, compute_loss: Callable,
                     tb=None, batch_ids: Callable | None = None, describe: Callable | None = None,
-                    start: EpochProgress | None = None, control=None, checkpoint: Callable | None = None) -> dict:
+                    start: EpochProgress | None = None, control=None, checkpoint: Callable | None = None,
+                    pace=None) -> dict:
     """One epoch (or its rest, from `start.step`). `compute_loss(model, batch) -> scalar loss` runs under autocast.
 
     Every micro-step reseeds torch from (seed, epoch, step, rank), so masks and drop paths replay exactly after a
     resume. Accumulation divides the loss by accum_iter, syncs DDP gradients on the last micro-step only and zeroes
-    gradients once per optimizer step. Loss and grad norm reach the host only every print_freq steps.
+    gradients once per optimizer step. Loss and grad norm reach the host only at the print steps, before a checkpoint
+    and at the end (FiniteWatch): a steady-state step never waits for the device.
     `batch_ids(batch) -> list[int]` records which samples this rank saw; `describe(batch)` names a batch's files.
     `control` (util.preempt.StepControl) decides after each optimizer step whether to write a mid-epoch checkpoint
     (`checkpoint(progress, final)`, final=True when stopping: it must be on disk when it returns) and whether to
@@ -74,10 +93,12 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
     model.train()
     device, n_steps = s.device, len(loader) + (start.step if start else 0)
     start = start or EpochProgress()
-    progress = Progress(n_steps, epoch, s.schedule.epochs, s.print_freq, s.batch_size * s.world_size, start.step)
+    progress = Progress(n_steps, epoch, s.schedule.epochs, s.print_freq, s.batch_size * s.world_size, start.step,
+                        pace)  # pace: the run's util.logger.Pace, for a steady ETA across epochs
     loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
     gnorm = torch.zeros((), device=device)
-    count, pending, lr, t0, seen = start.count, None, 0.0, time.time(), list(start.seen)
+    count, lr, t0, seen = start.count, 0.0, time.time(), list(start.seen)
+    watch = FiniteWatch(epoch, describe)
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
     for it, batch in enumerate(loader, start=start.step):
@@ -97,24 +118,25 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        _check_finite(pending, epoch, describe)
-        pending = (loss.detach(), it, batch)
+        loss = loss.detach()
+        watch.add(loss, it, batch)
         if batch_ids is not None:
             seen.extend(batch_ids(batch))
-        loss_sum += pending[0].double()
+        loss_sum += loss.double()
         count += 1
         if progress.due(it):
+            watch.check()
             _log_progress(progress, it, loss_sum / count, lr, gnorm, tb, epoch * n_steps + it, device)
         if last_micro and control is not None and it + 1 < n_steps:
             save, stop = control.decide(it + 1)
             if save or stop:
-                _check_finite(pending, epoch, describe)
+                watch.check()
                 checkpoint(EpochProgress(it + 1, all_reduce_mean(loss_sum, device), count,
                                          _gathered(seen) if batch_ids is not None else []), stop)
                 control.saved()
             if stop:
                 control.stop(epoch, it + 1)
-    _check_finite(pending, epoch, describe)
+    watch.check()
     stats = {"loss": all_reduce_mean(loss_sum / max(count, 1), device), "lr": lr}
     volumes = (count - start.count) * s.batch_size * s.world_size
     if batch_ids is not None:  # a few ints per rank: proves the ranks saw disjoint volumes

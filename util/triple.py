@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from util.errors import UserError
+
 
 def to_3tuple(x: Any, name: str = "value", kind: type = int) -> tuple:
     """An int (or float) or a sequence of 1 or 3 of them -> a 3-tuple of positive `kind` values.
@@ -17,7 +19,7 @@ def to_3tuple(x: Any, name: str = "value", kind: type = int) -> tuple:
     except (TypeError, ValueError):
         out = ()
     if len(out) != 3 or any(v <= 0 for v in out) or (kind is int and out != tuple(values)):
-        raise ValueError(f"{name} must be one positive {kind.__name__} or three (D, H, W), got {x!r}.")
+        raise UserError(f"{name} must be one positive {kind.__name__} or three (D, H, W), got {x!r}.")
     return out
 
 
