@@ -1,6 +1,6 @@
 """3D Masked Autoencoder with a ViT backbone (MAE, He et al. 2021) for CT volumes.
 
-State-dict keys match the TANGERINE ViT-Large checkpoint (see DESIGN.md, "Model contract").
+State-dict keys match the TANGERINE ViT-Large checkpoint (README, "Model contract"; tests/test_models_mae3d.py).
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def block_shapes(prefix: str, e: int) -> dict:
 
 
 def tangerine_shapes() -> dict:
-    """Key -> shape list written from DESIGN.md's "Model contract" section."""
+    """Key -> shape list written from the README's "Model contract" section."""
     e, d = 1024, 512
     shapes = {"cls_token": (1, 1, e), "pos_embed": (1, 4097, e),
               "patch_embed.proj.weight": (e, 1, 16, 16, 16), "patch_embed.proj.bias": (e,),

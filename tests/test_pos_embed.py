@@ -8,7 +8,7 @@ from util.pos_embed import get_1d_sincos_pos_embed_from_grid, get_3d_sincos_pos_
 
 
 def part_by_hand(dim: int, pos: int) -> list[float]:
-    """One row of the 1D table, written out from DESIGN.md's definition."""
+    """One row of the 1D table, written out from the definition in the README's "Model contract"."""
     half = dim // 2
     freqs = [10000.0 ** (-i / half) for i in range(half)]
     row = [math.sin(pos * f) for f in freqs] + [math.cos(pos * f) for f in freqs]
