@@ -42,6 +42,7 @@ class Custom3DDataset(VolumeDataset):
             self.table = drop_known_failures(self.table, data_path, cache_dir, self.cfg.key())
         self.paths = list(self.table["Path"])
         self.skip_bad = skip_bad
+        self.record_cache_use()  # how many volumes came from --cache_dir (said once per run by the scripts)
         self.bad_files: list[str] = []
 
     def _first_readable(self, v: int):

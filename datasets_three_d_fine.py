@@ -63,6 +63,7 @@ class Custom3DDataset(VolumeDataset):
         self.table = read_path_table(csv_path, ("Path", "Mask") if self.segmentation else ("Path", *cols))
         self.paths = list(self.table["Path"])
         self.mask_paths = list(self.table["Mask"]) if self.segmentation else None
+        self.record_cache_use()  # how many volumes came from --cache_dir (said once per run by the scripts)
         self.targets, self.class_counts = None, None
         if self.segmentation or not cols:
             self.nb_classes = int(nb_classes or 2)

@@ -27,8 +27,10 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, settings: Trai
 @torch.no_grad()
 def reconstruction_picture(model, img: torch.Tensor, path: str, mask_ratio: float, device: str, precision: str,
                            title: str = "", seed: int = 0):
-    """Input / masked input / reconstruction for one volume img [1, D, H, W] (written to `path` with `title`);
-    returns the HWC uint8 image."""
+    """The picture of one volume img [1, D, H, W]: the input, its visible patches (masked ones coloured) and the
+    reconstruction, which is the model's output in the masked patches with the visible patches pasted back from
+    the input (MAE's convention; the output there is not trained). Written to `path` with `title`; returns the HWC
+    uint8 image."""
     from util.visualize import save_reconstruction_figure
 
     m = model.module if hasattr(model, "module") else model

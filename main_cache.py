@@ -17,12 +17,6 @@ import sys
 import time
 
 from util import args as cli_args
-from util import cache_fill
-from util.atomic import ensure_writable_dir, remove_stale_tmp
-from util.distributed import cleanup, init_distributed_mode, is_main_process, on_main_then_share
-from util.errors import run_main
-from util.preprocess import PreprocessConfig
-from util.triple import to_3tuple
 
 PREPROCESS_FLAGS = ("input_size", "orientation", "spacing", "window", "interpolator")
 EXAMPLES = """  python main_cache.py --csv scans.csv --cache_dir /scratch/cache --input_size 256
@@ -35,38 +29,46 @@ EXAMPLES = """  python main_cache.py --csv scans.csv --cache_dir /scratch/cache 
 def get_args_parser():
     p = cli_args.make_parser("main_cache.py", "Preprocess every volume of the tables into --cache_dir once, in "
                              "parallel, before training (resumable; failed rows go to failures.csv).", EXAMPLES)
-    p.add_argument("--csv", nargs="+", required=True, help="tables with a Path column (and optionally Mask), or "
-                                                           "text files with one path per line")
-    p.add_argument("--input_size", type=int, nargs="+", default=[256], help="model input, one int or D H W "
-                                                                             "(as given to training)")
+    p.add_argument("--csv", nargs="+", required=True, help="required: tables with a Path column (and optionally "
+                                                           "Mask), or text files with one path per line")
+    p.add_argument("--input_size", type=cli_args.bounded(int, min=1), nargs="+", default=[256],
+                   help="model input, one int or D H W (as given to training)")
     p.add_argument("--no_masks", action="store_true", help="do not cache the label maps of a Mask column")
     p.add_argument("--from_checkpoint", default=None, help="use the preprocessing saved in this checkpoint "
                                                            "(preprocessing flags you type override it)")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=cli_args.bounded(int, min=1), default=None,
                    help="worker processes per torchrun process (default: min(CPUs, 16) / processes per machine)")
-    cli_args.add_preprocess_args(p, "the same flags and defaults as training, so the cache keys match")
+    cli_args.add_preprocess_args(p, "the same flags and defaults as training, so the cache keys match",
+                                 cache_dir_help="required: the folder the preprocessed volumes are written to")
     return p
 
 
+cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
+
+# below the parser on purpose: `--help` answers without importing torch or SimpleITK
+from util import cache_fill  # noqa: E402
+from util.atomic import ensure_writable_dir, remove_stale_tmp  # noqa: E402
+from util.distributed import cleanup, init_distributed_mode, is_main_process, on_main_then_share  # noqa: E402
+from util.errors import UserError, run_main  # noqa: E402
+from util.preprocess import PreprocessConfig  # noqa: E402
+
+
 def preprocess_settings(args) -> PreprocessConfig:
-    """The flags' PreprocessConfig, or the checkpoint's (--from_checkpoint) with typed flags overriding it."""
-    args.input_size = to_3tuple(args.input_size, "--input_size")
+    """The flags' PreprocessConfig, or the checkpoint's (--from_checkpoint) with the flags you type overriding it
+    through PreprocessConfig.with_overrides (validated again)."""
     if not args.from_checkpoint:
         return cli_args.preprocess_config(args)
     from util.checkpoint import load_checkpoint
 
     saved = load_checkpoint(args.from_checkpoint).get("preprocess")
     if not isinstance(saved, dict):
-        raise ValueError(f"{args.from_checkpoint}: has no saved preprocessing ('preprocess'); give the "
-                         f"preprocessing flags (--input_size, --spacing, ...) instead of --from_checkpoint.")
-    cfg = PreprocessConfig.from_dict(saved)
-    typed = [k for k in PREPROCESS_FLAGS if k in args.explicit]
-    for k in typed:
-        value = getattr(args, k)
-        setattr(cfg, "size" if k == "input_size" else k, tuple(value) if isinstance(value, (list, tuple)) else value)
-    if typed:
-        print(f"Preprocessing of {args.from_checkpoint} overridden by {', '.join('--' + k for k in typed)}.")
-    return PreprocessConfig.from_dict(cfg.to_dict())  # validated again
+        raise UserError(f"{args.from_checkpoint}: has no saved preprocessing ('preprocess'); give the "
+                        f"preprocessing flags (--input_size, --spacing, ...) instead of --from_checkpoint.")
+    changes = cli_args.typed_preprocess(args, PREPROCESS_FLAGS)
+    if changes:
+        print(f"Preprocessing of {args.from_checkpoint} overridden by "
+              f"{', '.join('--' + k for k in PREPROCESS_FLAGS if k in args.explicit)}.")
+    return PreprocessConfig.from_dict(saved).with_overrides(**changes)
 
 
 def check_cache_dir(cache_dir: str) -> None:
@@ -95,10 +97,6 @@ def main(args) -> int:
     started = time.time()
     args.device = "cpu"  # gloo: no GPU needed, ranks on CPU-only machines
     init_distributed_mode(args)
-    if not args.cache_dir:
-        raise ValueError("--cache_dir is required: the folder the preprocessed volumes are written to.")
-    if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}.")
     args.workers = args.workers or cache_fill.default_workers()
     cfg = preprocess_settings(args)
     rows = cache_fill.read_rows(args.csv, masks=not args.no_masks)

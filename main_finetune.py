@@ -13,22 +13,7 @@ import os
 import sys
 import time
 
-import torch
-
-import models_vit3d
-from datasets_three_d_fine import Custom3DDataset
-from engine_finetune import EvalSettings, build_optimizer, evaluate, train_one_epoch
-from models_build import build_model_from_meta, model_from_checkpoint
 from util import args as cli_args
-from util import trainer
-from util.atomic import ensure_writable_dir, write_text
-from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of
-from util.distributed import barrier, cleanup, is_main_process
-from util.errors import UserError, run_main
-from util.logger import TBLogger, append_json_log, describe_outputs
-from util.preprocess import PreprocessConfig
-from util.sampler import EvalShardSampler
-from util.tasks import build_criterion, default_best_metric, is_better, loss_weights, mode_of, nb_outputs
 
 DEMO_DIR, DEMO_PRETRAIN = "demo_data", os.path.join("output_dir", "demo_pretrain")
 # Demo: the MAE linear probe of the demo encoder (frozen; BatchNorm + linear head), the whole training split in
@@ -59,31 +44,82 @@ def get_args_parser():
                    help="segmentation reads label maps from a Mask column")
     g.add_argument("--label_columns", nargs="+", default=None, help="label column(s) (default Label); several = "
                                                                      "multi-label")
-    g.add_argument("--nb_classes", type=int, default=None, help="default: from the training labels / masks")
+    g.add_argument("--nb_classes", type=cli_args.bounded(int, min=2), default=None,
+                   help="default: from the training labels / masks")
     g.add_argument("--regression", action="store_true", help="MSE on the label column(s) instead of classes")
-    g.add_argument("--pos_weight", nargs="+", default=None, help="BCE positive weight(s), or 'auto' (neg/pos)")
+    g.add_argument("--pos_weight", type=cli_args.pos_weight, nargs="+", default=None,
+                   help="BCE positive weight(s), or 'auto' (neg/pos)")
     g.add_argument("--class_weights", default="none", choices=["auto", "none"], help="multiclass CE class weights")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing (multiclass)")
-    g.add_argument("--fg_prob", type=float, default=0.5, help="segmentation: share of crops centred on foreground")
-    g.add_argument("--intensity_jitter", type=float, default=0.0, help="random intensity scale/shift (training)")
+    g.add_argument("--smoothing", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.1,
+                   help="label smoothing (multiclass)")
+    g.add_argument("--fg_prob", type=cli_args.bounded(float, min=0, max=1), default=0.5,
+                   help="segmentation: share of crops centred on foreground")
+    g.add_argument("--intensity_jitter", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.0,
+                   help="random intensity scale/shift (training)")
     g = p.add_argument_group("head and initialisation")
     g.add_argument("--pool", default="avg", choices=["avg", "token", "cat"], help="TANGERINE classifiers used cat")
-    g.add_argument("--feature_size", type=int, default=16, help="UNETR decoder width (segmentation)")
-    g.add_argument("--drop_path", type=float, default=0.1, help="stochastic depth rate of the last block")
-    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from the head to the input")
-    g.add_argument("--finetune", default=None, help="pretrained checkpoint (ours or TANGERINE); none = scratch")
+    g.add_argument("--feature_size", type=cli_args.bounded(int, min=1), default=16,
+                   help="UNETR decoder width (segmentation)")
+    g.add_argument("--drop_path", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.1,
+                   help="stochastic depth rate of the last block")
+    g.add_argument("--layer_decay", type=cli_args.bounded(float, min=0, max=1, min_open=True), default=0.75,
+                   help="layer-wise lr decay from the head to the input (1: none)")
+    g.add_argument("--finetune", default=None, help="pretrained checkpoint (ours or TANGERINE) (default: none, the "
+                                                     "encoder starts from random weights; the demo: the demo MAE)")
     g.add_argument("--linprobe", action=argparse.BooleanOptionalAction, default=False,
                    help="freeze the encoder; BatchNorm + linear head, LARS (--no-linprobe: full finetune)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate a finetuned checkpoint on --val_csv")
     g.add_argument("--metrics_json", default=None, help="--eval output (default OUTPUT_DIR/eval_metrics.json)")
     g.add_argument("--best_metric", default=None, help="default auroc (classification), mae (regression), dice")
-    g.add_argument("--sw_batch_size", type=int, default=2, help="sliding-window batch (segmentation eval)")
-    g.add_argument("--sw_overlap", type=float, default=0.5, help="sliding-window overlap (segmentation eval)")
-    cli_args.add_training_args(p, models_vit3d.VIT_FACTORIES, "vit_large_patch16", blr=1e-3, epochs=50,
-                               warmup_epochs=5, min_lr=1e-6, output_dir=None)
+    g.add_argument("--sw_batch_size", type=cli_args.bounded(int, min=1), default=2,
+                   help="sliding-window batch (segmentation eval)")
+    g.add_argument("--sw_overlap", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.5,
+                   help="sliding-window overlap (segmentation eval)")
+    cli_args.add_training_args(p, cli_args.VIT_MODELS, "vit_large_patch16", blr=1e-3, epochs=50,
+                               warmup_epochs=5, min_lr=1e-6, output_dir=None,
+                               output_note=" (default: output_dir/finetune; --eval: next to the checkpoint)")
     cli_args.add_preprocess_args(p)
     return p
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `argv` (default: the command line); the demo preset (no CSV given) and the linear-probe recipe for
+    the flags not typed; say when the encoder starts from random weights; then the flags' cross checks."""
+    def presets(args) -> None:
+        args.demo = not (args.train_csv or args.val_csv or args.test_csv)
+        if args.demo:
+            cli_args.apply_preset(args, DEMO_PRESET, "demo")
+        if args.linprobe:  # the recipe's values, except where the demo preset sets its own
+            recipe = {k: v for k, v in LINPROBE_PRESET.items() if not (args.demo and k in DEMO_PRESET)}
+            cli_args.apply_preset(args, recipe, "linear-probe recipe")
+        if not args.eval and args.finetune in (None, "", "none"):
+            typed = "--finetune none" if "finetune" in args.explicit else "no --finetune"
+            cli_args.announce(f"{typed}: the encoder starts from random weights.")
+    return cli_args.parse(get_args_parser(), argv, presets)
+
+
+cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
+
+# the heavy imports come after the parser on purpose (`--help` in a fraction of a second, not 10 s and 1 GB)
+import torch  # noqa: E402
+
+import models_vit3d  # noqa: E402
+from datasets_three_d_fine import Custom3DDataset  # noqa: E402
+from engine_finetune import EvalSettings, build_optimizer, evaluate, train_one_epoch  # noqa: E402
+from models_build import adopt_encoder_sizes, build_model_from_meta, model_from_checkpoint  # noqa: E402
+from util import trainer  # noqa: E402
+from util.atomic import ensure_writable_dir, write_text  # noqa: E402
+from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of  # noqa: E402
+from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
+from util.errors import UserError, run_main  # noqa: E402
+from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
+from util.metrics import summary_line  # noqa: E402
+from util.preprocess import PreprocessConfig  # noqa: E402
+from util.sampler import EvalShardSampler  # noqa: E402
+from util.tasks import (build_criterion, default_best_metric, is_better, loss_weights, mode_of,  # noqa: E402
+                        nb_outputs)
+from util.volume_dataset import cache_use_line  # noqa: E402
 
 
 def resolve_demo_checkpoint() -> str:
@@ -167,8 +203,9 @@ def load_finetune(vit, args) -> None:
     print(f"Loaded {len(info['loaded'])} tensors from {args.finetune}.")
 
 
-def end_of_epoch(args, parts: tuple, metrics: dict, best: dict, epoch: int) -> dict:
-    """Update the best record; rank 0 writes checkpoint-best.pth (when improved) and checkpoint-last.pth."""
+def end_of_epoch(args, parts: tuple, metrics: dict, best: dict, epoch: int, train_loss: float) -> dict:
+    """Update the best record; rank 0 writes checkpoint-best.pth (when improved) and checkpoint-last.pth; one line
+    with the training loss, the validation loss and the task's metrics. Without validation there is no best."""
     if metrics and args.best_metric not in metrics:
         raise UserError(f"--best_metric {args.best_metric} is not computed here; choose one of {sorted(metrics)}.")
     improved = bool(metrics) and is_better(metrics[args.best_metric], best.get("value"), args.best_metric)
@@ -178,9 +215,11 @@ def end_of_epoch(args, parts: tuple, metrics: dict, best: dict, epoch: int) -> d
     names = (["checkpoint-best.pth"] if improved else []) + ["checkpoint-last.pth"]
     trainer.save_checkpoint([os.path.join(args.output_dir, n) for n in names], model, optimizer, scaler, epoch, args,
                             best=best, metrics=metrics, **extra)
-    if metrics:
-        print(f"epoch {epoch + 1}/{args.epochs}: val {args.best_metric} {metrics[args.best_metric]:.4f} "
-              f"(best {best.get('value', float('nan')):.4f} at epoch {best.get('epoch', 0) + 1})")
+    line = f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}"
+    if metrics:  # best['epoch'] counts from 0, as the checkpoint's 'epoch'
+        line += (f"; val {summary_line(metrics, (args.best_metric,))} (best {args.best_metric} "
+                 f"{best.get('value', float('nan')):.4f} at epoch {best.get('epoch', 0) + 1})")
+    print(line, flush=True)
     return best
 
 
@@ -214,20 +253,28 @@ def train(args, preprocess) -> None:
     extra = dict(recipe=recipe, meta=meta, preprocess=preprocess.to_dict(), loss_weights=weights)
     control, tb = trainer.step_control(args), TBLogger(args.log_dir)
     eval_settings = EvalSettings(args.device, args.precision, args.sw_batch_size, args.sw_overlap)
+    pace = Pace()
+    if val_loader is None:
+        print("No --val_csv: nothing is validated, so there is no best epoch and no checkpoint-best.pth; "
+              + ("--test_csv is scored with checkpoint-last.pth." if test_loader is not None else
+                 "checkpoint-last.pth holds the last epoch."))
     try:
         for epoch in range(start_epoch, args.epochs):
             trainer.begin_epoch(epoch, sampler, train_ds, progress, args)
             saver = trainer.mid_epoch_saver(args, epoch, (model, optimizer, scaler), best=best, **extra)
             stats = train_one_epoch(ddp, criterion, loader, optimizer, scaler, epoch, settings, mode, tb,
-                                    start=progress, control=control, checkpoint=saver)
+                                    start=progress, control=control, checkpoint=saver, pace=pace)
             progress = None
+            line = cache_use_line(train_ds, args.cache_dir, args.device) if epoch == start_epoch else None
+            if line and is_main_process():  # (every rank counts its reads)
+                print(line)
             metrics = evaluate(model, criterion, val_loader, eval_settings, meta) if val_loader else {}
-            best = end_of_epoch(args, (model, optimizer, scaler, extra), metrics, best, epoch)
+            best = end_of_epoch(args, (model, optimizer, scaler, extra), metrics, best, epoch, stats["loss"])
             control.saved()  # checkpoint-last.pth of this epoch: the --save_every_minutes timer restarts
             stats = {**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in metrics.items()},
-                     "epoch": epoch}
+                     "epoch": epoch + 1}  # log.txt counts epochs from 1, like the console
             if is_main_process():
-                tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, epoch, prefix="epoch/")
+                tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
                 tb.flush()
                 append_json_log(args.output_dir, stats)
             if control.stop_requested() and epoch + 1 < args.epochs:
@@ -304,28 +351,23 @@ def main(args) -> None:
         raise UserError("--task segmentation cannot be combined with --linprobe or --regression.")
     if not args.train_csv:
         raise UserError("Training needs --train_csv (and usually --val_csv); or pass --eval to score a checkpoint.")
+    if args.finetune:  # the encoder's size and patch from its weights, unless typed (models_build)
+        adopt_encoder_sizes(args)
+        cli_args.check_sizes(args)
     args.output_dir = args.output_dir or os.path.join("output_dir", "finetune")
     args.log_dir = args.log_dir or args.output_dir
     print(describe_outputs(args.output_dir, args.log_dir, demo=DEMO_DIR if args.demo else None))
     t0 = time.time()
     with trainer.open_output_dir(args):
         train(args, cli_args.preprocess_config(args))
-    print(f"Done in {time.time() - t0:.0f}s. Wrote checkpoint-best.pth (best {args.best_metric}), "
-          f"checkpoint-last.pth and log.txt in {args.output_dir}")
+    best = f"checkpoint-best.pth (best {args.best_metric}), " if args.val_csv else ""
+    print(f"Done in {time.time() - t0:.0f}s. Wrote {best}checkpoint-last.pth and log.txt in {args.output_dir}")
     cleanup()
 
 
 def cli_main(argv: list[str] | None = None):
-    """Parse `argv`, apply the demo preset (no CSV given) and the linear-probe recipe, run."""
-    args = cli_args.parse(get_args_parser(), argv)
-    args.demo = not (args.train_csv or args.val_csv or args.test_csv)
-    if args.demo:
-        cli_args.apply_preset(args, DEMO_PRESET, "demo")
-    if args.linprobe:  # the recipe's values, except where the demo preset sets its own
-        recipe = {k: v for k, v in LINPROBE_PRESET.items() if not (args.demo and k in DEMO_PRESET)}
-        if recipe:
-            cli_args.apply_preset(args, recipe, "linear-probe")
-    return run_main(main, args)
+    """Parse `argv` (default: the command line) with parse_args, run."""
+    return run_main(main, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,41 +5,20 @@
     torchrun --standalone --nproc_per_node=4 main_predict.py ...   # rows split across GPUs, one output file
 
 The checkpoint decides the task, labels, model and preprocessing; --orientation/--spacing/--window/--interpolator
-override the saved preprocessing only when typed. Without arguments it runs the demo (see DEMO_PRESET).
+override the saved preprocessing only when typed (validated again). Without arguments it runs the demo.
 
-Embeddings (--embeddings, from a pretraining or a finetuned classification checkpoint): the encoder's output
-tokens [N, 1+L, E] (`forward_features`: the last transformer block, then the encoder's final LayerNorm when it
-has one -- pretraining checkpoints keep the MAE's, so the tokens equal the MAE encoder's latent) are pooled:
-`cls` = the class token (token 0), `avg` = the mean of the L patch tokens, `cat` = [cls, avg] (width 2E).
-
-A row that cannot be read or preprocessed gets a one-sentence `error` and never stops the others; the exit
-status is 2 when any row failed (--strict: stop at the first failure and write nothing).
+Embeddings (--embeddings): the encoder's output tokens [N, 1+L, E] (`forward_features`: the last block, then the
+encoder's final LayerNorm; pretraining checkpoints keep the MAE's, so they equal the MAE latent) are pooled: `cls`
+= token 0, `avg` = the mean of the L patch tokens, `cat` = [cls, avg] (width 2E). A row that cannot be read gets a
+one-sentence `error` and never stops the others; exit status 2 when any row failed (--strict: stop, write nothing).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-from models_build import load_for_inference
-from models_vit3d import pool_tokens
 from util import args as cli_args
-from util import predict_io as io
-from util.augment import center_crop_or_pad
-from util.cache import VolumeCache
-from util.checkpoint import best_or_last
-from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process
-from util.errors import run_main
-from util.preprocess import PreprocessConfig, load_cached, preprocess_image, to_input_grid
-from util.runtime import autocast, default_num_workers, resolve_precision, torch_threads
-from util.tasks import logits_to_probs
-from util.trainer import worker_init
-from util.triple import to_3tuple
-from util.volume_io import VolumeError, read_image
+from util.runtime import default_num_workers
 
 DEMO_DIR = os.path.join("output_dir", "demo_finetune")
 DEMO_PRESET = dict(input_csv=os.path.join("demo_data", "predict.csv"),
@@ -58,9 +37,11 @@ def get_args_parser():
     p = cli_args.make_parser("main_predict.py", "Batch prediction, embeddings and label maps from a CSV of volumes. "
                              "The checkpoint decides the task, labels, model and preprocessing.", EXAMPLES)
     p.add_argument("--input_csv", default=None, help="CSV with a Path column (omit it to run the demo)")
-    p.add_argument("--output_csv", default=None, help="input columns + prob_<class>, pred, error")
+    p.add_argument("--output_csv", default=None, help="input columns + prob_<class>, pred, error (+ dice for "
+                                                       "segmentation with a Mask column)")
     p.add_argument("--finetune", "--checkpoint", dest="finetune", default=None,
-                   help="finetuned checkpoint (predictions, masks, embeddings) or pretraining one (embeddings)")
+                   help="finetuned checkpoint (predictions, masks, embeddings) or pretraining one (embeddings); "
+                        "required with --input_csv")
     p.add_argument("--embeddings", default=None, help="write embeddings to this .npy, .csv or .parquet file")
     p.add_argument("--embedding_type", default="avg", choices=sorted(EMBEDDING_POOLS),
                    help="cls: class token; avg: mean of patch tokens; cat: both concatenated")
@@ -69,14 +50,17 @@ def get_args_parser():
                         "the head (default: binary for 1 output, multiclass for more)")
     p.add_argument("--seg_output_dir", default=None,
                    help="segmentation: folder for <stem>_seg.nii.gz (default: next to --output_csv)")
-    p.add_argument("--input_size", type=int, nargs="+", default=None,
+    p.add_argument("--input_size", type=cli_args.bounded(int, min=1), nargs="+", default=None,
                    help="checkpoints without metadata only: D H W the encoder runs at (default: from the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=4, help="volumes per forward pass (per process)")
-    p.add_argument("--sw_batch_size", type=int, default=None, help="segmentation windows per pass (default: --batch_size)")
-    p.add_argument("--sw_overlap", type=float, default=0.25, help="segmentation sliding-window overlap")
-    p.add_argument("--num_workers", type=int, default=default_num_workers(4),
+    p.add_argument("--batch_size", type=cli_args.bounded(int, min=1), default=4,
+                   help="volumes per forward pass (per process)")
+    p.add_argument("--sw_batch_size", type=cli_args.bounded(int, min=1), default=None,
+                   help="segmentation windows per pass (default: --batch_size)")
+    p.add_argument("--sw_overlap", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.25,
+                   help="segmentation sliding-window overlap")
+    p.add_argument("--num_workers", type=cli_args.bounded(int, min=0), default=default_num_workers(4),
                    help="DataLoader processes reading and preprocessing")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    p.add_argument("--precision", default="auto", choices=cli_args.PRECISIONS,
                    help="auto: bf16 on GPUs that support it, fp32 on CPU")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--label_column", default="Label", help="classifiers: score the predictions against this "
@@ -88,14 +72,38 @@ def get_args_parser():
 
 
 def parse_args(argv: list[str] | None = None):
-    """Parse the command line; remember which flags were typed; apply the demo preset without --input_csv."""
-    args = cli_args.parse(get_args_parser(), argv)
-    args.demo = args.input_csv is None
-    if args.demo:
-        found = best_or_last(DEMO_DIR)
-        cli_args.apply_preset(args, dict(DEMO_PRESET, finetune=found or os.path.join(DEMO_DIR, "checkpoint-best.pth")),
-                              "demo")
-    return args
+    """Parse the command line; remember which flags were typed; apply the demo preset without --input_csv; check
+    the flags' ranges and the preprocessing flags (before anything is loaded)."""
+    def presets(args) -> None:
+        args.demo = args.input_csv is None
+        if args.demo:
+            from util.checkpoint import best_or_last
+
+            found = best_or_last(DEMO_DIR) or os.path.join(DEMO_DIR, "checkpoint-best.pth")
+            cli_args.apply_preset(args, dict(DEMO_PRESET, finetune=found), "demo")
+    return cli_args.parse(get_args_parser(), argv, presets)
+
+
+# --help and bad values are answered here, before the heavy imports below (a fraction of a second, not 10 s, 1 GB)
+cli_args.parse_before_imports(__name__, get_args_parser)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from models_build import load_for_inference  # noqa: E402
+from models_vit3d import pool_tokens  # noqa: E402
+from util import predict_io as io  # noqa: E402
+from util.augment import center_crop_or_pad  # noqa: E402
+from util.cache import VolumeCache  # noqa: E402
+from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process  # noqa: E402
+from util.errors import UserError, run_main  # noqa: E402
+from util.preprocess import PreprocessConfig, load_cached, preprocess_image, to_input_grid  # noqa: E402
+from util.runtime import autocast, resolve_precision, torch_threads  # noqa: E402
+from util.tasks import logits_to_probs  # noqa: E402
+from util.trainer import worker_init  # noqa: E402
+from util.triple import to_3tuple  # noqa: E402
+from util.volume_io import VolumeError, read_image  # noqa: E402
 
 
 def prepare_demo(args) -> None:
@@ -176,23 +184,22 @@ def load_model(args):
         model, meta, saved = load_for_inference(args.finetune, args.device, input_size, global_pool="token",
                                                 head_mode=args.head_mode)
     except (RuntimeError, KeyError) as e:
-        raise ValueError(f"Checkpoint {args.finetune} does not match the model its metadata describes "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
+        raise UserError(f"Checkpoint {args.finetune} does not match the model its metadata describes "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
     if input_size and tuple(meta["input_size"]) != input_size:
         print(f"Note: --input_size is ignored for finetuned checkpoints (this one runs at {meta['input_size']}).")
     return model, meta, preprocess_config(saved, meta, args)
 
 
 def preprocess_config(saved: dict | None, meta: dict, args):
-    """The checkpoint's preprocessing (TANGERINE defaults when it has none); typed flags override it."""
+    """The checkpoint's preprocessing (TANGERINE defaults when it has none); typed flags override it through
+    PreprocessConfig.with_overrides, which validates the result (a reversed --window is refused)."""
     cfg = PreprocessConfig.from_dict(saved) if saved else PreprocessConfig(size=tuple(meta["input_size"]))
-    explicit = getattr(args, "explicit", set())
-    typed = [k for k in PREPROCESS_FLAGS if k in explicit]
-    for k in typed:
-        value = getattr(args, k)
-        setattr(cfg, k, tuple(value) if isinstance(value, (list, tuple)) else value)
-    if "input_size" in explicit and meta["mode"] == "embedding":
-        cfg.size = tuple(meta["input_size"])
+    changes = cli_args.typed_preprocess(args, PREPROCESS_FLAGS) if hasattr(args, "explicit") else {}
+    if "input_size" in getattr(args, "explicit", ()) and meta["mode"] == "embedding":
+        changes["size"] = tuple(meta["input_size"])
+    cfg = cfg.with_overrides(**changes)
+    typed = [k for k in PREPROCESS_FLAGS if k in changes]
     if typed:
         print(f"Preprocessing overridden by {', '.join('--' + k for k in typed)}: prediction no longer sees "
               f"exactly what training saw.")
@@ -200,38 +207,38 @@ def preprocess_config(saved: dict | None, meta: dict, args):
 
 
 def check_flags(args) -> None:
-    """Fail early, before any model is loaded, on missing or contradictory flags and on existing outputs."""
+    """Fail early, before any model is loaded, on missing or contradictory flags, on two outputs (or an output
+    and an input) that are the same file, on existing outputs and on output folders that cannot be written."""
     if args.finetune is None:
-        raise ValueError("--finetune (the checkpoint to predict with) is required with --input_csv.")
+        raise UserError("--finetune (the checkpoint to predict with) is required with --input_csv.")
     if args.output_csv is None and args.embeddings is None:
-        raise ValueError("Pass --output_csv (predictions) and/or --embeddings (embedding file).")
-    if args.batch_size < 1 or args.num_workers < 0 or not 0 <= args.sw_overlap < 1:
-        raise ValueError("--batch_size must be >= 1, --num_workers >= 0 and --sw_overlap in [0, 1).")
+        raise UserError("Pass --output_csv (predictions) and/or --embeddings (embedding file).")
     if args.embeddings:
         io.check_embedding_path(args.embeddings)
-    outputs = ([args.output_csv] if args.output_csv else []) + \
-        (io.embedding_outputs(args.embeddings) if args.embeddings else [])
-    io.check_outputs(outputs, args.overwrite)
+    io.check_outputs(io.output_files(args.output_csv, args.embeddings), args.overwrite,
+                     inputs={"--input_csv": args.input_csv, "--finetune": args.finetune})
 
 
 def check_task(args, meta: dict, paths: list[str]) -> list[str]:
     """Check the request fits the checkpoint's task; returns the label-map path of every row (segmentation)."""
     mode, ckpt = meta["mode"], args.finetune
     if mode == "embedding" and not args.embeddings:
-        raise ValueError(f"{ckpt} is a pretraining checkpoint (no task head): pass --embeddings PATH to extract "
-                         f"embeddings, or a finetuned checkpoint to predict.")
+        raise UserError(f"{ckpt} is a pretraining checkpoint (no task head): pass --embeddings PATH to extract "
+                        f"embeddings, or a finetuned checkpoint to predict.")
     if mode == "segmentation" and args.embeddings:
-        raise ValueError(f"{ckpt} is a segmentation checkpoint: --embeddings needs a pretraining or a "
-                         f"classification/regression checkpoint.")
+        raise UserError(f"{ckpt} is a segmentation checkpoint: --embeddings needs a pretraining or a "
+                        f"classification/regression checkpoint.")
     if args.seg_output_dir and mode != "segmentation":
-        raise ValueError(f"--seg_output_dir needs a segmentation checkpoint; {ckpt} is a {mode} one.")
+        raise UserError(f"--seg_output_dir needs a segmentation checkpoint; {ckpt} is a {mode} one.")
     if mode != "segmentation":
         return []
     if args.output_csv is None:
-        raise ValueError("Segmentation needs --output_csv (it lists the label map of every row).")
+        raise UserError("Segmentation needs --output_csv (it lists the label map of every row).")
     seg_dir = args.seg_output_dir or os.path.splitext(args.output_csv)[0] + "_seg"
     seg_paths = io.seg_output_paths(paths, seg_dir)
-    io.check_outputs(seg_paths, args.overwrite)
+    io.check_outputs(io.output_files(args.output_csv, args.embeddings, seg_paths), args.overwrite,
+                     inputs={**{f"--input_csv row {i + 1}": p for i, p in enumerate(paths)},
+                             "--input_csv": args.input_csv, "--finetune": args.finetune})
     return seg_paths
 
 
@@ -284,8 +291,20 @@ def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta: d
     return to_input_grid(label, io.image_on_grid(ref), io.image_on_grid(orig))
 
 
-def run_shard(model, loader: DataLoader, meta: dict, args, seg_paths: list[str]) -> dict[int, dict]:
-    """Predict this process's rows; returns {row: result}. With --strict it stops at the first failure."""
+def score_mask(label, row: int, masks: list[str] | None, meta: dict) -> dict:
+    """{'dice': foreground Dice against the row's Mask file}, {'dice_error': why}, or {} without a Mask column."""
+    if masks is None:
+        return {}
+    try:
+        return {"dice": io.mask_dice(label, masks[row], meta["nb_classes"])}
+    except (UserError, OSError, RuntimeError) as e:  # an unreadable mask never stops the prediction
+        return {"dice_error": row_error(masks[row], e)}
+
+
+def run_shard(model, loader: DataLoader, meta: dict, args, seg_paths: list[str],
+              masks: list[str] | None = None) -> dict[int, dict]:
+    """Predict this process's rows; returns {row: result}. With --strict it stops at the first failure.
+    Segmentation rows with a Mask file also get their Dice (score_mask)."""
     results: dict[int, dict] = {}
     failed = 0
     bar = tqdm(total=len(loader.dataset), unit="vol", desc="predict", disable=not is_main_process(),
@@ -298,8 +317,9 @@ def run_shard(model, loader: DataLoader, meta: dict, args, seg_paths: list[str])
             break
         if batch["rows"] and meta["mode"] == "segmentation":
             for row, image, grids in zip(batch["rows"], batch["images"], batch["grids"]):
-                io.write_label_map(seg_paths[row], segment_volume(model, image, grids, meta, args))
-                results[row] = {"seg_path": seg_paths[row]}
+                label = segment_volume(model, image, grids, meta, args)
+                io.write_label_map(seg_paths[row], label)
+                results[row] = {"seg_path": seg_paths[row], **score_mask(label, row, masks, meta)}
         elif batch["rows"]:
             results.update(zip(batch["rows"], predict_batch(model, batch["images"], meta, args)))
         bar.update(len(batch["rows"]) + len(batch["failed"]))
@@ -332,6 +352,9 @@ def finish(args, df, paths: list[str], results: dict[int, dict], meta: dict) -> 
         score = io.score_against_labels(df, results, meta, args.label_column)
         if score:
             print(score)
+        if meta["mode"] == "segmentation":
+            for line in io.score_against_masks(df, results):
+                print(line)
         if args.embeddings:
             dim = meta["embed_dim"] * (2 if args.embedding_type == "cat" else 1)
             io.write_embeddings(args.embeddings, df, results, dim)
@@ -360,7 +383,8 @@ def main(args) -> int:
     what = f"embeddings ({args.embedding_type})" if meta["mode"] == "embedding" else meta["mode"]
     print(f"{args.finetune}: {meta['model']} {what}, input {tuple(meta['input_size'])}, {len(paths)} rows on "
           f"{args.world_size} process(es), precision {args.precision}, preprocessing {cfg.to_dict()}")
-    results = gather_results(run_shard(model, loader, meta, args, seg_paths))
+    masks = io.mask_paths(df, args.input_csv) if meta["mode"] == "segmentation" else None
+    results = gather_results(run_shard(model, loader, meta, args, seg_paths, masks))
     code = finish(args, df, paths, results, meta)
     cleanup()
     return code

@@ -6,23 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
-import torch
-
-import models_mae3d
-from datasets_three_d import Custom3DDataset
-from engine_pretrain import evaluate_reconstruction, reconstruction_picture, train_one_epoch
 from util import args as cli_args
-from util import trainer
-from util.atomic import write_text
-from util.checkpoint import save_atomic
-from util.distributed import barrier, cleanup, is_main_process
-from util.errors import run_main
-from util.logger import TBLogger, append_json_log, describe_outputs
-from util.lr_decay import param_groups_weight_decay
-from util.sampler import EvalShardSampler
 
 DEMO_DIR = "demo_data"
 # Demo: 8^3 patches (512 tokens of a 64^3 phantom, fine enough for lungs and body outline to come back), about
@@ -31,6 +19,7 @@ DEMO_PRESET = dict(model="mae_vit_tiny_patch16", input_size=[64, 64, 64], patch_
                    warmup_epochs=2, batch_size=4, blr=0.064, output_dir=os.path.join("output_dir", "demo_pretrain"),
                    save_every=25, vis_every=5, num_workers=min(2, cli_args.default_num_workers()),
                    val_path=os.path.join(DEMO_DIR, "val.csv"))
+TANGERINE_FLAGS = ("model", "input_size", "patch_size", "mask_ratio", "epochs", "warmup_epochs", "blr")
 EXAMPLES = """  python main_pretrain.py                      # demo: tiny MAE on built-in CT phantoms
   torchrun --standalone --nproc_per_node=4 main_pretrain.py --data_path scans.csv --cache_dir /scratch/cache \\
       --output_dir out/                        # the TANGERINE recipe (ViT-L/16, 256^3, 400 epochs)
@@ -45,18 +34,52 @@ def get_args_parser():
                                                      "(omit it to run the built-in demo)")
     g.add_argument("--val_path", default=None, help="held-out volumes (CSV): masked-patch MSE against the trivial "
                                                     "reconstruction every --vis_every epochs, and the picture's volume")
-    g.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches removed from each volume")
+    g.add_argument("--mask_ratio", type=cli_args.bounded(float, min=0, max=1, min_open=True, max_open=True),
+                   default=0.75, help="share of patches removed from each volume")
     g.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised voxels")
-    g.add_argument("--intensity_jitter", type=float, default=0.0, help="random intensity scale/shift (0: flips only)")
+    g.add_argument("--intensity_jitter", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.0,
+                   help="random intensity scale/shift (0: flips only)")
     g.add_argument("--skip_bad", action="store_true", help="skip unreadable volumes (listed in log.txt) instead of "
                                                            "stopping")
-    g.add_argument("--save_every", type=int, default=20, help="also keep checkpoint-N.pth every N epochs")
-    g.add_argument("--vis_every", type=int, default=20, help="reconstruction picture (and --val_path score) every N "
-                                                             "epochs (0: never)")
-    cli_args.add_training_args(p, models_mae3d.MODEL_FACTORIES, "mae_vit_large_patch16", blr=1.5e-4, epochs=400,
+    g.add_argument("--save_every", type=cli_args.bounded(int, min=0), default=20,
+                   help="also keep checkpoint-N.pth every N epochs (0: only checkpoint-last.pth)")
+    g.add_argument("--vis_every", type=cli_args.bounded(int, min=0), default=20,
+                   help="reconstruction picture (and --val_path score) every N epochs (0: never)")
+    cli_args.add_training_args(p, cli_args.MAE_MODELS, "mae_vit_large_patch16", blr=1.5e-4, epochs=400,
                                warmup_epochs=40, min_lr=0.0, output_dir=os.path.join("output_dir", "pretrain"))
     cli_args.add_preprocess_args(p)
     return p
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `argv` (default: the command line); the demo preset when no --data_path is given, else say which
+    TANGERINE recipe defaults apply (only those not typed); then the flags' cross checks."""
+    def presets(args) -> None:
+        args.demo = args.data_path is None
+        if args.demo:
+            cli_args.apply_preset(args, DEMO_PRESET, "demo")
+        else:
+            cli_args.announce_defaults(args, "TANGERINE recipe", TANGERINE_FLAGS)
+    return cli_args.parse(get_args_parser(), argv, presets)
+
+
+cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
+
+# the heavy imports come after the parser on purpose (`--help` in a fraction of a second, not 10 s and 1 GB)
+import torch  # noqa: E402
+
+import models_mae3d  # noqa: E402
+from datasets_three_d import Custom3DDataset  # noqa: E402
+from engine_pretrain import evaluate_reconstruction, reconstruction_picture, train_one_epoch  # noqa: E402
+from util import trainer  # noqa: E402
+from util.atomic import atomic_write, write_text  # noqa: E402
+from util.checkpoint import save_atomic  # noqa: E402
+from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
+from util.errors import run_main  # noqa: E402
+from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
+from util.lr_decay import param_groups_weight_decay  # noqa: E402
+from util.sampler import EvalShardSampler  # noqa: E402
+from util.volume_dataset import cache_use_line  # noqa: E402
 
 
 def build_data(args, preprocess):
@@ -94,31 +117,51 @@ def build_model(args):
 
 
 def end_of_epoch(args, epoch, stats, parts, tb, shown, val) -> dict:
-    """Checkpoints, the held-out score and the picture (every --vis_every epochs), TensorBoard and log.txt."""
+    """Checkpoints, the held-out score and the picture (every --vis_every epochs), TensorBoard and log.txt.
+    `epoch` counts from 0 (as the checkpoint's 'epoch' stores it); every name and line counts from 1."""
     model, optimizer, scaler, recipe, preprocess = parts
-    ckpt = dict(recipe=recipe, preprocess=preprocess.to_dict())
+    ckpt, done = dict(recipe=recipe, preprocess=preprocess.to_dict()), epoch + 1
     paths = [os.path.join(args.output_dir, "checkpoint-last.pth")]
-    if (epoch + 1) % args.save_every == 0 or epoch + 1 == args.epochs:
-        paths.append(os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    if args.save_every and done % args.save_every == 0 and done < args.epochs:  # the last one: link_final_checkpoint
+        paths.append(os.path.join(args.output_dir, f"checkpoint-{done}.pth"))
     trainer.save_checkpoint(paths, model, optimizer, scaler, epoch, args, **ckpt)
-    if args.vis_every and ((epoch + 1) % args.vis_every == 0 or epoch + 1 == args.epochs):
-        title = f"epoch {epoch + 1}/{args.epochs}  train loss {stats['loss']:.4f}"
+    if args.vis_every and (done % args.vis_every == 0 or done == args.epochs):
+        title = f"epoch {done}/{args.epochs}  train loss {stats['loss']:.4f}"
         if val is not None:
             score = evaluate_reconstruction(model, val, args.mask_ratio, args.device, args.precision, args.seed)
             stats.update({f"val_{k}": v for k, v in score.items()})
             title += f"  held-out MSE {score['recon_mse']:.4f} (trivial {score['baseline_mse']:.4f})"
-            print(f"epoch {epoch + 1}/{args.epochs}: held-out masked-patch MSE {score['recon_mse']:.4g}, trivial "
+            print(f"epoch {done}/{args.epochs}: held-out masked-patch MSE {score['recon_mse']:.4g}, trivial "
                   f"reconstruction {score['baseline_mse']:.4g} (ratio {score['ratio']:.2f})")
         if is_main_process():
-            path = os.path.join(args.output_dir, f"reconstruction-{epoch:04d}.png")
+            path = os.path.join(args.output_dir, f"reconstruction-{done:04d}.png")
             pic = reconstruction_picture(model, shown[0][0], path, args.mask_ratio, args.device, args.precision,
                                          title)
-            tb.image("reconstruction", pic, epoch)
+            tb.image("reconstruction", pic, done)
     if is_main_process():
-        tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, epoch, prefix="epoch/")
+        tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, done, prefix="epoch/")
         tb.flush()
         append_json_log(args.output_dir, stats)
     return stats
+
+
+def link_final_checkpoint(output_dir: str, epochs: int) -> bool:
+    """checkpoint-<epochs>.pth as a hard link to checkpoint-last.pth: the run's final state under its number
+    without a second copy on disk (a later run continuing with more --epochs replaces checkpoint-last.pth, the
+    link keeps this one). A copy where the file system has no hard links; returns whether it is a link."""
+    last, final = (os.path.join(output_dir, n) for n in ("checkpoint-last.pth", f"checkpoint-{epochs}.pth"))
+    linked = []
+
+    def link(tmp: str) -> None:
+        os.remove(tmp)
+        try:
+            os.link(last, tmp)
+            linked.append(True)
+        except OSError:
+            shutil.copyfile(last, tmp)
+
+    atomic_write(final, link)
+    return bool(linked)
 
 
 def main(args) -> None:
@@ -150,18 +193,24 @@ def pretrain(args) -> None:
                            demo=DEMO_DIR if args.demo else None))
     settings, control, tb = trainer.settings(args), trainer.step_control(args), TBLogger(args.log_dir)
     parts = (model, optimizer, scaler, recipe, preprocess)
-    if is_main_process():
+    if is_main_process():  # the scans it trains on, for main_evaluate.py --pretraining (name, digest in 'args')
+        from util.data_manifest import write_manifest
+
+        args.data_manifest, args.data_manifest_sha256 = write_manifest(list(dataset.paths), args.output_dir)
         write_text(os.path.join(args.output_dir, "args.json"), json.dumps(trainer.args_record(args), indent=1))
-    t_start = time.time()
+    t_start, pace = time.time(), Pace()
     try:
         for epoch in range(start_epoch, args.epochs):
             trainer.begin_epoch(epoch, sampler, dataset, progress, args)
             mid_epoch = trainer.mid_epoch_saver(args, epoch, parts[:3], recipe=recipe,
                                                 preprocess=preprocess.to_dict())
             stats = train_one_epoch(ddp, loader, optimizer, scaler, epoch, settings, args.mask_ratio, tb,
-                                    start=progress, control=control, checkpoint=mid_epoch)
+                                    start=progress, control=control, checkpoint=mid_epoch, pace=pace)
             progress = None
-            stats["epoch"] = epoch
+            stats["epoch"] = epoch + 1  # log.txt counts epochs from 1, like the console and the file names
+            line = cache_use_line(dataset, args.cache_dir, args.device) if epoch == start_epoch else None
+            if line and is_main_process():  # (every rank counts its reads)
+                print(line)
             if dataset.bad_files:
                 stats["skipped_files"] = list(dataset.bad_files)
             end_of_epoch(args, epoch, stats, parts, tb, shown, val)
@@ -173,8 +222,10 @@ def pretrain(args) -> None:
         if is_main_process():
             save_atomic({"model": model.state_dict(), "args": trainer.args_record(args),
                          "preprocess": preprocess.to_dict()}, os.path.join(args.output_dir, "mae_pretrained.pth"))
+            how = "a hard link to it" if link_final_checkpoint(args.output_dir, args.epochs) else "a copy"
             print(f"Done in {time.time() - t_start:.0f}s. Wrote {os.path.join(args.output_dir, 'mae_pretrained.pth')} "
-                  f"(weights), checkpoint-last.pth, log.txt" + (", reconstruction-*.png" if args.vis_every else ""))
+                  f"(weights), checkpoint-last.pth (and checkpoint-{args.epochs}.pth, {how}), log.txt"
+                  + (", reconstruction-*.png" if args.vis_every else ""))
     finally:
         trainer.finish_writes()
         control.close()
@@ -182,14 +233,8 @@ def pretrain(args) -> None:
 
 
 def cli_main(argv: list[str] | None = None):
-    """Parse `argv` (default: the command line), apply the demo preset when no --data_path is given, run."""
-    args = cli_args.parse(get_args_parser(), argv)
-    args.demo = args.data_path is None
-    if args.demo:
-        cli_args.apply_preset(args, DEMO_PRESET, "demo")
-    else:
-        print("Using the TANGERINE recipe defaults (ViT-L/16, 256^3, mask 0.75); flags override them.")
-    return run_main(main, args)
+    """Parse `argv` (default: the command line) with parse_args, run."""
+    return run_main(main, parse_args(argv))
 
 
 if __name__ == "__main__":

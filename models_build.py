@@ -12,7 +12,8 @@ import torch
 
 import models_vit3d
 from models_mae3d import ENCODER_SIZES
-from util.checkpoint import load_checkpoint, state_dict_of
+from util.checkpoint import encoder_weights, load_checkpoint, state_dict_of
+from util.errors import UserError
 from util.tasks import MODES
 from util.triple import to_3tuple
 
@@ -43,21 +44,28 @@ def build_model_from_meta(meta: dict, drop_path: float = 0.0, **kw) -> torch.nn.
     return model
 
 
+def _encoder_shape(sd: dict) -> tuple[int, int, tuple[int, ...]] | None:
+    """(width, depth, patch size) of a ViT state dict, from its patch embedding and block keys; None if none."""
+    w = sd.get("patch_embed.proj.weight")
+    if w is None or w.ndim != 5:
+        return None
+    return int(w.shape[0]), len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), tuple(map(int, w.shape[2:]))
+
+
 def encoder_meta_from_state_dict(sd: dict, input_size=None) -> dict:
-    """The ViT size, patch size and input size of an MAE/ViT state dict without metadata (e.g. TANGERINE)."""
-    sd = state_dict_of(sd)
-    if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
-        raise ValueError("The checkpoint holds no ViT encoder (patch_embed.proj.weight / pos_embed are missing).")
-    w = sd["patch_embed.proj.weight"]
-    dim, patch = w.shape[0], tuple(w.shape[2:])
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    """The ViT size, patch size and input size of an MAE/ViT state dict without metadata (e.g. TANGERINE), or of
+    the encoder of a segmentation checkpoint."""
+    sd = encoder_weights(sd)
+    if _encoder_shape(sd) is None or "pos_embed" not in sd:
+        raise UserError("The checkpoint holds no ViT encoder (patch_embed.proj.weight / pos_embed are missing).")
+    dim, depth, patch = _encoder_shape(sd)
     if (dim, depth) not in _SIZES:
-        raise ValueError(f"Unknown encoder: width {dim}, depth {depth}; expected one of {sorted(_SIZES)}.")
+        raise UserError(f"Unknown encoder: width {dim}, depth {depth}; expected one of {sorted(_SIZES)}.")
     if input_size is None:
         n = sd["pos_embed"].shape[1] - 1
         g = round(n ** (1 / 3))
         if g ** 3 != n:
-            raise ValueError(f"The checkpoint's grid of {n} patches is not cubic; pass --input_size D H W.")
+            raise UserError(f"The checkpoint's grid of {n} patches is not cubic; pass --input_size D H W.")
         input_size = tuple(g * p for p in patch)
     return {"model": f"vit_{_SIZES[(dim, depth)]}_patch16", "input_size": list(to_3tuple(input_size, "input_size")),
             "patch_size": list(patch)}
@@ -83,7 +91,7 @@ def meta_from_weights(ckpt: dict, input_size=None, global_pool: str = "token", h
     pool = "cat" if width == 2 * dim else ("avg" if "fc_norm.weight" in sd else "token")
     mode = head_mode or ("binary" if k == 1 else "multiclass")
     if mode not in MODES or mode == "segmentation":
-        raise ValueError(f"head_mode must be binary, multiclass, multilabel or regression, got {mode!r}.")
+        raise UserError(f"head_mode must be binary, multiclass, multilabel or regression, got {mode!r}.")
     nb_classes = 2 if mode == "binary" else k
     names = [str(c) for c in range(nb_classes)]  # nb_classes == k except for binary
     return dict(meta, task="classification", mode=mode, nb_outputs=k, nb_classes=nb_classes, label_names=names,
@@ -115,7 +123,7 @@ def load_for_inference(path: str, device="cpu", input_size=None, global_pool=Non
         sd, own = state_dict_of(ckpt), model.state_dict()
         missing = [k for k in own if k not in sd and k != "pos_embed"]
         if missing:
-            raise ValueError(f"Checkpoint {path} lacks {missing[0]!r} of the {meta['model']} classifier it "
+            raise UserError(f"Checkpoint {path} lacks {missing[0]!r} of the {meta['model']} classifier it "
                              f"looks like ({len(missing)} tensors missing).")
         keep_pos = "pos_embed" in sd and sd["pos_embed"].shape == own["pos_embed"].shape  # finetuned table
         model.load_state_dict({k: v for k, v in sd.items() if k in own and (k != "pos_embed" or keep_pos)},
@@ -123,3 +131,22 @@ def load_for_inference(path: str, device="cpu", input_size=None, global_pool=Non
         if not keep_pos:
             model.reset_pos_embed()
     return model.to(device).eval(), meta, ckpt.get("preprocess")
+
+
+def adopt_encoder_sizes(args) -> None:
+    """--finetune: take the encoder's size (--model) and --patch_size from the checkpoint's weights, unless the
+    user typed them (args.explicit); says what it took. --input_size stays the run's own (pos_embed is rebuilt).
+    A file without a known encoder is left to the loader, whose sentence says what it lacks."""
+    shape = _encoder_shape(encoder_weights(load_checkpoint(args.finetune)))
+    if shape is None:
+        return
+    size, patch = _SIZES.get(shape[:2]), shape[2]
+    taken = []
+    if "model" not in args.explicit and size and args.model != f"vit_{size}_patch16":
+        args.model = f"vit_{size}_patch16"
+        taken.append(f"--model {args.model}")
+    if "patch_size" not in args.explicit and patch != tuple(to_3tuple(args.patch_size)):
+        args.patch_size = patch
+        taken.append(f"--patch_size {' '.join(map(str, patch))}")
+    if taken:
+        print(f"--finetune {args.finetune}: its encoder sets {', '.join(taken)} (type the flag to choose another).")

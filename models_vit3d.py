@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from models_mae3d import (ENCODER_SIZES, fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks,
                           run_blocks)
-from util.checkpoint import load_checkpoint, state_dict_of
+from util.checkpoint import encoder_weights, load_checkpoint
 from util.errors import UserError
 from util.patch_embed import PatchEmbed3D
 from util.pos_embed import get_3d_sincos_pos_embed
@@ -184,7 +184,7 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(ckpt, dict):
         raise UserError(f"expected a state dict or {{'model': state_dict}}, got {type(ckpt).__name__}.")
-    sd = state_dict_of(ckpt)
+    sd = encoder_weights(ckpt)  # a segmentation checkpoint's encoder too
     own = model.state_dict()
     loaded, dropped, to_load = [], [], {}
     for key, value in sd.items():

@@ -61,3 +61,30 @@ def absurd_header(path: Path) -> Path:
 def write_csv(path: Path, header: str, rows: list[str]) -> Path:
     path.write_text("\n".join([header, *rows]) + "\n" if header or rows else "")
     return path
+
+
+def flip_bytes(src: Path, dst: Path, at: float = 0.5, n: int = 4) -> Path:
+    """A copy of `src` with `n` bytes inverted at fraction `at` of its length (bit rot, a bad sector): same size."""
+    raw = bytearray(Path(src).read_bytes())
+    i = int(len(raw) * at)
+    raw[i:i + n] = bytes(b ^ 0xFF for b in raw[i:i + n])
+    Path(dst).write_bytes(bytes(raw))
+    return Path(dst)
+
+
+def cut_file(src: Path, dst: Path, keep: float = 0.6) -> Path:
+    """The first `keep` of `src` (an interrupted copy or download)."""
+    data = Path(src).read_bytes()
+    Path(dst).write_bytes(data[:int(len(data) * keep)])
+    return Path(dst)
+
+
+def zero_spacing(root: Path) -> dict[str, Path]:
+    """A MetaImage whose header says `ElementSpacing = 0 1.5 2` and a NIfTI whose pixdim[1] is 0."""
+    mha = good_volume(root / "spacing_ok.mha", shape=(8, 12, 12))
+    files = {"mha": root / "zero_spacing.mha", "nii": root / "zero_pixdim.nii"}
+    files["mha"].write_bytes(mha.read_bytes().replace(b"ElementSpacing = 1.5 1.5 2", b"ElementSpacing = 0 1.5 2"))
+    raw = bytearray(good_volume(root / "spacing_ok.nii", shape=(8, 12, 12)).read_bytes())
+    struct.pack_into("<f", raw, 80, 0.0)  # pixdim[1] of the NIfTI-1 header
+    files["nii"].write_bytes(bytes(raw))
+    return files

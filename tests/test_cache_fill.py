@@ -3,6 +3,7 @@ names exactly the broken rows; reruns, kills and killed workers; training then r
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from util.preprocess import PreprocessConfig, cache_keys, load_volume
 SIZE = 32
 CFG = PreprocessConfig(size=(SIZE,) * 3)  # main_cache.py's defaults at --input_size 32
 SUMMARY = re.compile(r"(\d+) done \(newly cached\), (\d+) already cached, (\d+) failed, [\d.]+ GiB \(([\d,]+) bytes\) written")
-REASONS = {"missing": "file not found", "truncated": "truncated or corrupt", "not_an_image": "not a readable image",
+REASONS = {"missing": "file not found", "truncated": "is truncated", "not_an_image": "not a readable image",
            "2d": "2D image", "4d": "4D image", "nan": "NaN or infinite", "inf": "NaN or infinite",
            "one_slice": "at least 2 voxels", "absurd": "more than the"}
 
@@ -112,7 +113,8 @@ def test_two_workers_and_two_torchrun_ranks_write_the_same_cache(corpus, referen
     r = fill(corpus, tmp_path / "two", "--workers", 2, here=True)
     assert r.returncode == 2 and counts(r)[:3] == counts(reference["run"])[:3], r.stderr[-3000:]
     t = fill(corpus, tmp_path / "ranks", torchrun=2)
-    assert t.returncode != 0 and "2 processes x 1 workers" in t.stdout, t.stderr[-3000:]  # torchrun: exit 1
+    assert t.returncode == 0 and "2 processes x 1 workers" in t.stdout, t.stderr[-3000:]  # complete: no crash
+    assert json.loads((tmp_path / "ranks" / "exit_status.json").read_text())["status"] == 2  # for job scripts
     assert counts(t)[:3] == counts(reference["run"])[:3]
     for cache in (tmp_path / "two", tmp_path / "ranks"):
         assert entries(cache) == reference["entries"]  # same entry files, byte for byte
@@ -209,4 +211,5 @@ def test_bad_input_ends_with_one_error_line(case, tmp_path):
     r = run_in_process("main_cache.py", *args)
     # util/path_table.py's open(...).read() leaves a ResourceWarning, shown in-process only (hidden in a real run)
     lines = [s for s in r.stderr.splitlines() if s.strip() and not s.startswith("ResourceWarning")]
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], lines
+    code = 2 if case == "no_cache_dir" else 1  # a missing required flag is refused by the parser (status 2)
+    assert r.returncode == code and len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], lines

@@ -61,7 +61,7 @@ def test_binary_from_mae_at_other_size_writes_self_contained_checkpoints_and_res
     main_finetune.cli_main(ft_args(demo, out, "--finetune", mae64, size=(32, 64, 64), epochs=2))
     assert "Resumed from" in capsys.readouterr().out
     lines = log_lines(out)
-    assert [x["epoch"] for x in lines] == [0, 1]
+    assert [x["epoch"] for x in lines] == [1, 2]
     assert all(0 <= x["val_auroc"] <= 1 and x["train_loss"] > 0 and x["val_n"] == len(pd.read_csv(demo["val"]))
                for x in lines)
     ckpt = load(out / "checkpoint-last.pth")
@@ -316,5 +316,5 @@ def test_segmentation_on_one_labelled_ct_takes_a_batch_of_crops_from_one_read(sh
     monkeypatch.setattr(util.preprocess, "read_image", lambda p: reads.append(str(p)) or real(p))
     main_finetune.cli_main([*base, "--crops_per_volume", "8"])
     lines = log_lines(tmp_path / "seg")
-    assert [x["epoch"] for x in lines] == [0, 1] and all(x["train_loss"] > 0 for x in lines)
+    assert [x["epoch"] for x in lines] == [1, 2] and all(x["train_loss"] > 0 for x in lines)
     assert reads.count(str(ct)) == 1 and reads.count(str(liver)) == 1  # 16 crops, one read of image and mask

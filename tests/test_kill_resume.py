@@ -1,6 +1,8 @@
 """A pretraining run killed with SIGKILL and restarted with the same command ends with the uninterrupted run's weights."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from util.demo import make_demo_data
 EPOCHS = 4
 # Each restart dies at the next point: inside a step, while writing checkpoint-last, while writing a numbered
 # checkpoint, at the first step of an epoch, and at the last step of the final epoch.
-KILL_POINTS = ["step:0:2", "save_mid:checkpoint-last.pth", "step:1:3", "save_mid:checkpoint-1.pth", "step:2:0",
+KILL_POINTS = ["step:0:2", "save_mid:checkpoint-last.pth", "step:1:3", "save_mid:checkpoint-2.pth", "step:2:0",
                "step:3:3"]
 
 
@@ -55,7 +57,7 @@ def test_corrupt_last_checkpoint_falls_back_to_newest_numbered(data, reference, 
     r = run_in_process("main_pretrain.py", *args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "WARNING" in r.stdout and "checkpoint-last.pth" in r.stdout
-    assert "Resumed from" in r.stdout and "checkpoint-1.pth" in r.stdout
+    assert "Resumed from" in r.stdout and "checkpoint-2.pth" in r.stdout
     assert state_dicts_equal(load(out / "mae_pretrained.pth")["model"], reference)
 
 
@@ -143,6 +145,8 @@ def test_torchrun_mid_epoch_sigterm_kill_and_restart_end_with_the_uninterrupted_
     # SIGTERM to the torchrun agent (as SLURM sends it): it forwards it, every worker stops at the same step
     r = _torchrun(args, {"MAE3D_FAULT": "term-parent@step:0:1", "MAE3D_FAULT_RANK": "0"})
     assert r.returncode != 0 and "Stopped by SIGTERM at epoch 1/3" in r.stderr, r.stdout[-2000:] + r.stderr[-3000:]
+    assert r.returncode == 1 and "SignalException" in r.stderr  # torch's agent: status 1 after SIGTERM, always
+    assert json.loads((out / "exit_status.json").read_text())["status"] == 75  # what a job script reads instead
     ckpt = load(out / "checkpoint-last.pth")  # the agent forwards the signal within a step or two: mid-epoch at
     assert ckpt["epoch"] == 0 and ckpt.get("progress", {"step": 4})["step"] in (3, 4)  # step 3, else epoch end
     # rerun: it resumes mid-epoch; then rank 0 is killed (SIGKILL) inside epoch 1 and torchrun restarts both
@@ -151,6 +155,7 @@ def test_torchrun_mid_epoch_sigterm_kill_and_restart_end_with_the_uninterrupted_
     r = _torchrun(args, {"MAE3D_FAULT": "step:1:3", "MAE3D_FAULT_RANK": "0", "MAE3D_FAULT_ONCE": str(marker)}, 1)
     assert r.returncode == 0 and marker.exists(), r.stdout[-2000:] + r.stderr[-3000:]
     assert r.stdout.count("Resumed from") == 2  # at the start, and after the restart
+    assert json.loads((out / "exit_status.json").read_text())["status"] == 0
     assert state_dicts_equal(load(out / "mae_pretrained.pth")["model"], load(ref / "mae_pretrained.pth")["model"])
 
 

@@ -1,6 +1,7 @@
 """main_predict.py: demo run, probabilities, embeddings, orientation invariance, bad rows, segmentation, torchrun."""
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pandas as pd
@@ -317,10 +318,42 @@ def test_two_torchrun_ranks_write_the_same_csv_as_one_process(volumes, tmp_path)
     assert predict(*common, "--output_csv", tmp_path / "one.csv", "--embeddings", tmp_path / "one.npy") == 2
     r = run_script("main_predict.py", *common, "--output_csv", tmp_path / "two.csv", "--embeddings",
                    tmp_path / "two.npy", "--num_workers", 1, "--device", "cpu", torchrun=2)
-    assert r.returncode != 0 and "1 of 6 rows failed" in r.stderr, r.stderr[-3000:]
+    assert r.returncode == 0 and "1 of 6 rows failed" in r.stderr, r.stderr[-3000:]  # complete: no crash report
+    assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert json.loads((tmp_path / "exit_status.json").read_text())["status"] == 2  # the status a job script reads
     one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
     probs = [c for c in one.columns if c.startswith("prob_")]
     assert list(one.columns) == list(two.columns) and len(two) == 6
     assert one.drop(columns=probs).equals(two.drop(columns=probs))
     assert np.allclose(one[probs].to_numpy(float), two[probs].to_numpy(float), atol=1e-6, equal_nan=True)
     assert np.allclose(np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy"), atol=1e-5, equal_nan=True)
+
+
+def test_segmentation_with_a_mask_column_reports_dice_per_row_and_its_mean(volumes, tmp_path, capsys):
+    tiny_finetuned(tmp_path / "seg.pth", "segmentation", 3)
+    vol = str(volumes / "v1.nii.gz")
+    pd.DataFrame({"Path": [vol]}).to_csv(tmp_path / "first.csv", index=False)
+    assert predict("--input_csv", tmp_path / "first.csv", "--output_csv", tmp_path / "first_out.csv", "--finetune",
+                   tmp_path / "seg.pth") == 0
+    label = sitk.ReadImage(str(tmp_path / "first_out_seg" / "v1_seg.nii.gz"))
+    pred = sitk.GetArrayFromImage(label)
+    assert (pred > 0).any()
+    truth = pred.copy()
+    truth[: truth.shape[0] // 2] = 0  # half of the prediction's foreground is wrong
+    half = sitk.GetImageFromArray(truth)
+    half.CopyInformation(label)
+    sitk.WriteImage(half, str(tmp_path / "half.nii.gz"))
+    expected = np.nanmean([2 * ((pred == c) & (truth == c)).sum() / ((pred == c).sum() + (truth == c).sum())
+                           if ((pred == c).sum() + (truth == c).sum()) else np.nan for c in (1, 2)])
+    masks = [str(tmp_path / "first_out_seg" / "v1_seg.nii.gz"), str(tmp_path / "half.nii.gz"), "missing.nii.gz"]
+    pd.DataFrame({"Path": [vol] * 3, "Mask": masks}).to_csv(tmp_path / "in.csv", index=False)
+    capsys.readouterr()
+    assert predict("--input_csv", tmp_path / "in.csv", "--output_csv", tmp_path / "out.csv", "--finetune",
+                   tmp_path / "seg.pth") == 0  # a mask that cannot be read costs its Dice, not the prediction
+    out = pd.read_csv(tmp_path / "out.csv")
+    assert list(out.columns) == ["Path", "Mask", "seg_path", "dice", "error"]
+    assert out.loc[0, "dice"] == pytest.approx(1.0) and out.loc[1, "dice"] == pytest.approx(expected, abs=1e-6)
+    assert 0.3 < expected < 0.9 and np.isnan(out.loc[2, "dice"]) and out["error"].isna().all()
+    printed = capsys.readouterr().out
+    assert f"Against the Mask column (2 rows): mean Dice {(1.0 + expected) / 2:.3f}" in printed
+    assert "Dice not computed for 1 rows; first: row 3:" in printed and "missing.nii.gz" in printed

@@ -11,6 +11,7 @@ from datasets_three_d import (PreprocessConfig, VolumeError, load_volume, load_v
                               preprocess_mask, read_image, to_input_grid)
 from datasets_three_d_fine import resample_to_256
 from tests.bad_inputs import build_bad_files
+from util.errors import UserError
 
 
 def image(arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=None) -> sitk.Image:
@@ -187,8 +188,9 @@ def test_config_round_trips_and_keys_change_with_settings():
     back = PreprocessConfig.from_dict(d)
     assert back == cfg and back.key() == cfg.key() and back.size == (64, 64, 64)
     assert PreprocessConfig(size=64).key() != cfg.key() and len(cfg.key()) == 16
-    for bad in (dict(orientation="LLS"), dict(size=(0, 4, 4)), dict(window=(5, 1)), dict(interpolator="cubic")):
-        with pytest.raises(ValueError, match="PreprocessConfig"):
+    for bad, flag in ((dict(orientation="LLS"), "--orientation"), (dict(size=(0, 4, 4)), "--input_size"),
+                      (dict(window=(5, 1)), "--window"), (dict(interpolator="cubic"), "--interpolator")):
+        with pytest.raises(UserError, match=flag):  # one sentence naming the flag that sets the field
             PreprocessConfig(**bad)
     with pytest.raises(ValueError, match="unknown keys"):
         PreprocessConfig.from_dict({**d, "zoom": 2})

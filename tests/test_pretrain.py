@@ -31,9 +31,11 @@ def test_demo_run_without_data_path_writes_checkpoint_logs_and_picture(tmp_path)
     weights = load(out / "mae_pretrained.pth")
     assert set(weights["model"]) == set(ckpt["model"])
     lines = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
-    assert [x["epoch"] for x in lines] == [0, 1]
+    assert [x["epoch"] for x in lines] == [1, 2]  # counted from 1, like the console
     assert all(x["loss"] > 0 and x["unique_volumes"] == x["volumes"] for x in lines)
-    assert (out / "reconstruction-0001.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.glob("reconstruction-*.png")) == ["reconstruction-0001.png",
+                                                                         "reconstruction-0002.png"]
+    assert (out / "reconstruction-0002.png").stat().st_size > 1000
     assert list(out.glob("events.out.tfevents.*"))
 
 
@@ -45,7 +47,7 @@ def test_torchrun_two_cpu_ranks_split_data_and_write_once(demo, tmp_path):
     assert len(lines) == 2  # rank 0 alone writes the log
     # 8 volumes, 2 ranks x batch 2 x 2 steps: every volume seen once per epoch, none by both ranks
     assert all(x["volumes"] == 8 and x["unique_volumes"] == 8 for x in lines)
-    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-1.pth", "checkpoint-last.pth"]
+    assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-2.pth", "checkpoint-last.pth"]
     assert not list(out.glob(".*tmp*"))
 
 

@@ -1,77 +1,162 @@
-"""Command-line pieces shared by the scripts: flag groups, presets, and settings objects built from flags."""
+"""Command-line pieces shared by the scripts: flag groups with their ranges, presets, the checks run right after
+parsing, and settings objects built from flags.
+
+Light on purpose: building a parser imports no torch, timm or SimpleITK, so `--help` answers at once and a bad
+value is refused in a fraction of a second. Every numeric flag declares its range next to it (`bounded`), so
+argparse itself says `--epochs: must be >= 1, got -3`; rules between flags are checked in `check_args`.
+"""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+from typing import Callable
 
-from util.preprocess import PreprocessConfig
+from util.errors import UserError
 from util.runtime import default_num_workers
 from util.triple import to_3tuple
 
+SIZES = ("tiny", "small", "base", "large", "huge")  # models_mae3d.ENCODER_SIZES (tests/test_flags.py checks it)
+MAE_MODELS = tuple(f"mae_vit_{s}_patch16" for s in SIZES)  # the keys of models_mae3d.MODEL_FACTORIES
+VIT_MODELS = tuple(f"vit_{s}_patch16" for s in SIZES)  # the keys of models_vit3d.VIT_FACTORIES
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+INTERPOLATORS = ("bspline", "linear", "nearest")
+
+
+def bounded(kind: type = int, min: float | None = None, max: float | None = None, min_open: bool = False,
+            max_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse `type=` that converts to `kind` and refuses values outside the range (and NaN or inf) with
+    `must be >= 1, got -3`; `min_open`/`max_open` exclude the bound itself. Its `range_text` shows in --help."""
+    lo = None if min is None else f"{'>' if min_open else '>='} {min:g}"
+    hi = None if max is None else f"{'<' if max_open else '<='} {max:g}"
+    text = " and ".join(t for t in (lo, hi) if t)
+    noun = "an integer" if kind is int else "a number"
+
+    def convert(value: str):
+        try:
+            x = kind(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {noun}{' ' + text if text else ''}, got {value!r}") from None
+        bad_low = min is not None and (x <= min if min_open else x < min)
+        bad_high = max is not None and (x >= max if max_open else x > max)
+        if not math.isfinite(x) or bad_low or bad_high:
+            raise argparse.ArgumentTypeError(f"must be {text or 'finite'}, got {value}")
+        return x
+
+    convert.__name__ = kind.__name__
+    convert.range_text = text
+    return convert
+
+
+def pos_weight(value: str) -> str:
+    """--pos_weight: 'auto' or a positive number (kept as typed; util.tasks reads it)."""
+    if value != "auto":
+        bounded(float, min=0, min_open=True)(value)
+    return value
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every flag's default (unless its help already says it) and keeps the examples' line breaks."""
+    """--help shows each flag's range and its default, except where the help already says the default, the flag
+    is required, or the default is None or off (the help then says what happens without it)."""
 
     def _get_help_string(self, action) -> str:
         text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
+        notes = []
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not action.required
+        if shown and "default" not in text and action.option_strings:
+            notes.append(f"default: {_shown(action.default)}")
+        rng = getattr(action.type, "range_text", "")
+        if rng:
+            notes.append(rng)
+        return f"{text} ({'; '.join(notes)})" if notes else text
 
 
-def make_parser(prog: str, description: str, examples: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog, description=description, epilog="examples:\n" + examples,
-                                   formatter_class=HelpFormatter)
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (`error: --epochs: must be >= 1, got -3`), exit status 2."""
+
+    def error(self, message: str):
+        message = message[len("argument "):] if message.startswith("argument ") else message
+        self.exit(2, f"error: {message.rstrip('.')} (see {self.prog} --help).\n")
 
 
-def add_preprocess_args(parser: argparse.ArgumentParser, saved_note: str = "saved in every checkpoint") -> None:
+def make_parser(prog: str, description: str, examples: str) -> ArgumentParser:
+    return ArgumentParser(prog, description=description, epilog="examples:\n" + examples,
+                          formatter_class=HelpFormatter)
+
+
+def parse_before_imports(module_name: str, get_parser: Callable[[], argparse.ArgumentParser]) -> None:
+    """Called by a script above its heavy imports: when it runs as a program, --help and a value out of its range
+    are answered before torch is imported (seconds and a gigabyte); otherwise nothing happens."""
+    if module_name == "__main__":
+        get_parser().parse_args()
+
+
+def add_preprocess_args(parser: argparse.ArgumentParser, saved_note: str = "saved in every checkpoint",
+                        cache_dir_help: str | None = None) -> None:
+    """--orientation, --spacing, --window, --interpolator and --cache_dir (required when `cache_dir_help` is given:
+    main_cache.py)."""
     g = parser.add_argument_group(f"preprocessing ({saved_note})")
-    g.add_argument("--orientation", default="LPS", help="canonical orientation every volume is turned to")
-    g.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("D", "H", "W"),
-                   help="resample to this spacing in mm (then crop/pad to --input_size) instead of resizing "
-                        "the whole volume to --input_size")
-    g.add_argument("--window", type=float, nargs=2, default=(-1200.0, 800.0), metavar=("LO", "HI"),
-                   help="HU window mapped to [0, 1]")
-    g.add_argument("--interpolator", default="bspline", choices=["bspline", "linear", "nearest"],
+    g.add_argument("--orientation", default="LPS", help="canonical orientation every volume is turned to: three "
+                                                        "letters, one of each L/R, P/A, S/I")
+    g.add_argument("--spacing", type=bounded(float, min=0, min_open=True), nargs=3, default=None,
+                   metavar=("D", "H", "W"), help="resample to this spacing in mm (then crop/pad to --input_size) "
+                                                 "instead of resizing the whole volume to --input_size")
+    g.add_argument("--window", type=bounded(float), nargs=2, default=(-1200.0, 800.0), metavar=("LO", "HI"),
+                   help="HU window mapped to [0, 1], LO < HI")
+    g.add_argument("--interpolator", default="bspline", choices=INTERPOLATORS,
                    help="image interpolation when resampling (label maps always use nearest)")
-    g.add_argument("--cache_dir", default=None, help="preprocess each volume once (see main_cache.py) and read it "
-                                                     "memory-mapped afterwards")
+    g.add_argument("--cache_dir", default=None, required=cache_dir_help is not None,
+                   help=cache_dir_help or "preprocess each volume once (see main_cache.py) and read it memory-mapped "
+                                          "afterwards (default: no cache)")
 
 
 def add_training_args(parser: argparse.ArgumentParser, model_choices, model: str, blr: float, epochs: int,
-                      warmup_epochs: int, min_lr: float, output_dir: str | None) -> None:
+                      warmup_epochs: int, min_lr: float, output_dir: str | None, output_note: str = "") -> None:
     """The flags both trainers share; the defaults that differ (recipes) are arguments."""
+    positive, natural = bounded(int, min=1), bounded(int, min=0)
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, choices=sorted(model_choices), help="architecture (factory name)")
-    g.add_argument("--input_size", type=int, nargs="+", default=[256], help="model input, one int or D H W")
-    g.add_argument("--patch_size", type=int, nargs="+", default=[16], help="patch size, one int or D H W")
+    g.add_argument("--input_size", type=positive, nargs="+", default=[256], help="model input, one int or D H W")
+    g.add_argument("--patch_size", type=positive, nargs="+", default=[16],
+                   help="patch size, one int or D H W; --input_size must be a multiple of it")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=8, help="per GPU (effective = batch_size x accum_iter x GPUs)")
-    g.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    g.add_argument("--accum_iter", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
-    g.add_argument("--lr", type=float, default=None, help="absolute peak lr; default blr x effective batch / 256")
-    g.add_argument("--blr", type=float, default=blr, help="base lr per 256 volumes of effective batch")
-    g.add_argument("--min_lr", type=float, default=min_lr, help="lr at the end of the cosine decay")
-    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs, help="epochs of linear lr warmup")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (not on norms/biases/tokens)")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the gradient norm to this value")
+    g.add_argument("--batch_size", type=positive, default=8,
+                   help="per GPU (effective = batch_size x accum_iter x GPUs)")
+    g.add_argument("--epochs", type=positive, default=epochs, help="training epochs")
+    g.add_argument("--accum_iter", type=positive, default=1,
+                   help="micro-batches per optimizer step (gradient accumulation)")
+    g.add_argument("--lr", type=bounded(float, min=0, min_open=True), default=None,
+                   help="absolute peak lr (default: blr x effective batch / 256)")
+    g.add_argument("--blr", type=bounded(float, min=0, min_open=True), default=blr,
+                   help="base lr per 256 volumes of effective batch")
+    g.add_argument("--min_lr", type=bounded(float, min=0), default=min_lr, help="lr at the end of the cosine decay")
+    g.add_argument("--warmup_epochs", type=natural, default=warmup_epochs,
+                   help="epochs of linear lr warmup (shortened to half the run when the run is not longer)")
+    g.add_argument("--weight_decay", type=bounded(float, min=0), default=0.05,
+                   help="AdamW weight decay (not on norms/biases/tokens)")
+    g.add_argument("--clip_grad", type=bounded(float, min=0, min_open=True), default=None,
+                   help="clip the gradient norm to this value (default: no clipping)")
     g = parser.add_argument_group("run")
-    g.add_argument("--output_dir", default=output_dir, help="checkpoints, log.txt, TensorBoard and pictures")
+    g.add_argument("--output_dir", default=output_dir,
+                   help="checkpoints, log.txt, TensorBoard and pictures" + output_note)
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
     g.add_argument("--resume", default="auto", help="'auto' (checkpoint-last.pth in --output_dir), a path, or 'none'")
     g.add_argument("--allow_recipe_change", action="store_true",
                    help="resume even if the model, sizes, data, seed or lr differ from the checkpoint's")
-    g.add_argument("--save_every_minutes", type=float, default=0.0,
+    g.add_argument("--save_every_minutes", type=bounded(float, min=0), default=0.0,
                    help="also write checkpoint-last.pth inside epochs this often (0: only at epoch ends)")
-    g.add_argument("--save_every_steps", type=int, default=0, help="same, every N optimizer-aligned steps (0: off)")
-    g.add_argument("--num_workers", type=int, default=default_num_workers(),
+    g.add_argument("--save_every_steps", type=natural, default=0, help="same, every N optimizer-aligned steps (0: off)")
+    g.add_argument("--num_workers", type=natural, default=default_num_workers(),
                    help="DataLoader processes (default: min(8, CPUs available - 1))")
-    g.add_argument("--crops_per_volume", type=int, default=1,
+    g.add_argument("--crops_per_volume", type=positive, default=1,
                    help="random crops taken from each volume read (spacing mode, large volumes)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random choice (data order, crops, masks)")
-    g.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+    g.add_argument("--seed", type=natural, default=0, help="seed of every random choice (data order, crops, masks)")
+    g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs that support it, fp32 on CPU")
-    g.add_argument("--print_freq", type=int, default=20, help="progress line every N steps")
+    g.add_argument("--print_freq", type=positive, default=20, help="progress line every N steps")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
@@ -81,33 +166,82 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]
     return {act.dest for act in parser._actions if typed.intersection(act.option_strings)}
 
 
+def announce(text: str) -> None:
+    """Print a line about the settings once per run: under torchrun only the process of RANK 0 prints it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, flush=True)
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def apply_preset(args, preset: dict, name: str) -> None:
-    """Set preset values for every option the user did not type (args.explicit); say which preset is used."""
-    for k, v in preset.items():
-        if k not in args.explicit:
-            setattr(args, k, v)
-    print(f"Using the {name} preset (flags you type override it): "
-          + ", ".join(f"{k}={getattr(args, k)}" for k in preset))
+    """Set preset values for every option the user did not type (args.explicit); say which values it set."""
+    used = [k for k in preset if k not in args.explicit]
+    for k in used:
+        setattr(args, k, preset[k])
+    announce_defaults(args, f"{name} preset", used)
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """Parse `argv` (default sys.argv[1:]) and record the typed flags in args.explicit."""
+def announce_defaults(args, name: str, flags) -> None:
+    """One line naming the values of `flags` the user did not type (nothing when every one was typed)."""
+    kept = [k for k in flags if k not in args.explicit]
+    if kept:
+        announce(f"Using the {name} for the flags you did not type: "
+                 + ", ".join(f"{k}={getattr(args, k)}" for k in kept))
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
+          presets: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+    """Parse `argv` (default sys.argv[1:]), record the typed flags in args.explicit, apply `presets(args)`, then run
+    the rules between flags (`check_args`); a broken rule ends like a bad value: one `error: ...` line, status 2."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
+    if presets is not None:
+        presets(args)
+    try:
+        check_args(args)
+    except UserError as e:
+        parser.error(str(e))
     return args
 
 
+def check_args(args) -> None:
+    """The rules between flags, for whichever of them the script has: sizes as 3-tuples with the input a multiple
+    of the patch, and preprocessing flags that make a valid PreprocessConfig (LO < HI, a real orientation)."""
+    if getattr(args, "input_size", None) is not None:
+        args.input_size = to_3tuple(args.input_size, "--input_size")
+    if getattr(args, "patch_size", None) is not None:
+        args.patch_size = to_3tuple(args.patch_size, "--patch_size")
+        if args.input_size is not None and any(s % p for s, p in zip(args.input_size, args.patch_size)):
+            raise UserError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size} "
+                            f"on every axis.")
+    if hasattr(args, "window"):
+        from util.preprocess import PreprocessConfig
+
+        PreprocessConfig().with_overrides(**typed_preprocess(args))
+
+
 def check_sizes(args) -> None:
-    """input_size / patch_size as 3-tuples, the input a multiple of the patch on every axis."""
-    args.input_size = to_3tuple(args.input_size, "--input_size")
-    args.patch_size = to_3tuple(args.patch_size, "--patch_size")
-    if any(s % p for s, p in zip(args.input_size, args.patch_size)):
-        raise ValueError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size} "
-                         f"on every axis.")
+    """input_size / patch_size as 3-tuples, the input a multiple of the patch on every axis (see check_args)."""
+    sizes = argparse.Namespace(input_size=args.input_size, patch_size=args.patch_size)
+    check_args(sizes)
+    args.input_size, args.patch_size = sizes.input_size, sizes.patch_size
 
 
-def preprocess_config(args) -> PreprocessConfig:
+def typed_preprocess(args, flags: tuple[str, ...] = ("orientation", "spacing", "window", "interpolator")) -> dict:
+    """The preprocessing flags, as PreprocessConfig fields; only those the user typed when args.explicit exists."""
+    typed = getattr(args, "explicit", None)
+    return {("size" if k == "input_size" else k): getattr(args, k) for k in flags
+            if typed is None or k in typed}
+
+
+def preprocess_config(args):
+    """The PreprocessConfig of the preprocessing flags and --input_size (training, main_cache.py)."""
+    from util.preprocess import PreprocessConfig
+
     return PreprocessConfig(orientation=args.orientation, size=tuple(args.input_size),
                             spacing=tuple(args.spacing) if args.spacing else None,
                             window=tuple(args.window), interpolator=args.interpolator)

@@ -11,6 +11,8 @@ import os
 import tempfile
 from typing import Callable
 
+from util.errors import UserError
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -94,4 +96,4 @@ def ensure_writable_dir(path: str | os.PathLike, what: str = "--output_dir") -> 
         write_text(os.path.join(os.fspath(path), ".write_test"), "ok")
         os.remove(os.path.join(os.fspath(path), ".write_test"))
     except OSError as e:
-        raise ValueError(f"{what} {path} is not a writable folder ({e.strerror or e}).") from None
+        raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}).") from None

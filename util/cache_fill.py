@@ -30,7 +30,7 @@ import torch.distributed as dist
 from util.atomic import write_text
 from util.cache import VolumeCache
 from util.distributed import all_gather_objects
-from util.errors import user_message
+from util.errors import UserError, user_message
 from util.faults import fault_point
 from util.path_table import find_column, read_csv_table, resolve_paths, where
 from util.preprocess import PreprocessConfig, cache_keys, load_cached
@@ -81,7 +81,7 @@ def default_workers() -> int:
 def read_rows(csv_paths: Sequence[str], masks: bool = True) -> list[Row]:
     """The rows of every table, paths resolved but not checked (a missing file fails its row only).
 
-    Duplicated (Path, Mask) pairs are kept once. Raises ValueError naming the table when it cannot be read, has
+    Duplicated (Path, Mask) pairs are kept once. Raises UserError naming the table when it cannot be read, has
     no Path column or no data rows (FileNotFoundError when it does not exist).
     """
     rows, seen = [], set()
@@ -90,10 +90,10 @@ def read_rows(csv_paths: Sequence[str], masks: bool = True) -> list[Row]:
         df = read_csv_table(csv_path)
         col, mcol = find_column(df, "Path"), find_column(df, "Mask") if masks else None
         if col is None:
-            raise ValueError(f"{csv_path}: has no 'Path' column (columns: {', '.join(map(str, df.columns))}); "
+            raise UserError(f"{csv_path}: has no 'Path' column (columns: {', '.join(map(str, df.columns))}); "
                              f"expected a header row with Path (and optionally Mask).")
         if len(df) == 0:
-            raise ValueError(f"{csv_path}: has no data rows; expected one row per volume.")
+            raise UserError(f"{csv_path}: has no data rows; expected one row per volume.")
         paths = resolve_paths(df, col, csv_path, check_exists=False)
         mask_paths = resolve_paths(df, mcol, csv_path, check_exists=False) if mcol else [""] * len(paths)
         for line, p, m in zip(df.index, paths, mask_paths):
@@ -302,7 +302,7 @@ def read_failures(path: str) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not set(FAILURE_COLUMNS) <= set(reader.fieldnames or ()):
-            raise ValueError(f"{path}: is not a failures list written by main_cache.py (columns "
+            raise UserError(f"{path}: is not a failures list written by main_cache.py (columns "
                              f"{reader.fieldnames}, expected {', '.join(FAILURE_COLUMNS)}); move it away.")
         return [{c: r.get(c) or "" for c in FAILURE_COLUMNS} for r in reader]
 
@@ -332,14 +332,14 @@ def known_failures(cache_dir: str, cfg_key: str) -> set[str]:
 
 def drop_known_failures(table: pd.DataFrame, data_path: str, cache_dir: str, cfg_key: str) -> pd.DataFrame:
     """`table` without the rows whose Path main_cache.py listed as failed for `cfg_key`; prints one line when
-    any were dropped. Raises ValueError when every row is listed."""
+    any were dropped. Raises UserError when every row is listed."""
     failed = known_failures(cache_dir, cfg_key)
     bad = table["Path"].isin(failed).to_numpy() if failed else None
     if bad is None or not bad.any():
         return table
     listed = os.path.join(os.path.abspath(cache_dir), FAILURES_NAME)
     if bad.all():
-        raise ValueError(f"{data_path}: every row is listed as failed in {listed}; fix or replace those volumes.")
+        raise UserError(f"{data_path}: every row is listed as failed in {listed}; fix or replace those volumes.")
     print(f"Skipping {int(bad.sum())} of {len(table)} volumes of {data_path} that main_cache.py could not "
           f"preprocess (listed with their reasons in {listed}).")
     return table[~bad]

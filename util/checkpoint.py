@@ -8,12 +8,14 @@ classes allowed beyond plain data are argparse.Namespace and pathlib paths, whic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import glob
 import os
 import pathlib
 import pickle
 import re
+import signal
 import threading
 import zipfile
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from util.atomic import atomic_write
+from util.errors import UserError
 from util.faults import fault_point
 
 SAFE_CLASSES = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
@@ -29,12 +32,20 @@ WEIGHT_CONTAINERS = ("model", "state_dict", "model_state")
 PREFIXES = ("module.", "_orig_mod.")
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError):
     """The file needs a Python class that could run code to load; it is refused."""
 
 
-class CorruptCheckpointError(ValueError):
+class CorruptCheckpointError(UserError):
     """The file is truncated or is not a torch checkpoint."""
+
+
+class NonFiniteCheckpointError(CorruptCheckpointError):
+    """A floating tensor of the file holds NaN or Inf: every output computed from it would be wrong."""
+
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    """The checkpoint path does not exist (an OSError too, for callers that catch those)."""
 
 
 def plain(obj):
@@ -110,32 +121,57 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._last: dict | None = None  # the previous snapshot: its tensors are reused as copy destinations
+        self._done = threading.Event()  # set when the pending write has ended
 
     def save(self, state: dict, paths: list, background: bool = True) -> None:
-        """Copy `state` to the CPU, then write it to every path in `paths` (in order), in the background."""
+        """Copy `state` to the CPU, then write it to every path in `paths` (in order), in the background
+        (background=False: wait for it). The write always runs in the writer thread: a Ctrl-C can stop the
+        wait, never cut torch.save in the middle; `wait(ctrl_c=False)` then lets it finish."""
         self.wait()
         state = self._last = snapshot(state, self._last)
-        if not background:
-            self._write(state, paths)
-            return self.wait()
-        self._thread = threading.Thread(target=self._write, args=(state, paths), name="checkpoint-writer")
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._write, args=(state, paths, self._done), name="checkpoint-writer")
         self._thread.start()
+        if not background:
+            self.wait()
 
-    def _write(self, state: dict, paths: list) -> None:
+    def _write(self, state: dict, paths: list, done: threading.Event) -> None:
         try:
             for path in paths:
                 save_atomic(state, path)
         except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
             self._error = e
+        finally:
+            done.set()
 
-    def wait(self) -> None:
-        """Block until the pending write is on disk; raise its error if it failed."""
+    def wait(self, ctrl_c: bool = True) -> None:
+        """Block until the pending write is on disk; raise its error if it failed. ctrl_c=False: Ctrl-C is
+        ignored meanwhile (on the way out after an interrupt: a write cut at interpreter exit can abort it)."""
         if self._thread is not None:
+            # wait on the event, not in join(): a Ctrl-C that interrupts Thread.join() marks the thread as
+            # stopped (CPython bpo-45274), so nothing would wait for the write any more and the interpreter
+            # could exit with torch.save half done
+            with contextlib.nullcontext() if ctrl_c else _ctrl_c_ignored():
+                self._done.wait()
             self._thread.join()
             self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
             raise err
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored():
+    """SIGINT is ignored inside (when called from the main thread; elsewhere signals are not ours to set)."""
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
 
 
 def _os_error_in_chain(e: BaseException) -> OSError | None:
@@ -148,10 +184,11 @@ def _os_error_in_chain(e: BaseException) -> OSError | None:
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a checkpoint with weights_only=True. A raw state dict comes back as is; an `args` Namespace becomes
-    a dict. Refuses, naming the class, files that need code to load."""
+    a dict. Refuses, naming the class, files that need code to load, and, naming the first key, files whose
+    floating tensors hold NaN or Inf (NonFiniteCheckpointError, which find_resume skips like a corrupt file)."""
     path = str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+        raise CheckpointNotFoundError(f"Checkpoint {path} does not exist.")
     try:
         with torch.serialization.safe_globals(list(SAFE_CLASSES)):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -169,9 +206,28 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
             f"Checkpoint {path} is truncated, corrupt or not a torch checkpoint ({type(e).__name__}).") from None
     if not isinstance(ckpt, dict):
         raise CorruptCheckpointError(f"Checkpoint {path} holds a {type(ckpt).__name__}, expected a dict.")
+    bad = first_non_finite(ckpt)
+    if bad is not None:
+        raise NonFiniteCheckpointError(f"Checkpoint {path} holds NaN or infinite values in {bad!r}; every output "
+                                       f"computed from it would be wrong (the run that wrote it diverged, or the "
+                                       f"file is damaged), so it is refused.")
     if isinstance(ckpt.get("args"), argparse.Namespace):  # the original project's misc.save_model
         ckpt["args"] = plain(ckpt["args"])
     return ckpt
+
+
+def first_non_finite(obj, key: str = "") -> str | None:
+    """The dotted key of the first floating (or complex) tensor in `obj` (nested dicts/lists) holding NaN or Inf."""
+    if isinstance(obj, torch.Tensor):
+        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
+            return key
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = first_non_finite(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def strip_prefixes(sd: dict) -> dict:
@@ -191,6 +247,15 @@ def state_dict_of(ckpt: dict) -> dict:
         if isinstance(ckpt.get(key), dict):
             return strip_prefixes(ckpt[key])
     return strip_prefixes({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
+
+
+def encoder_weights(ckpt: dict) -> dict:
+    """`state_dict_of(ckpt)`, or for a segmentation checkpoint (a UNETR3D: the ViT under `encoder.`) its encoder's
+    weights without that prefix, so any of our checkpoints can initialise a ViT."""
+    sd = state_dict_of(ckpt)
+    if not any(k.startswith("blocks.") for k in sd) and any(k.startswith("encoder.blocks.") for k in sd):
+        return {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    return sd
 
 
 def _epoch_of(p: str) -> int:

@@ -7,6 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from util.errors import UserError, user_error_types
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -146,10 +148,11 @@ def on_main_then_share(fn):
     if is_main_process():
         try:
             fn()
-        except (ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks (they would hang), re-raised below
             err = e
-    failed = all_gather_objects(None if err is None else str(err))[0]
+    failed = all_gather_objects(None if err is None else (isinstance(err, user_error_types()), str(err)))[0]
     if err is not None:
         raise err
-    if failed is not None:
-        raise ValueError(failed)
+    if failed is not None:  # rank 0's one sentence, or (a bug there, whose traceback rank 0 prints) a plain error
+        user, msg = failed
+        raise UserError(msg) if user else RuntimeError(f"rank 0 failed: {msg}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from typing import Callable
 
@@ -36,21 +37,34 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return (UserError, OSError)
 
 
+def _ignore_ctrl_c() -> None:
+    """On the way out after a stop: one more Ctrl-C would kill the exit itself (status -2, no status file)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 def run_main(main: Callable, args):
-    """Run a script's `main(args)` and return its result; user-caused errors end as one sentence on stderr
-    and exit status 1; a preempted run prints where its checkpoint is and exits 75 (130 after Ctrl-C)."""
+    """Run a script's `main(args)` and return its exit status; user-caused errors end as one sentence on stderr
+    and exit status 1; a preempted run prints where its checkpoint is and exits 75 (130 after Ctrl-C). Planned
+    ends are recorded in the run's exit_status.json for job scripts (util.exit_status)."""
+    from util import exit_status
     from util.preempt import EXIT_INTERRUPTED, Preempted
 
+    exit_status.clear(args)
     try:
-        return main(args)
+        return exit_status.record(args, int(main(args) or 0))
     except Preempted as e:  # a checkpoint was written: say where, exit with the documented status
+        _ignore_ctrl_c()
         print(str(e), file=sys.stderr, flush=True)
-        raise SystemExit(e.code) from None
+        raise SystemExit(exit_status.record(args, e.code, str(e))) from None
     except KeyboardInterrupt:
+        _ignore_ctrl_c()
         if os.environ.get("MAE3D_DEBUG"):
             raise
         print("Interrupted (Ctrl-C); nothing more was written.", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        raise SystemExit(exit_status.record(args, EXIT_INTERRUPTED, "Interrupted (Ctrl-C).")) from None
     except SystemExit as e:  # scripts may stop with SystemExit("sentence")
         if isinstance(e.code, str):
             print(f"error: {user_message(e)}", file=sys.stderr, flush=True)

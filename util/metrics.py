@@ -196,3 +196,14 @@ def dice_per_class(pred_labels: np.ndarray | torch.Tensor, target: np.ndarray | 
     """
     stats = dice_stats(_as_tensor(pred_labels), _as_tensor(target), num_classes)
     return dice_from_stats(stats, include_background=include_background)
+
+
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc", "mae", "rmse", "r2", "dice")
+
+
+def summary_line(metrics: dict, also: tuple[str, ...] = ()) -> str:
+    """'loss 0.4123, accuracy 0.8750, ..., auroc 1.0000': an evaluation's loss and its task's summary metrics (and
+    the keys in `also`, e.g. a --best_metric of one label), in that order; per-class and per-label values stay in
+    log.txt. Metrics absent from `metrics` are left out."""
+    keys = ["loss", *SUMMARY_METRICS, *(k for k in also if k not in SUMMARY_METRICS)]
+    return ", ".join(f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in keys if k in metrics)

@@ -15,8 +15,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from util.errors import UserError
+
 PATH_COLUMNS = ("Path", "Mask")
 DELIMITERS = (",", ";", "\t", "|")
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A table, or a file a table names, that does not exist (an OSError too, for callers that catch those)."""
 
 
 def where(line: int) -> str:
@@ -33,7 +39,7 @@ def _decode(data_path: str) -> tuple[str, str]:
         try:
             text = raw.decode("cp1252")
         except UnicodeDecodeError:
-            raise ValueError(f"{data_path}: is neither UTF-8 nor Windows-1252 text (byte {raw[e.start]:#x} at "
+            raise UserError(f"{data_path}: is neither UTF-8 nor Windows-1252 text (byte {raw[e.start]:#x} at "
                              f"offset {e.start}); save it as UTF-8 CSV.") from None
         warnings.warn(f"{data_path}: is not UTF-8; read it as Windows-1252 (Excel's CSV encoding).")
         return text, "cp1252"
@@ -61,26 +67,41 @@ def read_csv_table(data_path: str | os.PathLike) -> pd.DataFrame:
     """
     data_path = os.path.abspath(os.fspath(data_path))
     if not os.path.isfile(data_path):
-        raise FileNotFoundError(f"{data_path}: table not found; expected a CSV with a 'Path' column.")
+        raise MissingFileError(f"{data_path}: table not found; expected a CSV with a 'Path' column.")
     text, _ = _decode(data_path)
     lines = text.splitlines()
     first = next((s for s in lines if s.strip()), "")
     if not first:
-        raise ValueError(f"{data_path}: is empty; expected a CSV with a 'Path' column (or one path per line).")
+        raise UserError(f"{data_path}: is empty; expected a CSV with a 'Path' column (or one path per line).")
     sep = _delimiter(data_path, first)
     if sep is None and first.strip().lower() != "path":  # a plain list of paths
         rows = [(i, s.strip()) for i, s in enumerate(lines, 1) if s.strip() and not s.lstrip().startswith("#")]
         return pd.DataFrame({"Path": [p for _, p in rows]}, index=pd.Index([i for i, _ in rows], name="line"))
-    try:
-        df = pd.read_csv(io.StringIO(text), sep=sep or ",", dtype=str, keep_default_na=False, skip_blank_lines=False,
-                         quoting=csv.QUOTE_MINIMAL)
+    _check_widths(data_path, text, sep or ",")
+    try:  # index_col=False: a row with more fields than the header never turns its first column into the index
+        with warnings.catch_warnings():  # the fields it drops were checked empty above
+            warnings.simplefilter("ignore", pd.errors.ParserWarning)
+            df = pd.read_csv(io.StringIO(text), sep=sep or ",", dtype=str, keep_default_na=False,
+                             skip_blank_lines=False, quoting=csv.QUOTE_MINIMAL, index_col=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         msg = " ".join(str(e).split())
-        raise ValueError(f"{data_path}: is not a readable {sep!r}-delimited table ({msg}).") from None
+        raise UserError(f"{data_path}: is not a readable {sep!r}-delimited table ({msg}).") from None
     df.columns = [str(c).strip() for c in df.columns]
     df.index = pd.RangeIndex(2, len(df) + 2, name="line")
     empty = (df.apply(lambda c: c.str.strip()) == "").all(axis=1) if len(df.columns) else []
     return df[~np.asarray(empty, bool)] if len(df) else df
+
+
+def _check_widths(data_path: str, text: str, sep: str) -> None:
+    """Rows longer than the header: trailing empty fields (`path,1,` as some exporters write) are ignored; a
+    filled cell beyond the last header column is refused, naming the row (it belongs to no column)."""
+    rows = csv.reader(io.StringIO(text), delimiter=sep)
+    header = next(rows, [])
+    for fields in rows:
+        extra = [f for f in fields[len(header):] if f.strip()]
+        if extra:
+            raise UserError(f"{data_path}: {where(rows.line_num)} has {len(fields)} fields but the header has "
+                            f"{len(header)} ({extra[0]!r} is under no column); remove it or name its column.")
 
 
 def find_column(df: pd.DataFrame, name: str) -> str | None:
@@ -102,7 +123,7 @@ def resolve_paths(df: pd.DataFrame, column: str, data_path: str, check_exists: b
         value = str(value).strip()
         if not value:
             if check_exists:
-                raise ValueError(f"{data_path}: {where(int(line))} has an empty '{column}' value; expected a file path.")
+                raise UserError(f"{data_path}: {where(int(line))} has an empty '{column}' value; expected a file path.")
             out.append("")
             continue
         p = os.path.expanduser(value)
@@ -111,7 +132,7 @@ def resolve_paths(df: pd.DataFrame, column: str, data_path: str, check_exists: b
         gone = [(line, p) for line, p in zip(df.index, out) if not os.path.exists(p)]
         if gone:
             more = f" (and {len(gone) - 1} more rows)" if len(gone) > 1 else ""
-            raise FileNotFoundError(f"{data_path}: {where(int(gone[0][0]))}, column {column}: {gone[0][1]} does not "
+            raise MissingFileError(f"{data_path}: {where(int(gone[0][0]))}, column {column}: {gone[0][1]} does not "
                                     f"exist{more}; relative paths are resolved against the file's folder.")
     return out
 
@@ -127,10 +148,10 @@ def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Pa
     df = df.rename(columns={find_column(df, c): c for c in PATH_COLUMNS if find_column(df, c)})
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ValueError(f"{data_path}: has no '{missing[0]}' column (columns: {', '.join(map(str, df.columns))}); "
+        raise UserError(f"{data_path}: has no '{missing[0]}' column (columns: {', '.join(map(str, df.columns))}); "
                          f"expected a header row with {', '.join(required)}.")
     if len(df) == 0:
-        raise ValueError(f"{data_path}: has no data rows; expected one row per volume.")
+        raise UserError(f"{data_path}: has no data rows; expected one row per volume.")
     for col in [c for c in PATH_COLUMNS if c in required]:
         df[col] = resolve_paths(df, col, data_path, check_exists)
     for col in [c for c in df.columns if c not in PATH_COLUMNS]:  # numeric columns as numbers, empty cells NaN
@@ -147,7 +168,7 @@ def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Pa
 def numeric_columns(df: pd.DataFrame, columns: Sequence[str], data_path: str, kind: str) -> np.ndarray:
     """Label columns -> float64 [N, K]; kind 'class' (integers >= 0), 'binary' (values in [0, 1]) or 'float'.
 
-    Raises ValueError naming the table, the row and the column of the first bad or empty cell.
+    Raises UserError naming the table, the row and the column of the first bad or empty cell.
     """
     out = np.zeros((len(df), len(columns)), np.float64)
     expect = {"class": "a class index 0, 1, 2, ...", "binary": "a number in [0, 1]", "float": "a number"}[kind]
@@ -162,6 +183,6 @@ def numeric_columns(df: pd.DataFrame, columns: Sequence[str], data_path: str, ki
         if bad.any():
             k = int(np.argmax(bad))
             got = "an empty cell" if text.iloc[k] == "" else repr(text.iloc[k])
-            raise ValueError(f"{data_path}: {where(int(df.index[k]))}, column '{col}': expected {expect}, got {got}.")
+            raise UserError(f"{data_path}: {where(int(df.index[k]))}, column '{col}': expected {expect}, got {got}.")
         out[:, j] = num
     return out

@@ -12,9 +12,12 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from util.atomic import atomic_write
+from util.atomic import atomic_write, ensure_writable_dir
+from util.errors import UserError
 from util.path_table import find_column, read_csv_table, resolve_paths
-from util.metrics import classification_metrics
+from util.metrics import classification_metrics, dice_per_class
+from util.preprocess import preprocess_mask
+from util.volume_io import VolumeError, read_image
 from util.tasks import output_columns, predicted_label
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
@@ -30,19 +33,22 @@ def read_input_table(csv_path: str) -> tuple[pd.DataFrame, list[str]]:
     df = read_csv_table(csv_path).reset_index(drop=True)
     col = find_column(df, "Path")
     if col is None:
-        raise ValueError(f"--input_csv {csv_path} has no 'Path' column (columns: {', '.join(df.columns)}).")
+        raise UserError(f"--input_csv {csv_path} has no 'Path' column (columns: {', '.join(df.columns)}).")
     if len(df) == 0:
-        raise ValueError(f"--input_csv {csv_path} has a header but no rows.")
+        raise UserError(f"--input_csv {csv_path} has a header but no rows.")
     return df, resolve_paths(df, col, csv_path, check_exists=False)
 
 
 def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta: dict) -> pd.DataFrame:
     """Input columns, then `prob_<class>` columns and `pred` (or `pred_<label>` for regression, or `seg_path`
-    for segmentation), then `error` (empty when the row succeeded). Rows stay in input order."""
+    and, when the input has a Mask column, `dice` for segmentation), then `error` (empty when the row
+    succeeded). Rows stay in input order."""
     out = df.copy()
     mode, n = meta["mode"], len(df)
     if mode == "segmentation":
         out["seg_path"] = [results.get(i, {}).get("seg_path", "") for i in range(n)]
+        if find_column(df, "Mask") is not None:  # the label maps scored against the input's masks
+            out["dice"] = [results.get(i, {}).get("dice", np.nan) for i in range(n)]
     elif mode != "embedding":
         names = output_columns(meta)
         values = np.full((n, len(names)), np.nan, dtype=np.float64)
@@ -79,6 +85,40 @@ def score_against_labels(df: pd.DataFrame, results: dict[int, dict], meta: dict,
             f"{m['balanced_accuracy']:.3f}, AUROC {m['auroc']:.3f}")
 
 
+def mask_paths(df: pd.DataFrame, csv_path: str) -> list[str] | None:
+    """The absolute label-map path of every row when the input has a `Mask` column (empty cells give ""), else
+    None."""
+    col = find_column(df, "Mask")
+    return None if col is None else resolve_paths(df, col, csv_path, check_exists=False)
+
+
+def mask_dice(label: sitk.Image, mask_path: str, nb_classes: int) -> float:
+    """Mean Dice over the foreground classes of a predicted label map (on its input image's grid) against the
+    row's Mask file, brought onto that grid like a training mask; nan when neither holds any foreground.
+    Raises VolumeError (or OSError) naming the file when the mask cannot be read or compared."""
+    if not mask_path:
+        raise VolumeError("the Mask cell is empty.")
+    mask = preprocess_mask(read_image(mask_path), label, mask_path)
+    if mask.min() < 0:
+        raise VolumeError(f"{mask_path}: holds negative labels; expected 0 (background) to K-1.")
+    k = max(int(nb_classes), int(mask.max()) + 1)  # a class the model cannot predict counts as missed
+    return dice_per_class(sitk.GetArrayViewFromImage(label).astype(np.int64), mask, k)["dice"]
+
+
+def score_against_masks(df: pd.DataFrame, results: dict[int, dict]) -> list[str]:
+    """Lines summing up Dice against the input's Mask column: the mean over the rows scored, and the rows whose
+    mask could not be scored (first reason); [] without a Mask column."""
+    if find_column(df, "Mask") is None:
+        return []
+    dice = [r["dice"] for r in results.values() if "dice" in r and np.isfinite(r["dice"])]
+    lines = [f"Against the Mask column ({len(dice)} rows): mean Dice {np.mean(dice):.3f} (per row in the dice "
+             f"column)."] if dice else []
+    bad = sorted(i for i, r in results.items() if "dice_error" in r)
+    if bad:
+        lines.append(f"Dice not computed for {len(bad)} rows; first: row {bad[0] + 1}: {results[bad[0]]['dice_error']}")
+    return lines
+
+
 def embedding_matrix(results: dict[int, dict], n: int, dim: int) -> np.ndarray:
     """float32 [n, dim] in input order; rows without an embedding (failed) are NaN."""
     emb = np.full((n, dim), np.nan, dtype=np.float32)
@@ -99,9 +139,9 @@ def row_identifiers(df: pd.DataFrame, results: dict[int, dict]) -> pd.DataFrame:
 def check_embedding_path(path: str) -> None:
     """Refuse an unknown extension, or .parquet without pyarrow, before any work is done."""
     if not path.endswith(EMBEDDING_SUFFIXES):
-        raise ValueError(f"--embeddings {path} must end in .npy, .csv or .parquet.")
+        raise UserError(f"--embeddings {path} must end in .npy, .csv or .parquet.")
     if path.endswith(".parquet") and importlib.util.find_spec("pyarrow") is None:
-        raise ValueError(f"--embeddings {path}: writing .parquet needs pyarrow (pip install pyarrow); "
+        raise UserError(f"--embeddings {path}: writing .parquet needs pyarrow (pip install pyarrow); "
                          f"use .npy or .csv instead.")
 
 
@@ -132,19 +172,35 @@ def write_predictions(path: str, table: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.7g"))
 
 
-def check_outputs(paths: list[str], overwrite: bool) -> None:
-    """Refuse to replace existing outputs unless --overwrite; make sure their folders can be created."""
-    existing = [p for p in paths if os.path.exists(p)]
+def output_files(output_csv: str | None, embeddings: str | None, seg_paths=()) -> list[tuple[str, str]]:
+    """(file, the flag that makes it) of every output of a run."""
+    named = [(output_csv, "--output_csv")] if output_csv else []
+    named += [(p, "--embeddings") for p in (embedding_outputs(embeddings) if embeddings else [])]
+    return named + [(p, "--seg_output_dir") for p in seg_paths]
+
+
+def check_outputs(outputs: list[tuple[str, str]], overwrite: bool, inputs: dict[str, str] | None = None) -> None:
+    """Before any work: every output (`(path, flag that makes it)`) a different file and none of them an input
+    (`{what: path}`); none existing unless --overwrite; every output folder created and writable."""
+    owner: dict[str, str] = {}
+    for what, path in (inputs or {}).items():
+        if path:
+            owner.setdefault(os.path.realpath(path), what)
+    for path, flag in outputs:
+        real = os.path.realpath(path)
+        if real in owner:
+            kind = "an input" if owner[real] in (inputs or {}) else "another output"
+            raise UserError(f"{flag} {path} is the same file as {owner[real]} ({kind} of this run); choose "
+                            f"another path, so that nothing is overwritten.")
+        owner[real] = flag
+    existing = [p for p, _ in outputs if os.path.exists(p)]
     if existing and not overwrite:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise FileExistsError(f"{existing[0]}{more} already exists; pass --overwrite to replace it, "
                               f"or choose another output path.")
-    for p in paths:
-        folder = os.path.dirname(os.path.abspath(p))
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"Cannot create the output folder {folder} ({e.strerror or e}).") from None
+    folders = {os.path.dirname(os.path.abspath(p)): flag for p, flag in outputs}
+    for folder, flag in folders.items():
+        ensure_writable_dir(folder, f"The folder of {flag}")
 
 
 def volume_stem(path: str) -> str:

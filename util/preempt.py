@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from util.distributed import is_dist, is_main_process
+from util.exit_status import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - re-exported for the scripts
 
-EXIT_PREEMPTED, EXIT_INTERRUPTED = 75, 130
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGINT": signal.SIGINT}
 
 

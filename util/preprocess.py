@@ -7,6 +7,7 @@ stays the reference and serves label maps and everything else.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
@@ -16,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from util.cache import VolumeCache, encode
+from util.errors import UserError
 from util.resample import SITK_INTERPOLATORS, resample_centered, resample_centered_array
 from util.triple import optional_3tuple
 from util.volume_io import VolumeError, read_image
@@ -41,20 +43,34 @@ class PreprocessConfig:
     mask_interpolator: str = "nearest"
 
     def __post_init__(self) -> None:
+        """Validate every field; a bad one raises UserError naming its flag (--window, --orientation, ...)."""
         self.orientation = str(self.orientation).upper()
         axis = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
         if sorted(axis.get(c, -1) for c in self.orientation) != [0, 1, 2]:
-            raise ValueError(f"PreprocessConfig.orientation must be three letters, one of each L/R, P/A, S/I "
-                             f"(e.g. 'LPS'), got {self.orientation!r}.")
-        self.size = optional_3tuple(self.size, "PreprocessConfig.size")
-        self.spacing = optional_3tuple(self.spacing, "PreprocessConfig.spacing", float)
-        self.window = tuple(float(v) for v in self.window)
-        if len(self.window) != 2 or not self.window[0] < self.window[1]:
-            raise ValueError(f"PreprocessConfig.window must be (low, high) HU with low < high, got {self.window}.")
+            raise UserError(f"The orientation (--orientation) must be three letters, one of each L/R, P/A, S/I "
+                            f"(e.g. LPS), got {self.orientation!r}.")
+        self.size = optional_3tuple(self.size, "The input size (--input_size)")
+        self.spacing = optional_3tuple(self.spacing, "The spacing (--spacing)", float)
+        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else (self.window,)
+        try:
+            self.window = tuple(float(v) for v in window)
+        except (TypeError, ValueError):
+            self.window = (float("nan"),)
+        if len(self.window) != 2 or not self.window[0] < self.window[1] or not np.isfinite(self.window).all():
+            raise UserError(f"The HU window (--window LO HI) must have LO < HI, got {' '.join(map(str, window))}; "
+                            f"a reversed window would invert every intensity.")
         for name in ("interpolator", "mask_interpolator"):
             if getattr(self, name) not in INTERPOLATORS:
-                raise ValueError(f"PreprocessConfig.{name} must be one of {sorted(INTERPOLATORS)}, "
-                                 f"got {getattr(self, name)!r}.")
+                raise UserError(f"The {name.replace('_', ' ')} (--{name}) must be one of {sorted(INTERPOLATORS)}, "
+                                f"got {getattr(self, name)!r}.")
+
+    def with_overrides(self, **changes) -> "PreprocessConfig":
+        """A copy with `changes` applied (list values become tuples), validated again like a new config: the one
+        way a flag typed at prediction or caching replaces what a checkpoint stored."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"PreprocessConfig.with_overrides: unknown fields {sorted(unknown)}.")
+        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (tuples become lists)."""
@@ -65,7 +81,8 @@ class PreprocessConfig:
         """Inverse of `to_dict`; unknown keys are refused."""
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"PreprocessConfig.from_dict: unknown keys {sorted(unknown)}.")
+            raise UserError(f"The saved preprocessing has unknown keys {sorted(unknown)}; expected "
+                            f"{[f.name for f in fields(cls)]}.")
         return cls(**d)
 
     def key(self) -> str:

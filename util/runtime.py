@@ -5,8 +5,7 @@ import contextlib
 import os
 import random
 
-import numpy as np
-import torch
+# torch and numpy are imported inside the functions that need them: the scripts' parsers (--help) use this module
 
 
 def available_cpus() -> int:
@@ -25,12 +24,16 @@ def default_num_workers(per_process: int = 8) -> int:
 
 def torch_threads() -> None:
     """Honour OMP_NUM_THREADS for torch's intra-op pool, so processes sharing a machine do not oversubscribe it."""
+    import torch
+
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
 
 
 def resolve_precision(precision: str, device: str) -> str:
     """'auto' -> bf16 on GPUs that support it (fp16 on older ones), fp32 on CPU; fp16 on CPU falls back to fp32."""
+    import torch
+
     if precision != "auto":
         if precision == "fp16" and not device.startswith("cuda"):
             print("fp16 needs CUDA: using fp32 on CPU.")
@@ -45,12 +48,17 @@ def autocast(precision: str, device: str):
     """The autocast context of a resolved precision (a no-op for fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
+    import torch
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=dtype)
 
 
 def seed_all(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and every GPU)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2 ** 32))
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@ scaler, the lr rule, checkpoints (end of epoch and mid-epoch), resume with a rec
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -10,11 +11,11 @@ import threading
 import torch
 
 from util import args as cli_args
-from util.atomic import ensure_writable_dir, remove_stale_tmp
+from util.atomic import ensure_writable_dir, remove_stale_tmp, write_text
 from util.checkpoint import CheckpointWriter, find_resume, load_checkpoint, plain, state_dict_of
 from util.distributed import barrier, init_distributed_mode, is_main_process, on_main_then_share
 from util.errors import UserError
-from util.lr_sched import Schedule
+from util.lr_sched import Schedule, fit_warmup
 from util.preempt import StepControl
 from util.run_lock import RunLock
 from util.runtime import resolve_precision, seed_all, torch_threads
@@ -35,9 +36,9 @@ def start(args) -> None:
     args.effective_batch = args.batch_size * args.accum_iter * args.world_size
     if args.lr is None:
         args.lr = args.blr * args.effective_batch / 256
-    if args.warmup_epochs > args.epochs:
-        print(f"WARNING: --warmup_epochs {args.warmup_epochs} is larger than --epochs {args.epochs}: the lr never "
-              f"reaches its peak {args.lr:.3g}.")
+    args.warmup_epochs, shortened = fit_warmup(args.warmup_epochs, args.epochs)
+    if shortened:
+        print(f"WARNING: {shortened}")
     seed_all(args.seed + args.rank)
 
 
@@ -159,7 +160,7 @@ def finish_writes() -> None:
     """For `finally` blocks: let a pending checkpoint write finish (this process only, no collective); a failure
     is printed, since another error is already on its way."""
     try:
-        WRITER.wait()
+        WRITER.wait(ctrl_c=False)  # after an interrupt, more Ctrl-C must not cut the write (SIGABRT at exit)
     except (OSError, RuntimeError) as e:
         print(f"WARNING: {e}", flush=True)
 
@@ -199,7 +200,32 @@ def load_resume(args, recipe: dict) -> tuple[str | None, dict]:
                         f"continue it anyway, --resume none to start over, or choose another --output_dir.")
     if changes:
         print(f"WARNING: resuming {path} with a changed recipe: {'; '.join(changes)}.")
+    trim_log(args.output_dir, int(ckpt["epoch"]) + (0 if ckpt.get("progress") else 1))
     return path, ckpt
+
+
+def trim_log(output_dir: str, done: int) -> None:
+    """Rank 0, on resume: drop the log.txt lines of epochs after the `done` whole epochs the checkpoint holds
+    (log.txt counts epochs from 1). Such a line was written before its epoch's checkpoint failed to reach the disk
+    or the run was killed; the resumed run logs that epoch again, so each epoch keeps exactly one line."""
+    path = os.path.join(output_dir, "log.txt")
+    if not is_main_process() or not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines(keepends=True)
+    keep = [line for line in lines if (_logged_epoch(line) or 0) <= done]
+    if len(keep) < len(lines):
+        write_text(path, "".join(keep))
+        print(f"log.txt: removed {len(lines) - len(keep)} line(s) of epochs after epoch {done}, which the "
+              f"checkpoint does not hold; they are logged again.")
+
+
+def _logged_epoch(line: str) -> int | None:
+    try:
+        epoch = json.loads(line).get("epoch")
+    except (ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def restore(path: str, ckpt: dict, model, optimizer, scaler, what: str, epochs: int) -> tuple[int, EpochProgress | None]:

@@ -47,6 +47,27 @@ class VolumeDataset(Dataset):
         self.paths: list[str] = []
         self.mask_paths: list[str] | None = None
         self._last: tuple | None = None  # (volume index, image, mask) of the last volume read by this process
+        self._cache_record: torch.Tensor | None = None  # per volume: 0 not read, 1 from the cache, 2 preprocessed
+
+    def record_cache_use(self) -> None:
+        """Start recording, per volume, whether its first read came from the cache or preprocessed it (call after
+        `paths` is set, before a DataLoader starts its workers). The record is in shared memory, so the loader
+        workers' reads count too; `cache_use()` sums it."""
+        if self.cache is None:
+            return
+        record = torch.zeros(len(self.paths), dtype=torch.uint8)
+        try:
+            record.share_memory_()
+        except RuntimeError:  # no shared memory here: the reads of this process only
+            pass
+        self._cache_record = record
+
+    def cache_use(self) -> tuple[int, int] | None:
+        """(volumes read from the cache, volumes preprocessed and stored in it) so far; None without a cache."""
+        if self._cache_record is None:
+            return None
+        counts = torch.bincount(self._cache_record.long(), minlength=3)
+        return int(counts[1]), int(counts[2])
 
     def __len__(self) -> int:
         return len(self.paths) * self.crops_per_volume
@@ -68,7 +89,10 @@ class VolumeDataset(Dataset):
         if self._last is not None and self._last[0] == v:
             return self._last[1], self._last[2]
         mask_path = self.mask_paths[v] if self.mask_paths is not None else None
+        misses = self.cache.misses if self.cache is not None else 0
         img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False)
+        if self._cache_record is not None and v < len(self._cache_record) and self._cache_record[v] == 0:
+            self._cache_record[v] = 1 if self.cache.misses == misses else 2
         if self.crops_per_volume > 1:
             self._last = (v, img, mask)
         return img, mask
@@ -109,3 +133,18 @@ class VolumeDataset(Dataset):
         if self.transport == "uint16":
             return x, target, torch.tensor(deferred)
         return x, target
+
+
+def cache_use_line(ds, cache_dir: str | None, device: str = "cpu") -> str | None:
+    """One sentence on how many training volumes came from --cache_dir and how many were preprocessed so far,
+    summed over ranks (call on every rank); None without a cache or for a dataset that does not record it."""
+    use = ds.cache_use() if hasattr(ds, "cache_use") else None
+    if not cache_dir or use is None:
+        return None
+    from util.distributed import all_reduce_sum
+
+    hit, made = (int(x) for x in all_reduce_sum(torch.tensor(use, device=device)).cpu())
+    total = len(ds.paths)
+    return (f"--cache_dir {cache_dir}: {hit} of {total} training volumes came from the cache, {made} were "
+            f"preprocessed and stored there" + (f", {total - hit - made} not read yet" if hit + made < total else "")
+            + ".")

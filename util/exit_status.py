@@ -1,0 +1,70 @@
+"""The outcome of a run for job scripts: the exit status, and `exit_status.json` in the run's folder.
+
+Statuses: 0 done; 2 done, but some rows failed (main_predict.py, main_cache.py); 75 preempted (SIGTERM/SIGUSR1)
+after a checkpoint was written: rerun the same command; 130 stopped by Ctrl-C; 1 failed.
+
+Under torchrun the launcher's own status is 0 or 1 whatever its workers return (and 1, with its own traceback,
+when it gets SIGTERM itself), and it restarts (`--max-restarts`) workers that exit with anything but 0. So rank 0
+writes the real status to `exit_status.json` when a run reaches one of its planned ends (0, 2, 75, 130; after the
+checkpoint of a stop is on disk), and under torchrun the workers of a run whose outputs are complete (0, 2) exit
+0: torchrun reports no crash and does not run the work again. The file is removed when a run starts, so a run that
+failed (status 1) or was killed has none.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from util.atomic import write_text
+
+STATUS_FILE = "exit_status.json"
+EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_ROWS_FAILED = 75, 130, 2
+MEANINGS = {0: "done", EXIT_ROWS_FAILED: "done; some rows failed",
+            EXIT_PREEMPTED: "preempted; checkpoint written; rerun the same command to resume",
+            EXIT_INTERRUPTED: "stopped by Ctrl-C"}
+
+
+def under_torchrun() -> bool:
+    """This process is a worker started by torchrun (its agent sets TORCHELASTIC_RUN_ID)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
+def status_path(args) -> str | None:
+    """`exit_status.json` in the run's folder: --output_dir, --cache_dir, else the folder of the prediction
+    outputs; None when the script has none."""
+    folder = getattr(args, "output_dir", None) or getattr(args, "cache_dir", None)
+    if not folder:
+        output = getattr(args, "output_csv", None) or getattr(args, "embeddings", None)
+        folder = os.path.dirname(os.path.abspath(output)) if output else getattr(args, "seg_output_dir", None)
+    return os.path.join(folder, STATUS_FILE) if folder else None
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def clear(args) -> None:
+    """Rank 0, at the start of a run: remove the status file of an earlier run."""
+    path = status_path(args)
+    if path and _rank0():
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def record(args, code: int, message: str = "") -> int:
+    """Rank 0 writes {'status', 'meaning', 'message', ...} for a planned end; returns the status this process
+    exits with (0 instead of 2 under torchrun: the outputs are complete)."""
+    path = status_path(args)
+    if path and _rank0() and code in MEANINGS and os.path.isdir(os.path.dirname(path)):
+        info = {"status": code, "meaning": MEANINGS[code], "message": message, "torchrun": under_torchrun(),
+                "host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            write_text(path, json.dumps(info, indent=1) + "\n")
+        except OSError:
+            pass  # an unwritable folder has already been reported by the run itself
+    return 0 if code == EXIT_ROWS_FAILED and under_torchrun() else code
+
