@@ -5,8 +5,9 @@ Steps (all through the user-facing scripts, commands printed):
   (b) finetune it with a fraction of the training labels (main_finetune.py --finetune ...), and linear-probe it
       (main_finetune.py --linprobe);
   (c) train the same ViT from scratch on the same labels (main_finetune.py --finetune none);
-  (d) size-only baselines: logistic regression on the annotated diameter_mm, and on the crop's nodule voxel count.
-The split is by exam (patient), never by nodule; (b)-(d) are repeated on several labelled subsets
+  (d) size-only baselines: logistic regression on the annotated diameter_mm, and on the crop's nodule voxel count;
+  (e) the frozen encoder against those baselines with main_evaluate.py (embeddings from main_predict.py).
+The split is by exam (patient), never by nodule; (b)-(e) are repeated on several labelled subsets
 (--label_seeds) of the same training exams. Test AUROC is reported for all of them.
 
     python bench/lidc_transfer.py                 # full run (about 2 h on 2 CPU cores)
@@ -211,19 +212,12 @@ def test_scores(args, prep: dict, name: str) -> np.ndarray:
 def paired_bootstrap(y: np.ndarray, scores: list[np.ndarray], references: list[np.ndarray], n: int = 2000,
                      seed: int = 0) -> tuple[float, float, float]:
     """Mean over labelled subsets k of AUROC(scores[k]) - AUROC(references[k]) on the test nodules, with a 95%
-    interval from resampling the test nodules (one resample shared by every score and reference)."""
-    from sklearn.metrics import roc_auc_score as auroc
+    interval from resampling the test nodules (one resample shared by every score and reference): the bootstrap
+    of main_evaluate.py (util/evaluate_stats.py), the one implementation in this repository."""
+    from util.evaluate_stats import Run, bootstrap
 
-    def diff(i):
-        return np.mean([auroc(y[i], s[i]) - auroc(y[i], r[i]) for s, r in zip(scores, references)])
-
-    rng, boots = np.random.default_rng(seed), []
-    while len(boots) < n:
-        i = rng.integers(0, len(y), len(y))
-        if 0 < y[i].sum() < len(i):
-            boots.append(diff(i))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(diff(np.arange(len(y)))), float(lo), float(hi)
+    return bootstrap("binary", np.asarray(y), [Run(np.asarray(s, np.float64)) for s in scores],
+                     [Run(np.asarray(r, np.float64)) for r in references], n_boot=n, seed=seed)["auroc"]
 
 
 def size_baseline(prep: dict, labelled: np.ndarray, column: str = "diameter_mm") -> float:
@@ -235,6 +229,33 @@ def size_baseline(prep: dict, labelled: np.ndarray, column: str = "diameter_mm")
     x = np.log(t[[column]].to_numpy(dtype=np.float64).clip(min=1))
     clf = LogisticRegression().fit(x[labelled], t["Label"][labelled])
     return float(roc_auc_score(t["Label"][test], clf.predict_proba(x[test])[:, 1]))
+
+
+def frozen_evaluation(args, prep: dict, ckpt: Path) -> pd.DataFrame:
+    """Step (e): the frozen encoder against the size baselines with main_evaluate.py, as a user would run it on
+    their own table: embeddings of every nodule (main_predict.py --embeddings, average-pooled), the same exam
+    split (--split_column), --label_fraction of the training labels in one draw per label seed, logistic
+    regression and k-NN, intervals from resampling test exams. Returns its summary.csv."""
+    work = Path(args.work_dir)
+    rows = prep["train"] | prep["test"]
+    t = prep["table"].loc[rows]
+    labels = work / "evaluate_labels.csv"
+    write_csv(pd.DataFrame({"Path": [str(Path(p).resolve()) for p in t["Path"]], "Label": t["Label"],
+                            "exam_id": t["exam_id"], "split": np.where(prep["test"][rows], "test", "train"),
+                            "log_diameter": np.log(t["diameter_mm"].clip(lower=1)),
+                            "log_voxels": np.log(t["voxels"].clip(lower=1))}), labels)
+    emb = work / "embeddings_pretrained.npy"
+    run_once(["main_predict.py", "--input_csv", labels, "--finetune", ckpt, "--embeddings", emb, "--embedding_type",
+              "avg", "--overwrite", "--cache_dir", work / "cache", "--num_workers", 0], work / "embed.log", emb)
+    out = work / "evaluate"
+    seeds = args.label_seeds[:1] if args.quick else args.label_seeds
+    run_once(["main_evaluate.py", "--embeddings", f"mae={emb}", "--labels", labels, "--columns", "size=log_diameter",
+              "voxels=log_voxels", "--split_column", "split", "--group_column", "exam_id", "--label_fractions",
+              args.label_fraction, 1, "--draws", len(seeds), "--reference", "size", "--seed", args.seed,
+              "--bootstrap", 100 if args.quick else 2000, "--output_dir", out, "--overwrite"],
+             work / "evaluate.log", out / "summary.csv")
+    print((out / "summary.md").read_text().split("\n\n")[2], flush=True)  # the table
+    return pd.read_csv(out / "summary.csv")
 
 
 def pretrain(args, prep: dict) -> Path:
@@ -291,7 +312,10 @@ def main() -> dict:
             intervals[f"{arm} - {other}"] = {"mean": point, "ci95": [lo, hi], "better": int((d > 0).sum())}
             print(f"{arm} - {other}: mean {point:+.3f} (95% interval over resampled test nodules {lo:+.3f} .. "
                   f"{hi:+.3f}), better in {(d > 0).sum()} of {len(d)} labelled subsets")
+    frozen = frozen_evaluation(args, prep, ckpt) if ckpt is not None else None
     summary = {"label_fraction": args.label_fraction, "n_test": int(prep["test"].sum()), "pretrained_from": str(ckpt),
+               "frozen_features": None if frozen is None else
+               frozen.astype(object).where(frozen.notna(), None).to_dict(orient="records"),
                "runs": rows, "mean": {k: float(res[k].mean()) for k in arms}, "differences": intervals}
     (Path(args.work_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -27,25 +27,23 @@ def fit_warmup(warmup_epochs: float, epochs: int) -> tuple[float, str | None]:
                     f"the first {fitted:g} epochs instead, then decays (else it would stay near 0 the whole run).")
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: Schedule, step: float = 0.0) -> float:
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: Schedule) -> float:
     """Set the lr of every param group for a (fractional) epoch and return the base lr.
 
-    Linear warmup from 0 to `args.lr` over `args.warmup_epochs` (as in MAE), then half-cycle cosine from `args.lr`
-    to `args.min_lr` (default 0) at `args.epochs`. The one step MAE's warmup would run at lr 0, the very first,
-    gets the lr of the end of that step instead (lr x step / warmup_epochs, `step` being the share of an epoch
-    one optimizer step covers), so no step trains at lr 0 and every later step keeps the published schedule.
-    Each group gets `lr * group.get('lr_scale', 1.0)`.
+    Linear warmup from 0 to `args.lr` over `args.warmup_epochs`, then half-cycle cosine from `args.lr` to
+    `args.min_lr` (default 0) at `args.epochs`: MAE's schedule exactly, so the published recipes reproduce (the
+    very first step runs at lr 0 and only initialises AdamW's moments; `fit_warmup` keeps a short run from
+    spending the rest of its steps near 0). Each group gets `lr * group.get('lr_scale', 1.0)`.
 
     Args:
         optimizer: optimizer whose groups may carry `lr_scale` (layer-wise decay).
         epoch: current epoch, e.g. `epoch + it / iters_per_epoch`.
         args: a Schedule (or any object with `lr`, `epochs`, `warmup_epochs` and optionally `min_lr`).
-        step: the share of an epoch one optimizer step covers (accum_iter / iters_per_epoch).
     """
     min_lr = getattr(args, "min_lr", 0.0)
     warmup = getattr(args, "warmup_epochs", 0)
     if epoch < warmup:
-        lr = args.lr * min(1.0, max(epoch, step) / warmup)
+        lr = args.lr * epoch / warmup
     else:
         decay_epochs = args.epochs - warmup
         progress = min(1.0, (epoch - warmup) / decay_epochs) if decay_epochs > 0 else 1.0

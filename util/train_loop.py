@@ -106,7 +106,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
         torch.manual_seed(step_seed(s.seed, epoch, it, s.rank))
         last_micro = (it + 1) % s.accum_iter == 0 or it + 1 == n_steps
         if it % s.accum_iter == 0:
-            lr = lr_sched.adjust_learning_rate(optimizer, it / n_steps + epoch, s.schedule, s.accum_iter / n_steps)
+            lr = lr_sched.adjust_learning_rate(optimizer, it / n_steps + epoch, s.schedule)
         sync_ctx = model.no_sync() if (s.distributed and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(s.precision, device):
