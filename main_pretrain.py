@@ -34,6 +34,9 @@ def get_args_parser():
                                                      "(omit it to run the built-in demo)")
     g.add_argument("--val_path", default=None, help="held-out volumes (CSV): masked-patch MSE against the trivial "
                                                     "reconstruction every --vis_every epochs, and the picture's volume")
+    g.add_argument("--init", default=None, help="continue pretraining from the weights of this MAE checkpoint "
+                   "(ours, TANGERINE, the original project's): fresh optimizer and schedule, recorded in the recipe; "
+                   "a restart resumes checkpoint-last.pth instead")
     g.add_argument("--mask_ratio", type=cli_args.bounded(float, min=0, max=1, min_open=True, max_open=True),
                    default=0.75, help="share of patches removed from each volume")
     g.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised voxels")
@@ -73,9 +76,9 @@ from datasets_three_d import Custom3DDataset  # noqa: E402
 from engine_pretrain import evaluate_reconstruction, reconstruction_picture, train_one_epoch  # noqa: E402
 from util import trainer  # noqa: E402
 from util.atomic import atomic_write, write_text  # noqa: E402
-from util.checkpoint import save_atomic  # noqa: E402
-from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
-from util.errors import run_main  # noqa: E402
+from util.checkpoint import CheckpointNotFoundError, load_checkpoint, save_atomic  # noqa: E402
+from util.distributed import all_gather_objects, barrier, cleanup, is_main_process  # noqa: E402
+from util.errors import UserError, run_main  # noqa: E402
 from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
 from util.lr_decay import param_groups_weight_decay  # noqa: E402
 from util.sampler import EvalShardSampler  # noqa: E402
@@ -164,7 +167,46 @@ def link_final_checkpoint(output_dir: str, epochs: int) -> bool:
     return bool(linked)
 
 
+def initial_weights(args) -> str | None:
+    """The recipe's record of --init: 'NAME sha256:HEX' (rank 0 hashes the file once, every rank gets it), so a
+    resumed run that would switch to other initial weights is refused; None without --init."""
+    if not args.init:
+        return None
+    if not os.path.isfile(args.init):
+        raise CheckpointNotFoundError(f"--init {args.init} does not exist.")
+    digest = None
+    if is_main_process():
+        from util.data_manifest import file_sha256
+
+        t0 = time.time()
+        digest = file_sha256(args.init)
+        if time.time() - t0 > 2:
+            print(f"--init {args.init}: sha256 of {os.path.getsize(args.init) / 2**30:.1f} GiB in "
+                  f"{time.time() - t0:.0f}s")
+    return f"{os.path.basename(args.init)} sha256:{all_gather_objects(digest)[0]}"
+
+
+def start_weights(args, recipe: dict, model, optimizer, scaler):
+    """--resume first (a restart continues its checkpoint, --init then only checked by the recipe), else the
+    --init weights into the fresh model. Returns (epoch to run, progress inside it or None)."""
+    path, ckpt = trainer.load_resume(args, recipe)
+    if path:
+        if args.init:
+            print(f"--resume {args.resume} wins over --init: continuing {path}, not loading {args.init} "
+                  f"(--resume none starts over from it).")
+        return trainer.restore(path, ckpt, model, optimizer, scaler, f"--model {args.model} "
+                               f"{tuple(args.input_size)}", args.epochs)
+    if args.init:
+        from models_build import load_mae_init
+
+        load_mae_init(model, load_checkpoint(args.init), args.init)
+    return 0, None
+
+
 def main(args) -> None:
+    if args.init and args.resume not in (None, "", "none", "auto"):
+        raise UserError(f"--init {args.init} and --resume {args.resume} exclude each other: --init starts a new "
+                        f"run from a model's weights, --resume continues a run with its optimizer.")
     trainer.start(args)
     args.log_dir = args.log_dir or args.output_dir
     with trainer.open_output_dir(args):
@@ -182,10 +224,9 @@ def pretrain(args) -> None:
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
     scaler = trainer.grad_scaler(args)
     recipe = trainer.recipe_of(args, dict(data_path=os.path.abspath(args.data_path), mask_ratio=args.mask_ratio,
-                                          norm_pix_loss=args.norm_pix_loss, preprocess=preprocess.to_dict()))
-    path, ckpt = trainer.load_resume(args, recipe)
-    start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"--model {args.model} "
-                                            f"{tuple(args.input_size)}", args.epochs) if path else (0, None)
+                                          norm_pix_loss=args.norm_pix_loss, preprocess=preprocess.to_dict(),
+                                          init=initial_weights(args)))
+    start_epoch, progress = start_weights(args, recipe, model, optimizer, scaler)
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {args.input_size}, "
           f"{len(dataset.paths)} volumes, effective batch {args.effective_batch}, lr {args.lr:.3g}, precision "
           f"{args.precision}, {args.world_size} process(es) x {args.num_workers} loader workers")

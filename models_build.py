@@ -150,3 +150,63 @@ def adopt_encoder_sizes(args) -> None:
         taken.append(f"--patch_size {' '.join(map(str, patch))}")
     if taken:
         print(f"--finetune {args.finetune}: its encoder sets {', '.join(taken)} (type the flag to choose another).")
+
+
+def _decoder_key(key: str) -> bool:
+    return key.startswith("decoder_") or key == "mask_token"
+
+
+def load_mae_init(model, ckpt: dict, name: str) -> dict[str, list[str]]:
+    """Continued pretraining (main_pretrain.py --init): the weights of any MAE or ViT checkpoint into the
+    MaskedAutoencoderViT3D `model`, whatever its input size. The encoder must be the model's (width, depth, patch;
+    another size is refused naming the right --model); the decoder is loaded when the file has one that fits,
+    else it keeps its fresh initialisation (said in one line). The fixed sin-cos tables are never copied: the
+    model's own are those of its grid. Prints what was loaded, dropped and initialised; returns those key lists."""
+    sd = encoder_weights(ckpt)
+    shape = _encoder_shape(sd)
+    if shape is None or not any(k.startswith("blocks.") for k in sd):
+        raise UserError(f"--init {name} holds no MAE or ViT encoder (patch_embed.proj.weight or blocks.* are "
+                        f"missing); expected a pretraining checkpoint such as mae_pretrained.pth.")
+    own = model.state_dict()
+    width, depth = int(own["cls_token"].shape[-1]), len(model.blocks)
+    if shape[:2] != (width, depth):
+        size = _SIZES.get(shape[:2])
+        hint = f"pass --model mae_vit_{size}_patch16" if size else "no model of this repository has that size"
+        raise UserError(f"--init {name} holds a {shape[0]} x {shape[1]} encoder (width x depth), --model a {width} "
+                        f"x {depth} one; {hint}.")
+    if shape[2] != tuple(model.patch_size):
+        raise UserError(f"--init {name} has patches of {shape[2]} voxels, the model {tuple(model.patch_size)}; pass "
+                        f"--patch_size {' '.join(map(str, shape[2]))}.")
+    tables = ("pos_embed", "decoder_pos_embed")
+    to_load, initialised = {}, []
+    for key in (k for k in own if not _decoder_key(k) and k not in tables):
+        if key not in sd and key.startswith("norm."):  # a ViT finetuned with 'avg' pooling has no final norm
+            initialised.append(key)
+        elif key not in sd:
+            raise UserError(f"--init {name} lacks the encoder tensor {key!r} of the model (another architecture).")
+        elif tuple(sd[key].shape) != tuple(own[key].shape):
+            raise UserError(f"--init {name}: {key!r} has shape {tuple(sd[key].shape)}, the model "
+                            f"{tuple(own[key].shape)} (check --model, --patch_size and the channels).")
+        else:
+            to_load[key] = sd[key]
+    decoder = [k for k in own if _decoder_key(k) and k not in tables]
+    unfit = [k for k in decoder if k not in sd or tuple(sd[k].shape) != tuple(own[k].shape)]
+    if not unfit:
+        to_load.update({k: sd[k] for k in decoder})
+    elif not any(_decoder_key(k) and k not in tables for k in sd):
+        print(f"--init {name} holds an encoder only: the decoder ({len(decoder)} tensors) is freshly initialised.")
+    else:
+        k = unfit[0]
+        why = f"{k!r} has shape {tuple(sd[k].shape)}, the model {tuple(own[k].shape)}" if k in sd else f"no {k!r}"
+        print(f"--init {name}: its decoder does not fit the model's ({why}): the decoder ({len(decoder)} tensors) "
+              f"is freshly initialised.")
+    model.load_state_dict(to_load, strict=False)
+    dropped = [k for k in sd if k not in to_load]
+    print(f"--init {name}: loaded {len(to_load)} tensors; pos_embed and decoder_pos_embed regenerated for grid "
+          f"{tuple(model.grid_size)}")
+    decoder_dropped = [k for k in dropped if _decoder_key(k) and k not in tables]
+    print(f"  dropped ({len(dropped)}): {[k for k in dropped if k not in decoder_dropped]}"
+          + (f" + {len(decoder_dropped)} decoder keys" if decoder_dropped else ""))
+    print(f"  missing, freshly initialised ({len(initialised) + (len(decoder) if unfit else 0)}): {initialised}"
+          + (f" + the decoder's {len(decoder)} tensors" if unfit else ""))
+    return {"loaded": list(to_load), "dropped": dropped, "missing": initialised + (decoder if unfit else [])}
