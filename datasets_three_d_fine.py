@@ -9,7 +9,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from util.path_table import read_path_table
+from util.errors import UserError
+from util.path_table import read_path_table, roi_points, where
 from util.preprocess import PreprocessConfig
 from util.resample import resample_centered
 from util.tasks import parse_labels
@@ -60,9 +61,18 @@ class Custom3DDataset(VolumeDataset):
         cols = [] if self.segmentation else list(["Label"] if label_columns is None else label_columns)
         self.label_columns, self.regression = cols, regression
         self.multilabel = (len(cols) > 1 and not regression) if multilabel is None else bool(multilabel)
-        self.table = read_path_table(csv_path, ("Path", "Mask") if self.segmentation else ("Path", *cols))
+        roi_mask = self.cfg.roi and self.cfg.roi_label is not None
+        if self.segmentation and self.cfg.roi:
+            raise UserError("--roi_mm makes each row a box around a point or a label for classification or "
+                            "regression; it cannot be combined with --task segmentation.")
+        self.table = read_path_table(csv_path, ("Path", "Mask") if self.segmentation else
+                                     ("Path", "Mask", *cols) if roi_mask else ("Path", *cols),
+                                     unique_paths=not self.cfg.roi)
         self.paths = list(self.table["Path"])
         self.mask_paths = list(self.table["Mask"]) if self.segmentation else None
+        if self.cfg.roi:  # lesion-level rows: the box around the row's point, or around its Mask's label
+            self.rois = list(self.table["Mask"]) if roi_mask else roi_points(self.table, str(csv_path))
+            self.row_names = [f"{csv_path}: {where(int(line))}" for line in self.table.index]
         self.record_cache_use()  # how many volumes came from --cache_dir (said once per run by the scripts)
         self.targets, self.class_counts = None, None
         if self.segmentation or not cols:

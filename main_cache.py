@@ -18,11 +18,12 @@ import time
 
 from util import args as cli_args
 
-PREPROCESS_FLAGS = ("input_size", "orientation", "spacing", "window", "interpolator")
+PREPROCESS_FLAGS = ("input_size", *cli_args.PREPROCESS_FLAGS)
 EXAMPLES = """  python main_cache.py --csv scans.csv --cache_dir /scratch/cache --input_size 256
   python main_cache.py --csv train.csv val.csv --cache_dir /scratch/cache --input_size 96 --spacing 2 1.5 1.5
   python main_cache.py --csv scans.csv --cache_dir /scratch/cache --from_checkpoint mae_pretrained.pth
   torchrun --standalone --nproc_per_node=2 main_cache.py --csv scans.csv --cache_dir /scratch/cache
+  python main_cache.py --csv nodules.csv --cache_dir /scratch/cache --input_size 64 --roi_mm 50 50 50
 """
 
 
@@ -40,6 +41,7 @@ def get_args_parser():
                    help="worker processes per torchrun process (default: min(CPUs, 16) / processes per machine)")
     cli_args.add_preprocess_args(p, "the same flags and defaults as training, so the cache keys match",
                                  cache_dir_help="required: the folder the preprocessed volumes are written to")
+    cli_args.add_roi_args(p, "the same flags as training: one box per row is cached")
     return p
 
 
@@ -99,7 +101,7 @@ def main(args) -> int:
     init_distributed_mode(args)
     args.workers = args.workers or cache_fill.default_workers()
     cfg = preprocess_settings(args)
-    rows = cache_fill.read_rows(args.csv, masks=not args.no_masks)
+    rows = cache_fill.read_rows(args.csv, masks=not args.no_masks, cfg=cfg)
     on_main_then_share(lambda: check_cache_dir(args.cache_dir))
     print(f"Caching {len(rows)} rows of {', '.join(args.csv)} into {args.cache_dir} with {args.world_size} "
           f"process{'es' if args.world_size > 1 else ''} x {args.workers} workers; preprocessing "

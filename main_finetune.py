@@ -31,6 +31,7 @@ EXAMPLES = """  python main_finetune.py                       # demo: finetunes 
   python main_finetune.py --task segmentation --train_csv seg.csv --val_csv seg_val.csv --spacing 2 1.5 1.5 \\
       --input_size 96 --crops_per_volume 4 --finetune mae_pretrained.pth
   python main_finetune.py --eval --resume out/checkpoint-best.pth --val_csv test.csv
+  python main_finetune.py --train_csv nodules.csv --roi_mm 50 50 50 --input_size 64 --finetune mae_pretrained.pth
 """
 
 
@@ -80,6 +81,7 @@ def get_args_parser():
                                warmup_epochs=5, min_lr=1e-6, output_dir=None,
                                output_note=" (default: output_dir/finetune; --eval: next to the checkpoint)")
     cli_args.add_preprocess_args(p)
+    cli_args.add_roi_args(p)
     return p
 
 

@@ -5,7 +5,9 @@
     torchrun --standalone --nproc_per_node=4 main_predict.py ...   # rows split across GPUs, one output file
 
 The checkpoint decides the task, labels, model and preprocessing; --orientation/--spacing/--window/--interpolator
-override the saved preprocessing only when typed (validated again). Without arguments it runs the demo.
+(and --roi_mm/--roi_coords/--roi_label) override the saved preprocessing only when typed (validated again).
+Without arguments it runs the demo. With ROI settings (lesion-level rows: a box around each row's coordX/Y/Z point
+or Mask label) rows are ordered by scan, so the rows of one scan are read once.
 
 Embeddings (--embeddings): the encoder's output tokens [N, 1+L, E] (`forward_features`: the last block, then the
 encoder's final LayerNorm; pretraining checkpoints keep the MAE's, so they equal the MAE latent) are pooled: `cls`
@@ -24,7 +26,7 @@ DEMO_DIR = os.path.join("output_dir", "demo_finetune")
 DEMO_PRESET = dict(input_csv=os.path.join("demo_data", "predict.csv"),
                    output_csv=os.path.join("output_dir", "demo_predict", "predictions.csv"),
                    batch_size=4, num_workers=min(2, default_num_workers()), overwrite=True)
-PREPROCESS_FLAGS = ("orientation", "spacing", "window", "interpolator")
+PREPROCESS_FLAGS = cli_args.PREPROCESS_FLAGS  # orientation, spacing, window, interpolator and the ROI flags
 EMBEDDING_POOLS = {"cls": "token", "avg": "avg", "cat": "cat"}  # --embedding_type -> models_vit3d.pool_tokens
 EXAMPLES = """  python main_predict.py                        # demo: the demo classifier on demo_data/predict.csv
   python main_predict.py --input_csv scans.csv --output_csv predictions.csv --finetune checkpoint-best.pth
@@ -68,6 +70,7 @@ def get_args_parser():
     p.add_argument("--strict", action="store_true", help="stop at the first row that fails, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     cli_args.add_preprocess_args(p, "default: what the checkpoint stored; a flag you type overrides it")
+    cli_args.add_roi_args(p, "default: what the checkpoint stored; a flag you type overrides it")
     return p
 
 
@@ -88,22 +91,20 @@ def parse_args(argv: list[str] | None = None):
 cli_args.parse_before_imports(__name__, get_args_parser)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from models_build import load_for_inference  # noqa: E402
 from models_vit3d import pool_tokens  # noqa: E402
 from util import predict_io as io  # noqa: E402
-from util.augment import center_crop_or_pad  # noqa: E402
-from util.cache import VolumeCache  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.preprocess import PreprocessConfig, load_cached, preprocess_image, to_input_grid  # noqa: E402
+from util.predict_io import PredictDataset, collate_rows, row_error  # noqa: E402
+from util.preprocess import PreprocessConfig, to_input_grid  # noqa: E402
 from util.runtime import autocast, resolve_precision, torch_threads  # noqa: E402
 from util.tasks import logits_to_probs  # noqa: E402
 from util.trainer import worker_init  # noqa: E402
 from util.triple import to_3tuple  # noqa: E402
-from util.volume_io import VolumeError, read_image  # noqa: E402
 
 
 def prepare_demo(args) -> None:
@@ -115,66 +116,6 @@ def prepare_demo(args) -> None:
     if is_main_process():
         make_demo_data("demo_data")
     barrier()
-
-
-class PredictDataset(Dataset):
-    """One input row per item, read and preprocessed exactly as in training; never raises.
-
-    Items are dicts: `row` (position in the CSV), `image` float32 [1, D, H, W] in [0, 1] (None when the row
-    failed), `error` (one sentence or None) and, with keep_grid, the geometry of the preprocessed grid (`ref`)
-    and of the input image (`orig`) to put a label map back on the input grid.
-    """
-
-    def __init__(self, paths: list[str], rows: list[int], cfg, crop_size: tuple[int, int, int] | None,
-                 keep_grid: bool = False, cache_dir: str | None = None):
-        self.paths, self.rows, self.cfg = paths, rows, cfg
-        self.crop_size, self.keep_grid = crop_size, keep_grid
-        self.cache = VolumeCache(cache_dir) if cache_dir and not keep_grid else None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, j: int) -> dict:
-        row = self.rows[j]
-        path = self.paths[row]
-        try:
-            return {"row": row, "error": None, **self._load(path)}
-        except Exception as e:  # a bad row must never stop the batch or kill a worker
-            return {"row": row, "error": row_error(path, e), "image": None}
-
-    def _load(self, path: str) -> dict:
-        if not path:
-            raise VolumeError("The Path cell is empty.")
-        if self.keep_grid:  # segmentation: whole preprocessed volume + both grids
-            img = read_image(path)
-            arr, ref = preprocess_image(img, self.cfg, name=path)
-            return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None],
-                    "ref": io.grid_of(ref), "orig": io.grid_of(img)}
-        arr = load_cached(path, self.cfg, self.cache)[0]
-        if tuple(arr.shape) != tuple(self.crop_size):  # as the finetuning eval crop
-            arr = center_crop_or_pad(arr, self.crop_size, 0.0)
-        return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]}
-
-
-def row_error(path: str, e: Exception) -> str:
-    """One sentence naming the file: loader errors already do; anything else gets the path and the type."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    if isinstance(e, VolumeError) and path and msg.startswith(path):
-        return msg
-    return f"{path or '(empty path)'}: {msg if isinstance(e, VolumeError) else f'{type(e).__name__}: {msg}'}"
-
-
-def collate_rows(items: list[dict]) -> dict:
-    """Separate good rows (stacked images [B, 1, D, H, W], or a list for segmentation) from failed ones."""
-    good = [it for it in items if it["error"] is None]
-    batch = {"rows": [it["row"] for it in good], "failed": [(it["row"], it["error"]) for it in items
-                                                            if it["error"] is not None]}
-    if good and "ref" in good[0]:
-        batch["images"] = [it["image"] for it in good]
-        batch["grids"] = [(it["ref"], it["orig"]) for it in good]
-    else:
-        batch["images"] = torch.stack([it["image"] for it in good]) if good else None
-    return batch
 
 
 def load_model(args):
@@ -242,9 +183,10 @@ def check_task(args, meta: dict, paths: list[str]) -> list[str]:
     return seg_paths
 
 
-def build_loader(paths: list[str], rows: list[int], cfg, meta: dict, args) -> DataLoader:
+def build_loader(paths: list[str], rows: list[int], cfg, meta: dict, args, rois: list | None = None) -> DataLoader:
     seg = meta["mode"] == "segmentation"
-    ds = PredictDataset(paths, rows, cfg, tuple(meta["input_size"]), keep_grid=seg, cache_dir=args.cache_dir)
+    ds = PredictDataset(paths, rows, cfg, tuple(meta["input_size"]), keep_grid=seg, cache_dir=args.cache_dir,
+                        rois=rois)
     return DataLoader(ds, batch_size=1 if seg else args.batch_size, shuffle=False, num_workers=args.num_workers,
                       collate_fn=collate_rows, pin_memory=args.device.startswith("cuda"),
                       prefetch_factor=2 if args.num_workers else None, worker_init_fn=worker_init)
@@ -378,8 +320,12 @@ def main(args) -> int:
     model, meta, cfg = load_model(args)
     seg_paths = check_task(args, meta, paths)
     meta = dict(meta, embed_dim=getattr(model, "embed_dim", 0))
-    rows = list(range(args.rank, len(paths), args.world_size))  # strided shards, no padding
-    loader = build_loader(paths, rows, cfg, meta, args)
+    if cfg.roi and meta["mode"] == "segmentation":
+        raise UserError(f"{args.finetune} is a segmentation checkpoint: --roi_mm boxes are for classification, "
+                        f"regression and embeddings.")
+    rois = io.row_rois(df, args.input_csv, cfg)  # lesion-level rows: each row's point or Mask (else None)
+    rows = io.shard_rows(paths, args.rank, args.world_size, by_scan=rois is not None)  # no padding
+    loader = build_loader(paths, rows, cfg, meta, args, rois)
     what = f"embeddings ({args.embedding_type})" if meta["mode"] == "embedding" else meta["mode"]
     print(f"{args.finetune}: {meta['model']} {what}, input {tuple(meta['input_size'])}, {len(paths)} rows on "
           f"{args.world_size} process(es), precision {args.precision}, preprocessing {cfg.to_dict()}")

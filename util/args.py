@@ -111,6 +111,19 @@ def add_preprocess_args(parser: argparse.ArgumentParser, saved_note: str = "save
                                           "afterwards (default: no cache)")
 
 
+def add_roi_args(parser: argparse.ArgumentParser, saved_note: str = "saved in every checkpoint") -> None:
+    """--roi_mm, --roi_coords, --roi_label: lesion-level rows (a box around each row's point or mask label)."""
+    g = parser.add_argument_group(f"lesion-level rows ({saved_note})")
+    g.add_argument("--roi_mm", type=bounded(float, min=0, min_open=True), nargs=3, default=None,
+                   metavar=("D", "H", "W"), help="each row is a box of this physical size (mm) centred on the row's "
+                                                 "point (columns coordX, coordY, coordZ in mm) or mask label "
+                                                 "(--roi_label), resampled to --input_size; outside the scan: air")
+    g.add_argument("--roi_coords", default="LPS", choices=("LPS", "RAS"),
+                   help="world coordinates of coordX/Y/Z: LPS as ITK, SimpleITK, LUNA16 use them; RAS as 3D Slicer")
+    g.add_argument("--roi_label", type=bounded(int, min=0), default=None,
+                   help="centre each box on the centroid of this label of the row's Mask (instead of coordX/Y/Z)")
+
+
 def add_training_args(parser: argparse.ArgumentParser, model_choices, model: str, blr: float, epochs: int,
                       warmup_epochs: int, min_lr: float, output_dir: str | None, output_note: str = "") -> None:
     """The flags both trainers share; the defaults that differ (recipes) are arguments."""
@@ -218,10 +231,13 @@ def check_args(args) -> None:
         if args.input_size is not None and any(s % p for s, p in zip(args.input_size, args.patch_size)):
             raise UserError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size} "
                             f"on every axis.")
+    if getattr(args, "task", None) == "segmentation" and getattr(args, "roi_mm", None):
+        raise UserError("--roi_mm makes each row a box around a point or a label for classification or regression; "
+                        "it cannot be combined with --task segmentation.")
     if hasattr(args, "window"):
         from util.preprocess import PreprocessConfig
 
-        PreprocessConfig().with_overrides(**typed_preprocess(args))
+        PreprocessConfig().with_overrides(**typed_preprocess(args, PREPROCESS_FLAGS))
 
 
 def check_sizes(args) -> None:
@@ -231,11 +247,16 @@ def check_sizes(args) -> None:
     args.input_size, args.patch_size = sizes.input_size, sizes.patch_size
 
 
-def typed_preprocess(args, flags: tuple[str, ...] = ("orientation", "spacing", "window", "interpolator")) -> dict:
-    """The preprocessing flags, as PreprocessConfig fields; only those the user typed when args.explicit exists."""
+ROI_FLAGS = ("roi_mm", "roi_coords", "roi_label")
+PREPROCESS_FLAGS = ("orientation", "spacing", "window", "interpolator", *ROI_FLAGS)
+
+
+def typed_preprocess(args, flags: tuple[str, ...] = PREPROCESS_FLAGS) -> dict:
+    """The preprocessing flags the script has, as PreprocessConfig fields; only those the user typed when
+    args.explicit exists."""
     typed = getattr(args, "explicit", None)
     return {("size" if k == "input_size" else k): getattr(args, k) for k in flags
-            if typed is None or k in typed}
+            if hasattr(args, k) and (typed is None or k in typed)}
 
 
 def preprocess_config(args):
@@ -244,4 +265,5 @@ def preprocess_config(args):
 
     return PreprocessConfig(orientation=args.orientation, size=tuple(args.input_size),
                             spacing=tuple(args.spacing) if args.spacing else None,
-                            window=tuple(args.window), interpolator=args.interpolator)
+                            window=tuple(args.window), interpolator=args.interpolator,
+                            **{k: getattr(args, k) for k in ROI_FLAGS if hasattr(args, k)})

@@ -32,7 +32,7 @@ from util.cache import VolumeCache
 from util.distributed import all_gather_objects
 from util.errors import UserError, user_message
 from util.faults import fault_point
-from util.path_table import find_column, read_csv_table, resolve_paths, where
+from util.path_table import find_column, read_csv_table, resolve_paths, roi_points, where
 from util.preprocess import PreprocessConfig, cache_keys, load_cached
 from util.runtime import available_cpus
 from util.volume_io import VolumeError
@@ -49,6 +49,7 @@ class Row(NamedTuple):
     path: str
     mask: str
     where: str
+    roi: object = None  # ROI settings: the row's point (x, y, z) or its Mask path (the box's centre)
 
 
 @dataclass
@@ -78,12 +79,15 @@ def default_workers() -> int:
     return max(1, min(available_cpus(), 16) // local)
 
 
-def read_rows(csv_paths: Sequence[str], masks: bool = True) -> list[Row]:
+def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfig | None = None) -> list[Row]:
     """The rows of every table, paths resolved but not checked (a missing file fails its row only).
 
-    Duplicated (Path, Mask) pairs are kept once. Raises UserError naming the table when it cannot be read, has
-    no Path column or no data rows (FileNotFoundError when it does not exist).
+    Duplicated (Path, Mask) pairs are kept once (with ROI settings: duplicated boxes, each row's point or its Mask
+    being its centre). Raises UserError naming the table when it cannot be read, has no Path column, no data rows
+    or, with ROI settings, no coordX/Y/Z (or Mask) column (FileNotFoundError when it does not exist).
     """
+    roi = cfg is not None and cfg.roi
+    masks = masks or (roi and cfg.roi_label is not None)
     rows, seen = [], set()
     for csv_path in csv_paths:
         csv_path = os.path.abspath(os.fspath(csv_path))
@@ -95,11 +99,19 @@ def read_rows(csv_paths: Sequence[str], masks: bool = True) -> list[Row]:
         if len(df) == 0:
             raise UserError(f"{csv_path}: has no data rows; expected one row per volume.")
         paths = resolve_paths(df, col, csv_path, check_exists=False)
+        if roi and cfg.roi_label is not None and mcol is None:
+            raise UserError(f"{csv_path}: has no 'Mask' column; --roi_label centres each box on a label of the row's "
+                            f"Mask.")
         mask_paths = resolve_paths(df, mcol, csv_path, check_exists=False) if mcol else [""] * len(paths)
-        for line, p, m in zip(df.index, paths, mask_paths):
-            if (p, m) not in seen:
-                seen.add((p, m))
-                rows.append(Row(p, m, f"{csv_path} {where(int(line))}"))
+        if roi:  # the centre of each row's box: its Mask (roi_label) or its point
+            centres = mask_paths if cfg.roi_label is not None else roi_points(df, csv_path, check=False)
+            mask_paths = mask_paths if cfg.roi_label is not None else [""] * len(paths)
+        else:
+            centres = [None] * len(paths)
+        for line, p, m, c in zip(df.index, paths, mask_paths, centres):
+            if (p, m, c) not in seen:
+                seen.add((p, m, c))
+                rows.append(Row(p, m, f"{csv_path} {where(int(line))}", c))
     return rows
 
 
@@ -131,17 +143,19 @@ def fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
     if not row.path:
         return {"status": "failed", "part": "image", "error": f"{row.where}: has an empty 'Path' value; expected "
                                                               f"a file path."}
-    keys = cache_keys(row.path, cfg, row.mask or None)
+    keys = cache_keys(row.path, cfg, row.mask or None, row.roi)
     missing = [k for k in keys if cache.get(k, decoded=False) is None]
     if not missing:
         return {"status": "cached"}
     try:
         if row.mask and not os.path.exists(row.mask):
             raise VolumeError(f"{row.mask}: file not found.")
-        load_cached(row.path, cfg, cache, row.mask or None, decoded=False)
+        load_cached(row.path, cfg, cache, row.mask or None, decoded=False, roi=row.roi)
         return {"status": "done", "bytes": _entry_bytes(cache, missing), "seconds": time.perf_counter() - t0}
     except ROW_ERRORS as e:
         error = _reason(e, row)
+    if cfg.roi:  # one box per row: name the row (its point is in the sentence)
+        return {"status": "failed", "part": "image", "error": f"{row.where}: {error}"}
     if not row.mask or not error.startswith(row.mask + ":"):
         return {"status": "failed", "part": "image", "error": error}
     try:  # the label map failed: cache the image alone

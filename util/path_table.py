@@ -138,11 +138,12 @@ def resolve_paths(df: pd.DataFrame, column: str, data_path: str, check_exists: b
 
 
 def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Path",),
-                    check_exists: bool = True) -> pd.DataFrame:
+                    check_exists: bool = True, unique_paths: bool = True) -> pd.DataFrame:
     """`read_csv_table` checked for `required` columns, with its Path (and Mask) columns resolved to existing
     absolute paths (`path` / `mask` headers are renamed to Path / Mask) and numeric columns as numbers (an empty
     cell is NaN there; columns with text stay text). check_exists=False: missing files and empty cells are left
-    for the reader to report (training with --skip_bad skips and lists them)."""
+    for the reader to report (training with --skip_bad skips and lists them). unique_paths=False: rows may share a
+    scan (several lesions of one CT) without a warning."""
     data_path = os.path.abspath(os.fspath(data_path))
     df = read_csv_table(data_path)
     df = df.rename(columns={find_column(df, c): c for c in PATH_COLUMNS if find_column(df, c)})
@@ -160,7 +161,7 @@ def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Pa
         if num.notna().sum() == (text != "").sum():
             df[col] = num
     dup = df["Path"].duplicated()
-    if dup.any():
+    if unique_paths and dup.any():
         warnings.warn(f"{data_path}: {int(dup.sum())} duplicated paths (first: {df['Path'][dup].iloc[0]}).")
     return df
 
@@ -186,3 +187,25 @@ def numeric_columns(df: pd.DataFrame, columns: Sequence[str], data_path: str, ki
             raise UserError(f"{data_path}: {where(int(df.index[k]))}, column '{col}': expected {expect}, got {got}.")
         out[:, j] = num
     return out
+
+
+COORD_COLUMNS = ("coordX", "coordY", "coordZ")
+
+
+def roi_points(df: pd.DataFrame, data_path: str, check: bool = True) -> list[tuple[float, float, float]]:
+    """Per row, the point (x, y, z) in mm of its coordX, coordY, coordZ columns (names matched case-insensitively).
+
+    A missing column is refused naming the table; check=True: a cell that is not a number names the row and the
+    column; check=False: such a point holds NaN and its row fails when read (prediction's error column)."""
+    cols = [find_column(df, c) for c in COORD_COLUMNS]
+    if None in cols:
+        missing = COORD_COLUMNS[cols.index(None)]
+        raise UserError(f"{data_path}: has no '{missing}' column (columns: {', '.join(map(str, df.columns))}); "
+                        f"--roi_mm centres each box on the point coordX, coordY, coordZ (mm) of its row, or on a "
+                        f"label of its Mask with --roi_label L.")
+    if check:
+        xyz = numeric_columns(df, cols, data_path, "float")
+    else:
+        xyz = np.stack([pd.to_numeric(df[c].astype(str).str.strip(), errors="coerce").to_numpy(np.float64)
+                        for c in cols], axis=1)
+    return [(float(x), float(y), float(z)) for x, y, z in xyz]

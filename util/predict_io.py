@@ -12,11 +12,16 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+import torch
+from torch.utils.data import Dataset
+
 from util.atomic import atomic_write, ensure_writable_dir
+from util.augment import center_crop_or_pad
+from util.cache import VolumeCache
 from util.errors import UserError
-from util.path_table import find_column, read_csv_table, resolve_paths
+from util.path_table import find_column, read_csv_table, resolve_paths, roi_points
 from util.metrics import classification_metrics, dice_per_class
-from util.preprocess import preprocess_mask
+from util.preprocess import load_cached, preprocess_image, preprocess_mask
 from util.volume_io import VolumeError, read_image
 from util.tasks import output_columns, predicted_label
 
@@ -37,6 +42,90 @@ def read_input_table(csv_path: str) -> tuple[pd.DataFrame, list[str]]:
     if len(df) == 0:
         raise UserError(f"--input_csv {csv_path} has a header but no rows.")
     return df, resolve_paths(df, col, csv_path, check_exists=False)
+
+
+def row_rois(df: pd.DataFrame, csv_path: str, cfg) -> list | None:
+    """With ROI settings, each row's centre: its Mask path (cfg.roi_label) or its point (coordX/Y/Z; a cell that is
+    not a number becomes that row's error); None without. A missing column stops the run naming the table."""
+    if not cfg.roi:
+        return None
+    if cfg.roi_label is None:
+        return roi_points(df, csv_path, check=False)
+    col = find_column(df, "Mask")
+    if col is None:
+        raise UserError(f"--input_csv {csv_path} has no 'Mask' column (columns: {', '.join(df.columns)}); the "
+                        f"checkpoint centres each box on label {cfg.roi_label} of the row's Mask.")
+    return resolve_paths(df, col, csv_path, check_exists=False)
+
+
+def shard_rows(paths: list[str], rank: int, world_size: int, by_scan: bool) -> list[int]:
+    """This process's rows: strided (rank, rank + W, ...), or with by_scan a contiguous run of the rows ordered by
+    path, so that the rows of one scan (lesions) follow each other and the scan is read once (util.preprocess)."""
+    if not by_scan:
+        return list(range(rank, len(paths), world_size))
+    order = sorted(range(len(paths)), key=lambda i: (paths[i], i))
+    n = len(order)
+    return order[rank * n // world_size:(rank + 1) * n // world_size]
+
+
+class PredictDataset(Dataset):
+    """One input row per item, read and preprocessed exactly as in training; never raises.
+
+    Items are dicts: `row` (position in the CSV), `image` float32 [1, D, H, W] in [0, 1] (None when the row
+    failed), `error` (one sentence or None) and, with keep_grid, the geometry of the preprocessed grid (`ref`)
+    and of the input image (`orig`) to put a label map back on the input grid.
+    """
+
+    def __init__(self, paths: list[str], rows: list[int], cfg, crop_size: tuple[int, int, int] | None,
+                 keep_grid: bool = False, cache_dir: str | None = None, rois: list | None = None):
+        self.paths, self.rows, self.cfg, self.rois = paths, rows, cfg, rois
+        self.crop_size, self.keep_grid = crop_size, keep_grid
+        self.cache = VolumeCache(cache_dir) if cache_dir and not keep_grid else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int) -> dict:
+        row = self.rows[j]
+        path = self.paths[row]
+        try:
+            return {"row": row, "error": None, **self._load(path, None if self.rois is None else self.rois[row])}
+        except Exception as e:  # a bad row must never stop the batch or kill a worker
+            return {"row": row, "error": row_error(path, e), "image": None}
+
+    def _load(self, path: str, roi) -> dict:
+        if not path:
+            raise VolumeError("The Path cell is empty.")
+        if self.keep_grid:  # segmentation: whole preprocessed volume + both grids
+            img = read_image(path)
+            arr, ref = preprocess_image(img, self.cfg, name=path)
+            return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None],
+                    "ref": grid_of(ref), "orig": grid_of(img)}
+        arr = load_cached(path, self.cfg, self.cache, roi=roi)[0]  # with ROI settings: the row's box
+        if tuple(arr.shape) != tuple(self.crop_size):  # as the finetuning eval crop
+            arr = center_crop_or_pad(arr, self.crop_size, 0.0)
+        return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]}
+
+
+def row_error(path: str, e: Exception) -> str:
+    """One sentence naming the file: loader errors already do; anything else gets the path and the type."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, UserError) and path and msg.startswith(path):
+        return msg
+    return f"{path or '(empty path)'}: {msg if isinstance(e, UserError) else f'{type(e).__name__}: {msg}'}"
+
+
+def collate_rows(items: list[dict]) -> dict:
+    """Separate good rows (stacked images [B, 1, D, H, W], or a list for segmentation) from failed ones."""
+    good = [it for it in items if it["error"] is None]
+    batch = {"rows": [it["row"] for it in good], "failed": [(it["row"], it["error"]) for it in items
+                                                            if it["error"] is not None]}
+    if good and "ref" in good[0]:
+        batch["images"] = [it["image"] for it in good]
+        batch["grids"] = [(it["ref"], it["orig"]) for it in good]
+    else:
+        batch["images"] = torch.stack([it["image"] for it in good]) if good else None
+    return batch
 
 
 def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta: dict) -> pd.DataFrame:

@@ -10,20 +10,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
-from util.cache import VolumeCache, encode
+from util.cache import VolumeCache, encode, file_stamp
 from util.errors import UserError
 from util.resample import SITK_INTERPOLATORS, resample_centered, resample_centered_array
+from util.roi import COORD_SYSTEMS, extract_roi, label_centroid, to_lps
 from util.triple import optional_3tuple
 from util.volume_io import VolumeError, read_image
 
 PREPROCESS_VERSION = 1  # bump when the preprocessing changes what it produces (invalidates caches)
 INTERPOLATORS = tuple(SITK_INTERPOLATORS)
+ROI_FIELDS = ("roi_mm", "roi_coords", "roi_label")
 
 
 @dataclass
@@ -33,6 +36,8 @@ class PreprocessConfig:
     spacing None: resample the whole volume to `size` keeping its physical extent (TANGERINE default 256^3).
     spacing given: resample to that spacing (mm), then pad every axis to >= size (datasets crop later).
     Both None: keep the native grid (reorientation and windowing only).
+    roi_mm given (lesion-level rows, util.roi): each row is a box of roi_mm (D, H, W) mm centred on the row's point
+    (coordX/Y/Z in `roi_coords`, LPS or RAS) or on the centroid of label `roi_label` of its Mask, resampled to `size`.
     """
 
     orientation: str = "LPS"
@@ -41,6 +46,9 @@ class PreprocessConfig:
     window: tuple[float, float] = (-1200.0, 800.0)
     interpolator: str = "bspline"
     mask_interpolator: str = "nearest"
+    roi_mm: tuple[float, float, float] | None = None
+    roi_coords: str = "LPS"
+    roi_label: int | None = None
 
     def __post_init__(self) -> None:
         """Validate every field; a bad one raises UserError naming its flag (--window, --orientation, ...)."""
@@ -63,6 +71,27 @@ class PreprocessConfig:
             if getattr(self, name) not in INTERPOLATORS:
                 raise UserError(f"The {name.replace('_', ' ')} (--{name}) must be one of {sorted(INTERPOLATORS)}, "
                                 f"got {getattr(self, name)!r}.")
+        self._check_roi()
+
+    def _check_roi(self) -> None:
+        self.roi_mm = optional_3tuple(self.roi_mm, "The ROI size (--roi_mm)", float)
+        if self.roi_mm is not None and not all(np.isfinite(v) and v > 0 for v in self.roi_mm):
+            raise UserError(f"The ROI size (--roi_mm D H W) must be positive mm, got {self.roi_mm}.")
+        self.roi_coords = str(self.roi_coords).upper()
+        if self.roi_coords not in COORD_SYSTEMS:
+            raise UserError(f"--roi_coords must be one of {', '.join(COORD_SYSTEMS)}, got {self.roi_coords!r}.")
+        if self.roi_label is not None:
+            if self.roi_mm is None:
+                raise UserError("--roi_label needs --roi_mm D H W (the size of the box centred on the label).")
+            self.roi_label = int(self.roi_label)
+        if self.roi_mm is not None and (self.size is None or self.spacing is not None):
+            raise UserError("--roi_mm resamples each box to --input_size: it needs an input size and cannot be "
+                            "combined with --spacing (the box's spacing is --roi_mm / --input_size).")
+
+    @property
+    def roi(self) -> bool:
+        """True when rows are boxes around a point or a label (lesion-level rows)."""
+        return self.roi_mm is not None
 
     def with_overrides(self, **changes) -> "PreprocessConfig":
         """A copy with `changes` applied (list values become tuples), validated again like a new config: the one
@@ -87,7 +116,10 @@ class PreprocessConfig:
 
     def key(self) -> str:
         """Stable 16-hex-digit hash of the settings and of PREPROCESS_VERSION (cache keys)."""
-        blob = json.dumps({**self.to_dict(), "_version": PREPROCESS_VERSION}, sort_keys=True)
+        d = self.to_dict()
+        if not self.roi:  # whole-volume settings keep the keys they had before the ROI fields existed
+            d = {k: v for k, v in d.items() if k not in ROI_FIELDS}
+        blob = json.dumps({**d, "_version": PREPROCESS_VERSION}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -125,7 +157,7 @@ def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image
         if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
             raise VolumeError(f"{name}: contains NaN or infinite voxels; expected finite HU values.")
     size, spacing = target_grid(img, cfg)
-    lo, hi = cfg.window
+    lo = cfg.window[0]
     done = None
     if size != img.GetSize() or not np.allclose(spacing, img.GetSpacing(), rtol=1e-6, atol=0):
         if backend == "auto":  # straight from the stored pixel type into float32 [D, H, W]
@@ -137,10 +169,16 @@ def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image
         img = _float32(img)
         done = sitk.GetArrayFromImage(img), img
     arr, ref = done
-    arr -= np.float32(lo)  # in place: the window and the scale to [0, 1]
+    return apply_window(arr, cfg.window), ref
+
+
+def apply_window(arr: np.ndarray, window) -> np.ndarray:
+    """HU float32 array -> clipped to the window and scaled to [0, 1], in place (returns it)."""
+    lo, hi = window
+    arr -= np.float32(lo)
     arr *= np.float32(1.0 / (hi - lo))
     np.clip(arr, 0.0, 1.0, out=arr)
-    return arr, ref
+    return arr
 
 
 def _float32(img: sitk.Image) -> sitk.Image:
@@ -194,25 +232,37 @@ def load_volume_and_mask(img_path: str, mask_path: str,
     return img, preprocess_mask(read_image(mask_path), ref, str(mask_path), cfg.mask_interpolator)
 
 
-def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None) -> list[tuple]:
-    """VolumeCache keys of an image (and of its label map, which depends on the image's grid too)."""
+def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None, roi=None) -> list[tuple]:
+    """VolumeCache keys of an image (and of its label map, which depends on the image's grid too); with ROI
+    settings, the one key of the row's box, which names its centre (a point, or the mask file it comes from)."""
+    if cfg.roi:
+        where = Path(roi) if isinstance(roi, str) else ",".join(f"{float(v):.3f}" for v in roi)
+        return [(path, cfg.key(), "roi", where)]
     keys = [(path, cfg.key(), "image")]
     return keys + [(mask_path, cfg.key(), "mask", Path(path))] if mask_path else keys
 
 
 def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
-                decoded: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-    """`load_volume` / `load_volume_and_mask` through an optional VolumeCache: (image, mask or None).
+                decoded: bool = True, roi=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """`load_volume` / `load_volume_and_mask` (or, with ROI settings, `load_roi` of the row's `roi`) through an
+    optional VolumeCache: (image, mask or None).
 
     decoded=False (with a cache) returns the stored form (uint16 image, memory-mapped on a hit) so that crops and
     flips are views and `util.cache.decode` (or the training device) makes the one float copy at the end.
     """
-    keys = cache_keys(path, cfg, mask_path)
+    if cfg.roi:
+        if roi is None:
+            raise ValueError("load_cached: ROI preprocessing needs the row's point or mask (roi=...).")
+        mask_path = None
+    keys = cache_keys(path, cfg, mask_path, roi)
     if cache is not None:
         got = [cache.get(k, decoded) for k in keys]
         if all(g is not None for g in got):
             return got[0], (got[1] if mask_path else None)
-    out = load_volume_and_mask(path, mask_path, cfg) if mask_path else (load_volume(path, cfg), None)
+    if cfg.roi:
+        out = (load_roi(path, roi, cfg), None)
+    else:
+        out = load_volume_and_mask(path, mask_path, cfg) if mask_path else (load_volume(path, cfg), None)
     if cache is None:
         return out
     stored = [encode(a, unit_range=k == 0) for k, a in enumerate(out[:len(keys)])]  # image in [0, 1], then mask
@@ -221,6 +271,49 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
     if decoded:
         return out
     return stored[0], (stored[1] if mask_path else None)
+
+
+_SCANS: OrderedDict = OrderedDict()  # path -> (file stamp, image): the scans this process read last
+SCANS_KEPT = 2  # an image and its mask
+
+
+def read_scan(path: str) -> sitk.Image:
+    """`read_image` that remembers the last SCANS_KEPT files this process read (checked against their stamp), so
+    consecutive rows on one scan (lesions, points) read it once."""
+    path = str(path)
+    try:
+        stamp = file_stamp(path)
+    except OSError:
+        return read_image(path)  # the reader names the missing file
+    hit = _SCANS.get(path)
+    if hit is not None and hit[0] == stamp:
+        _SCANS.move_to_end(path)
+        return hit[1]
+    img = read_image(path)
+    _SCANS[path] = (stamp, img)
+    while len(_SCANS) > SCANS_KEPT:
+        _SCANS.popitem(last=False)
+    return img
+
+
+def roi_center(roi, cfg: PreprocessConfig) -> np.ndarray:
+    """The LPS centre of a row: its point (x, y, z) in cfg.roi_coords, or the centroid of cfg.roi_label in the mask
+    file `roi` (a str)."""
+    if isinstance(roi, str):
+        return label_centroid(read_scan(roi), cfg.roi_label, roi)
+    return to_lps(roi, cfg.roi_coords)
+
+
+def preprocess_roi(img: sitk.Image, center_lps, cfg: PreprocessConfig, name: str = "<image>") -> np.ndarray:
+    """The box of cfg.roi_mm around the LPS point, resampled to cfg.size (axes along cfg.orientation), air (the
+    window's low end) outside the scan, windowed as `preprocess_image`: float32 [D, H, W] in [0, 1]."""
+    arr = extract_roi(img, center_lps, cfg.roi_mm, cfg.size, cfg.orientation, cfg.interpolator, cfg.window[0], name)
+    return apply_window(arr, cfg.window)
+
+
+def load_roi(path: str, roi, cfg: PreprocessConfig) -> np.ndarray:
+    """Read (once for consecutive rows of one scan) + the box of one row (`roi`: point or mask path)."""
+    return preprocess_roi(read_scan(path), roi_center(roi, cfg), cfg, name=str(path))
 
 
 def to_input_grid(label: np.ndarray, reference: sitk.Image, original: sitk.Image) -> sitk.Image:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from util.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
 from util.cache import VolumeCache, decode
+from util.errors import UserError
 from util.preprocess import PreprocessConfig, load_cached
 from util.runtime import available_cpus
 from util.triple import to_3tuple
@@ -46,6 +47,8 @@ class VolumeDataset(Dataset):
         self.transport, self.fg_prob = "float32", 0.0
         self.paths: list[str] = []
         self.mask_paths: list[str] | None = None
+        self.rois: list | None = None  # ROI preprocessing: per volume, its point (x, y, z) or its Mask path
+        self.row_names: list[str] | None = None  # 'table row R (line L)' per volume, to name a row's ROI error
         self._last: tuple | None = None  # (volume index, image, mask) of the last volume read by this process
         self._cache_record: torch.Tensor | None = None  # per volume: 0 not read, 1 from the cache, 2 preprocessed
 
@@ -90,7 +93,13 @@ class VolumeDataset(Dataset):
             return self._last[1], self._last[2]
         mask_path = self.mask_paths[v] if self.mask_paths is not None else None
         misses = self.cache.misses if self.cache is not None else 0
-        img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False)
+        roi = self.rois[v] if self.rois is not None else None
+        try:
+            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi)
+        except UserError as e:
+            if roi is None or self.row_names is None:
+                raise
+            raise UserError(f"{self.row_names[v]}: {e}") from None
         if self._cache_record is not None and v < len(self._cache_record) and self._cache_record[v] == 0:
             self._cache_record[v] = 1 if self.cache.misses == misses else 2
         if self.crops_per_volume > 1:
