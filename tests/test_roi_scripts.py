@@ -163,3 +163,36 @@ def test_roi_settings_change_the_cache_key_only_when_on_and_bad_combinations_are
         Custom3DDataset(str(table), 32, False, PreprocessConfig(size=32, roi_mm=(50, 50, 50)))
     r = run_in_process("main_finetune.py", "--task", "segmentation", "--roi_mm", 50, 50, 50, "--train_csv", table)
     assert r.returncode == 2 and "cannot be combined with --task segmentation" in r.stderr
+
+
+@pytest.mark.parametrize("task", ["regression", "multilabel"])
+def test_regression_and_multilabel_rows_train_and_predict_on_boxes(organs, task):
+    """The same organ points as regression rows (target: the organ group's index) and as multi-label rows (liver?
+    lung?): the run trains on the boxes (cached by the fixture), the checkpoint keeps the task and the ROI, and
+    prediction gives one finite, non-constant value per point."""
+    tmp, ct = organs["tmp"], organs["ct"]
+    extra = ["target"] if task == "regression" else ["is_liver", "is_lung"]
+
+    def table(split):
+        rows = [r[:4] + ([float(r[4])] if task == "regression" else [int(r[4] == 0), int(r[4] == 1)])
+                for r in organs["rows"][split]]
+        return write_table(tmp / f"{task}_{split}.csv", rows, COLS[:4] + extra)
+
+    train, val, out = table("train"), table("val"), tmp / f"ft_{task}"
+    r = run_in_process("main_finetune.py", "--train_csv", train, "--val_csv", val, "--output_dir", out, *ROI,
+                       "--label_columns", *extra, *(["--regression"] if task == "regression" else []),
+                       "--model", "vit_tiny_patch16", "--patch_size", 8, "--epochs", 3, "--warmup_epochs", 1,
+                       "--batch_size", 16, "--num_workers", 0, "--device", "cpu", "--linprobe", "--blr", 3,
+                       "--finetune", "none", "--cache_dir", organs["cache"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "came from the cache" in r.stdout
+    ckpt = torch.load(out / "checkpoint-last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["preprocess"]["roi_mm"] == [64.0, 64.0, 64.0]
+    r = run_in_process("main_predict.py", "--input_csv", val, "--output_csv", tmp / f"{task}_pred.csv",
+                       "--finetune", out / "checkpoint-last.pth", "--num_workers", 0, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = pd.read_csv(tmp / f"{task}_pred.csv")
+    cols = [f"pred_{c}" for c in extra] if task == "regression" else [f"prob_{c}" for c in extra]
+    values = df[cols].to_numpy(float)
+    assert len(df) == len(organs["rows"]["val"]) and df["error"].isna().all()
+    assert np.isfinite(values).all() and values.std(axis=0).min() > 1e-4
