@@ -214,3 +214,16 @@ def test_resample_to_256_keeps_the_extent():
     for a, b in zip(physical_box(out), physical_box(lab)):
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert set(np.unique(sitk.GetArrayViewFromImage(out))) == set(range(120))
+
+
+def test_a_whole_volume_config_is_saved_as_before_the_roi_fields_so_older_runs_resume():
+    """Checkpoints of earlier versions hold these six keys; the recipe check compares the dicts, so a config
+    without an ROI must give exactly them (with the ROI keys present every older run refused to resume)."""
+    old = {"orientation": "LPS", "size": [64, 64, 64], "spacing": None, "window": [-1200.0, 800.0],
+           "interpolator": "bspline", "mask_interpolator": "nearest"}
+    cfg = PreprocessConfig(size=(64, 64, 64))
+    assert cfg.to_dict() == old
+    assert PreprocessConfig.from_dict(old) == cfg
+    roi = cfg.with_overrides(roi_mm=(50, 50, 50), roi_coords="RAS")
+    assert roi.to_dict()["roi_mm"] == [50.0, 50.0, 50.0] and roi.to_dict()["roi_coords"] == "RAS"
+    assert PreprocessConfig.from_dict(roi.to_dict()) == roi

@@ -102,8 +102,11 @@ class PreprocessConfig:
         return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
 
     def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """Plain JSON-able dict (tuples become lists). Without an ROI the ROI fields are left out, so a whole-volume
+        configuration is exactly what it was before they existed: checkpoints of earlier versions pass the recipe
+        check on resume, and cache keys stay."""
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return d if self.roi else {k: v for k, v in d.items() if k not in ROI_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessConfig":
@@ -116,10 +119,7 @@ class PreprocessConfig:
 
     def key(self) -> str:
         """Stable 16-hex-digit hash of the settings and of PREPROCESS_VERSION (cache keys)."""
-        d = self.to_dict()
-        if not self.roi:  # whole-volume settings keep the keys they had before the ROI fields existed
-            d = {k: v for k, v in d.items() if k not in ROI_FIELDS}
-        blob = json.dumps({**d, "_version": PREPROCESS_VERSION}, sort_keys=True)
+        blob = json.dumps({**self.to_dict(), "_version": PREPROCESS_VERSION}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
