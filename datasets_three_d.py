@@ -1,8 +1,8 @@
 """The pretraining `Custom3DDataset`, and the names of the volume pipeline that users adapting it need.
 
-Pipeline (util.preprocess, one code path for every script): read (SimpleITK: NIfTI, NRRD, MetaImage, DICOM
+Pipeline (util.volume.preprocess, one code path for every script): read (SimpleITK: NIfTI, NRRD, MetaImage, DICOM
 folder) -> reorient (LPS) -> resample (whole volume to `size` keeping its physical extent, or to `spacing` then
-pad) -> HU window -> [0, 1] -> optional cache (util.cache) -> crop / flips (util.augment) -> [1, D, H, W].
+pad) -> HU window -> [0, 1] -> optional cache (util.volume.cache) -> crop / flips (util.data.augment) -> [1, D, H, W].
 Adapt `Custom3DDataset` (or the table it reads) to your data layout; keep the preprocessing shared.
 """
 from __future__ import annotations
@@ -11,13 +11,13 @@ import logging
 
 import torch
 
-from util.augment import Augment3D, center_crop_or_pad, random_crop  # noqa: F401 (re-exported)
-from util.path_table import read_path_table, where  # noqa: F401 (re-exported)
-from util.preprocess import (PREPROCESS_VERSION, PreprocessConfig, load_cached, load_volume,  # noqa: F401
+from util.data.augment import Augment3D, center_crop_or_pad, random_crop  # noqa: F401 (re-exported)
+from util.data.path_table import read_path_table, where  # noqa: F401 (re-exported)
+from util.volume.preprocess import (PREPROCESS_VERSION, PreprocessConfig, load_cached, load_volume,  # noqa: F401
                              load_volume_and_mask, preprocess_image, preprocess_mask, reorient, to_input_grid)
-from util.resample import resample_centered  # noqa: F401 (re-exported)
-from util.volume_dataset import VolumeDataset, limit_sitk_threads
-from util.volume_io import MAX_VOXELS, VolumeError, read_image  # noqa: F401 (re-exported)
+from util.volume.resample import resample_centered  # noqa: F401 (re-exported)
+from util.data.dataset import VolumeDataset, limit_sitk_threads
+from util.volume.io import MAX_VOXELS, VolumeError, read_image  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Custom3DDataset(VolumeDataset):
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
         self.table = read_path_table(data_path, check_exists=not skip_bad)  # skip_bad: missing files are bad files
         if skip_bad and cache_dir:  # rows main_cache.py could not preprocess, listed in <cache_dir>/failures.csv
-            from util.cache_fill import drop_known_failures
+            from util.data.cache_fill import drop_known_failures
 
             self.table = drop_known_failures(self.table, data_path, cache_dir, self.cfg.key())
         self.paths = list(self.table["Path"])

@@ -1,6 +1,6 @@
 """Finetuning `Custom3DDataset` (classification, multi-label, regression, segmentation) and `resample_to_256`.
 
-Volumes go through exactly the preprocessing of pretraining (util.preprocess); adapt this class when your
+Volumes go through exactly the preprocessing of pretraining (util.volume.preprocess); adapt this class when your
 labels live somewhere else than the CSV columns below.
 """
 from __future__ import annotations
@@ -10,12 +10,12 @@ import SimpleITK as sitk
 import torch
 
 from util.errors import UserError
-from util.path_table import read_path_table, roi_points, where
-from util.preprocess import PreprocessConfig
-from util.resample import resample_centered
-from util.tasks import parse_labels
-from util.volume_dataset import VolumeDataset, limit_sitk_threads
-from util.volume_io import VolumeError
+from util.data.path_table import read_path_table, roi_points, where
+from util.volume.preprocess import PreprocessConfig
+from util.volume.resample import resample_centered
+from util.task.tasks import parse_labels
+from util.data.dataset import VolumeDataset, limit_sitk_threads
+from util.volume.io import VolumeError
 
 TASKS = ("classification", "segmentation")
 

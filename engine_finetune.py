@@ -6,13 +6,13 @@ from dataclasses import dataclass
 import torch
 
 from models_vit3d import backbone
-from util import train_loop
+from util.train import loop as train_loop
 from util.distributed import all_gather_cat, all_reduce_sum
-from util.metrics import dice_from_stats, dice_stats
+from util.task.metrics import dice_from_stats, dice_stats
 from util.runtime import autocast
-from util.tasks import compute_metrics, empty_target, prepare_target
-from util.train_loop import TrainSettings
-from util.transport import to_device
+from util.task.tasks import compute_metrics, empty_target, prepare_target
+from util.train.loop import TrainSettings
+from util.data.transport import to_device
 
 LARS_TRUST, LARS_REFERENCE_BATCH = 0.001, 16384  # MAE linear probe: LARS trust coefficient, at this batch
 
@@ -30,7 +30,7 @@ def build_optimizer(model, settings: TrainSettings, weight_decay: float, layer_d
     """AdamW with layer-wise lr decay (finetuning) or LARS on the head (linear probe)."""
     lr = settings.schedule.lr
     if linprobe:
-        from util.lars import LARS
+        from util.train.lars import LARS
 
         # LARS moves a weight matrix by lr * trust * |w| per step. MAE's recipe (blr 0.1, trust 0.001) was set at
         # batch 16384; under the linear lr rule a batch of 16 would move the head 1000x less and it would barely
@@ -39,7 +39,7 @@ def build_optimizer(model, settings: TrainSettings, weight_decay: float, layer_d
         trust = LARS_TRUST * max(1.0, LARS_REFERENCE_BATCH / eff_batch)
         return LARS([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
                     trust_coefficient=trust)
-    from util.lr_decay import param_groups_lrd
+    from util.train.lr_decay import param_groups_lrd
 
     groups = param_groups_lrd(model, weight_decay, backbone(model).no_weight_decay(), layer_decay)
     return torch.optim.AdamW(groups, lr=lr, fused=settings.device.startswith("cuda"))
@@ -47,7 +47,7 @@ def build_optimizer(model, settings: TrainSettings, weight_decay: float, layer_d
 
 def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch: int, settings: TrainSettings, mode: str,
                     tb=None, **loop_kw) -> dict:
-    """Finetune for one epoch on batches (imgs [N, 1, D, H, W], targets); loop_kw as in util.train_loop."""
+    """Finetune for one epoch on batches (imgs [N, 1, D, H, W], targets); loop_kw as in util.train.loop."""
     def compute_loss(m, batch):
         imgs, target = to_device(batch, settings.device, flip_target=mode == "segmentation")
         return criterion(m(imgs).float(), prepare_target(target, mode, settings.device))

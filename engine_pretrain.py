@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from util import train_loop
+from util.train import loop as train_loop
 from util.runtime import autocast
-from util.train_loop import TrainSettings
-from util.transport import to_device
+from util.train.loop import TrainSettings
+from util.data.transport import to_device
 
 
 def train_one_epoch(model, loader, optimizer, scaler, epoch: int, settings: TrainSettings, mask_ratio: float = 0.75,
                     tb=None, **loop_kw) -> dict:
-    """Pretrain for one epoch on batches (imgs [N, 1, D, H, W], volume indices [N]); see util.train_loop for
+    """Pretrain for one epoch on batches (imgs [N, 1, D, H, W], volume indices [N]); see util.train.loop for
     loop_kw (start, control, checkpoint)."""
     def compute_loss(m, batch):
         imgs, _ = to_device(batch, settings.device)
@@ -31,7 +31,7 @@ def reconstruction_picture(model, img: torch.Tensor, path: str, mask_ratio: floa
     reconstruction, which is the model's output in the masked patches with the visible patches pasted back from
     the input (MAE's convention; the output there is not trained). Written to `path` with `title`; returns the HWC
     uint8 image."""
-    from util.visualize import save_reconstruction_figure
+    from util.task.visualize import save_reconstruction_figure
 
     m = model.module if hasattr(model, "module") else model
     was_training = m.training

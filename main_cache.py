@@ -48,11 +48,11 @@ def get_args_parser():
 cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
 
 # below the parser on purpose: `--help` answers without importing torch or SimpleITK
-from util import cache_fill  # noqa: E402
+from util.data import cache_fill  # noqa: E402
 from util.atomic import ensure_writable_dir, remove_stale_tmp  # noqa: E402
 from util.distributed import cleanup, init_distributed_mode, is_main_process, on_main_then_share  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.preprocess import PreprocessConfig  # noqa: E402
+from util.volume.preprocess import PreprocessConfig  # noqa: E402
 
 
 def preprocess_settings(args) -> PreprocessConfig:

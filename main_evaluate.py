@@ -81,15 +81,15 @@ def parse_args(argv: list[str] | None = None):
 
 cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before sklearn loads
 
-# no torch here: embeddings are numpy arrays; only --pretraining with a checkpoint imports it (util/data_manifest.py)
+# no torch here: embeddings are numpy arrays; only --pretraining with a checkpoint imports it (util/data/manifest.py)
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from util import evaluate_inputs as inputs  # noqa: E402
-from util import evaluate_report as report  # noqa: E402
+from util.evaluate import inputs  # noqa: E402
+from util.evaluate import report  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.evaluate_probe import labelled_rows, make_folds, probe_job  # noqa: E402
-from util.evaluate_stats import HEADLINE, PRIMARY, Run, bootstrap_values, interval, weighted_metrics  # noqa: E402
+from util.evaluate.probe import labelled_rows, make_folds, probe_job  # noqa: E402
+from util.evaluate.stats import HEADLINE, PRIMARY, Run, bootstrap_values, interval, weighted_metrics  # noqa: E402
 
 
 def load(args) -> dict:
@@ -224,8 +224,8 @@ def overlap(args, d: dict) -> pd.DataFrame | None:
     """Evaluated scans that were in the pretraining data of their encoder (--pretraining), by path or content."""
     if not args.pretraining:
         return None
-    from util.data_manifest import find_overlap, pretraining_data
-    from util.path_table import resolve_paths
+    from util.data.manifest import find_overlap, pretraining_data
+    from util.data.path_table import resolve_paths
 
     col = inputs.find_column(d["table"], "Path")
     if col is None:

@@ -110,18 +110,19 @@ import models_vit3d  # noqa: E402
 from datasets_three_d_fine import Custom3DDataset  # noqa: E402
 from engine_finetune import EvalSettings, build_optimizer, evaluate, train_one_epoch  # noqa: E402
 from models_build import adopt_encoder_sizes, build_model_from_meta, model_from_checkpoint  # noqa: E402
-from util import trainer  # noqa: E402
+from util.train import trainer  # noqa: E402
 from util.atomic import ensure_writable_dir, write_text  # noqa: E402
 from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of  # noqa: E402
 from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
 from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
-from util.metrics import summary_line  # noqa: E402
-from util.preprocess import PreprocessConfig  # noqa: E402
-from util.sampler import EvalShardSampler  # noqa: E402
-from util.tasks import (build_criterion, default_best_metric, is_better, loss_weights, mode_of,  # noqa: E402
+from util.task.metrics import summary_line  # noqa: E402
+from util.volume.preprocess import PreprocessConfig  # noqa: E402
+from util.data.sampler import EvalShardSampler  # noqa: E402
+from util.task.tasks import (build_criterion, default_best_metric, is_better, loss_weights, mode_of,  # noqa: E402
                         nb_outputs)
-from util.volume_dataset import cache_use_line  # noqa: E402
+from util.triple import check_sizes  # noqa: E402
+from util.data.dataset import cache_use_line  # noqa: E402
 
 
 def resolve_demo_checkpoint() -> str:
@@ -339,7 +340,7 @@ def main(args) -> None:
     trainer.start(args)
     if args.demo:
         if is_main_process():
-            from util.demo import make_demo_data
+            from util.data.demo import make_demo_data
 
             make_demo_data(DEMO_DIR)
         barrier()
@@ -355,7 +356,7 @@ def main(args) -> None:
         raise UserError("Training needs --train_csv (and usually --val_csv); or pass --eval to score a checkpoint.")
     if args.finetune:  # the encoder's size and patch from its weights, unless typed (models_build)
         adopt_encoder_sizes(args)
-        cli_args.check_sizes(args)
+        check_sizes(args)
     args.output_dir = args.output_dir or os.path.join("output_dir", "finetune")
     args.log_dir = args.log_dir or args.output_dir
     print(describe_outputs(args.output_dir, args.log_dir, demo=DEMO_DIR if args.demo else None))

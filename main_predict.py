@@ -96,19 +96,19 @@ from tqdm import tqdm  # noqa: E402
 
 from models_build import load_for_inference  # noqa: E402
 from models_vit3d import pool_tokens  # noqa: E402
-from util import predict_io as io  # noqa: E402
+from util.task import predict_io as io  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.predict_io import PredictDataset, collate_rows, row_error  # noqa: E402
-from util.preprocess import PreprocessConfig, to_input_grid  # noqa: E402
+from util.task.predict_io import PredictDataset, collate_rows, row_error  # noqa: E402
+from util.volume.preprocess import PreprocessConfig, to_input_grid  # noqa: E402
 from util.runtime import autocast, resolve_precision, torch_threads  # noqa: E402
-from util.tasks import logits_to_probs  # noqa: E402
-from util.trainer import worker_init  # noqa: E402
+from util.task.tasks import logits_to_probs  # noqa: E402
+from util.train.trainer import worker_init  # noqa: E402
 from util.triple import to_3tuple  # noqa: E402
 
 
 def prepare_demo(args) -> None:
-    from util.demo import make_demo_data
+    from util.data.demo import make_demo_data
 
     if not os.path.isfile(args.finetune):
         raise FileNotFoundError(f"The demo needs a finetuned checkpoint at {args.finetune}; make it with "

@@ -74,21 +74,21 @@ import torch  # noqa: E402
 import models_mae3d  # noqa: E402
 from datasets_three_d import Custom3DDataset  # noqa: E402
 from engine_pretrain import evaluate_reconstruction, reconstruction_picture, train_one_epoch  # noqa: E402
-from util import trainer  # noqa: E402
+from util.train import trainer  # noqa: E402
 from util.atomic import atomic_write, write_text  # noqa: E402
 from util.checkpoint import CheckpointNotFoundError, load_checkpoint, save_atomic  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
 from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
-from util.lr_decay import param_groups_weight_decay  # noqa: E402
-from util.sampler import EvalShardSampler  # noqa: E402
-from util.volume_dataset import cache_use_line  # noqa: E402
+from util.train.lr_decay import param_groups_weight_decay  # noqa: E402
+from util.data.sampler import EvalShardSampler  # noqa: E402
+from util.data.dataset import cache_use_line  # noqa: E402
 
 
 def build_data(args, preprocess):
     """Training set, sampler and loader; a held-out loader for --val_path (None without it)."""
     if args.demo:
-        from util.demo import make_demo_data
+        from util.data.demo import make_demo_data
 
         if is_main_process():
             make_demo_data(DEMO_DIR)
@@ -176,7 +176,7 @@ def initial_weights(args) -> str | None:
         raise CheckpointNotFoundError(f"--init {args.init} does not exist.")
     digest = None
     if is_main_process():
-        from util.data_manifest import file_sha256
+        from util.data.manifest import file_sha256
 
         t0 = time.time()
         digest = file_sha256(args.init)
@@ -235,7 +235,7 @@ def pretrain(args) -> None:
     settings, control, tb = trainer.settings(args), trainer.step_control(args), TBLogger(args.log_dir)
     parts = (model, optimizer, scaler, recipe, preprocess)
     if is_main_process():  # the scans it trains on, for main_evaluate.py --pretraining (name, digest in 'args')
-        from util.data_manifest import write_manifest
+        from util.data.manifest import write_manifest
 
         args.data_manifest, args.data_manifest_sha256 = write_manifest(list(dataset.paths), args.output_dir)
         write_text(os.path.join(args.output_dir, "args.json"), json.dumps(trainer.args_record(args), indent=1))

@@ -14,7 +14,7 @@ import models_vit3d
 from models_mae3d import ENCODER_SIZES
 from util.checkpoint import encoder_weights, load_checkpoint, state_dict_of
 from util.errors import UserError
-from util.tasks import MODES
+from util.task.tasks import MODES
 from util.triple import to_3tuple
 
 _SIZES = {(e, d): name for name, (e, d, _) in ENCODER_SIZES.items()}  # (width, depth) -> size name

@@ -12,8 +12,8 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 
-from util.patch_embed import PatchEmbed3D, patchify, unpatchify
-from util.pos_embed import get_3d_sincos_pos_embed
+from util.nn.patch_embed import PatchEmbed3D, patchify, unpatchify
+from util.nn.pos_embed import get_3d_sincos_pos_embed
 
 
 def fixed_pos_embed(embed_dim: int, grid_size: Sequence[int], device: torch.device | None = None) -> nn.Parameter:

@@ -12,8 +12,8 @@ from models_mae3d import (ENCODER_SIZES, fixed_pos_embed, init_patch_embed, init
                           run_blocks)
 from util.checkpoint import encoder_weights, load_checkpoint
 from util.errors import UserError
-from util.patch_embed import PatchEmbed3D
-from util.pos_embed import get_3d_sincos_pos_embed
+from util.nn.patch_embed import PatchEmbed3D
+from util.nn.pos_embed import get_3d_sincos_pos_embed
 from util.triple import to_3tuple
 
 GLOBAL_POOLS = ("avg", "token", "cat")

@@ -1,7 +1,7 @@
 """The data path, measured side by side in one run: the uncached first pass and the cached training loader.
 
 1. First pass of one CT on ONE thread (read + reorient + resample + window + cache write), the SimpleITK
-   resampler against the separable one (util.resample), alternating, --repeats times each.
+   resampler against the separable one (util.volume.resample), alternating, --repeats times each.
 2. Cached training loader, ONE worker process: float32 items (the contract) against the uint16 transport the
    training scripts use (cached values travel as stored, scaled and flipped on the device), alternating, with
    random crops and flips as in pretraining. Prints volumes/s per worker core, the ratio, and the worker cores
@@ -34,10 +34,10 @@ import torch  # noqa: E402
 from util.atomic import write_text  # noqa: E402
 
 from datasets_three_d import Custom3DDataset  # noqa: E402
-from util.cache import VolumeCache  # noqa: E402
-from util.preprocess import PreprocessConfig, cache_keys, preprocess_image  # noqa: E402
-from util.transport import to_device  # noqa: E402
-from util.volume_io import read_image  # noqa: E402
+from util.volume.cache import VolumeCache  # noqa: E402
+from util.volume.preprocess import PreprocessConfig, cache_keys, preprocess_image  # noqa: E402
+from util.data.transport import to_device  # noqa: E402
+from util.volume.io import read_image  # noqa: E402
 
 DEFAULT_SOURCE = os.path.join(ROOT, "..", "shared", "data", "ircadb01", "ct.nii.gz")
 
@@ -63,7 +63,7 @@ def make_source(args, tmp: str) -> str:
         if not os.path.exists(args.source):
             raise SystemExit(f"{args.source}: source volume not found; pass --source PATH or use --quick.")
         return os.path.abspath(args.source)
-    from util.demo import make_phantom
+    from util.data.demo import make_phantom
 
     hu, _, sp = make_phantom(np.random.default_rng(0), effusion=True)
     img = sitk.GetImageFromArray(hu)

@@ -32,7 +32,7 @@ from bench.baseline_mae3d import baseline_from  # noqa: E402
 from bench.gpu_timing import (apply_fp8, fp8_skip_reason, is_oom, matmul_peak_tflops, release, sync,  # noqa: E402
                               timed)
 from util.runtime import autocast, torch_threads  # noqa: E402
-from util.lr_decay import param_groups_weight_decay  # noqa: E402
+from util.train.lr_decay import param_groups_weight_decay  # noqa: E402
 
 DEFAULT_CONFIGS = "large:256:8,large:256:32"
 QUICK_CONFIGS = "tiny:32:2:8"

@@ -213,8 +213,8 @@ def paired_bootstrap(y: np.ndarray, scores: list[np.ndarray], references: list[n
                      seed: int = 0) -> tuple[float, float, float]:
     """Mean over labelled subsets k of AUROC(scores[k]) - AUROC(references[k]) on the test nodules, with a 95%
     interval from resampling the test nodules (one resample shared by every score and reference): the bootstrap
-    of main_evaluate.py (util/evaluate_stats.py), the one implementation in this repository."""
-    from util.evaluate_stats import Run, bootstrap
+    of main_evaluate.py (util/evaluate/stats.py), the one implementation in this repository."""
+    from util.evaluate.stats import Run, bootstrap
 
     return bootstrap("binary", np.asarray(y), [Run(np.asarray(s, np.float64)) for s in scores],
                      [Run(np.asarray(r, np.float64)) for r in references], n_boot=n, seed=seed)["auroc"]

@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 
 import datasets_three_d_fine as fine
-import util.preprocess
+import util.volume.preprocess
 from datasets_three_d import Custom3DDataset, PreprocessConfig
-from util.cache import QMAX, VolumeCache, decode, encode
+from util.volume.cache import QMAX, VolumeCache, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,14 +42,14 @@ def csv(tmp_path) -> Path:
 
 @pytest.fixture()
 def reads(monkeypatch) -> list[str]:
-    """Every path the preprocessing (util.preprocess.read_image) opens."""
-    seen, real = [], util.preprocess.read_image
+    """Every path the preprocessing (util.volume.preprocess.read_image) opens."""
+    seen, real = [], util.volume.preprocess.read_image
 
     def counting(path):
         seen.append(str(path))
         return real(path)
 
-    monkeypatch.setattr(util.preprocess, "read_image", counting)
+    monkeypatch.setattr(util.volume.preprocess, "read_image", counting)
     return seen
 
 

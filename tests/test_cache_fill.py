@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import util.preprocess
+import util.volume.preprocess
 from bad_inputs import build_bad_files
 from datasets_three_d import Custom3DDataset
 from helpers import run_in_process, run_script
-from util.cache import VolumeCache, encode
-from util.cache_fill import known_failures
-from util.preprocess import PreprocessConfig, cache_keys, load_volume
+from util.volume.cache import VolumeCache, encode
+from util.data.cache_fill import known_failures
+from util.volume.preprocess import PreprocessConfig, cache_keys, load_volume
 
 SIZE = 32
 CFG = PreprocessConfig(size=(SIZE,) * 3)  # main_cache.py's defaults at --input_size 32
@@ -167,8 +167,8 @@ def test_killed_worker_fails_only_its_row_and_a_rerun_clears_it(corpus, tmp_path
 
 
 def test_training_dataset_reads_only_the_cache_after_a_fill(corpus, reference, monkeypatch, capsys):
-    reads, real = [], util.preprocess.read_image
-    monkeypatch.setattr(util.preprocess, "read_image", lambda p: reads.append(p) or real(p))
+    reads, real = [], util.volume.preprocess.read_image
+    monkeypatch.setattr(util.volume.preprocess, "read_image", lambda p: reads.append(p) or real(p))
     ds = Custom3DDataset(str(corpus["root"] / "good.csv"), input_size=SIZE, preprocess=CFG,
                          cache_dir=str(reference["cache"]), train=False)
     items = [ds[i][0] for i in range(len(ds))]
@@ -209,7 +209,7 @@ def test_bad_input_ends_with_one_error_line(case, tmp_path):
         torch.save({"model": {}}, tmp_path / "ckpt.pth")
         args += ["--from_checkpoint", tmp_path / "ckpt.pth"]
     r = run_in_process("main_cache.py", *args)
-    # util/path_table.py's open(...).read() leaves a ResourceWarning, shown in-process only (hidden in a real run)
+    # util/data/path_table.py's open(...).read() leaves a ResourceWarning, shown in-process only (hidden in a real run)
     lines = [s for s in r.stderr.splitlines() if s.strip() and not s.startswith("ResourceWarning")]
     code = 2 if case == "no_cache_dir" else 1  # a missing required flag is refused by the parser (status 2)
     assert r.returncode == code and len(lines) == 1 and lines[0].startswith("error: ") and str(named) in lines[0], lines

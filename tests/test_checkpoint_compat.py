@@ -104,7 +104,7 @@ def test_the_original_finetuned_classifier_predicts_probabilities(cases, tmp_pat
     df = pd.read_csv(out)
     probs = df[["prob_0", "prob_1", "prob_2"]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-5) and probs.std(0).max() > 1e-3
-    from util.preprocess import PreprocessConfig, load_volume
+    from util.volume.preprocess import PreprocessConfig, load_volume
 
     x = torch.from_numpy(load_volume(str(root / "v2.nii.gz"), PreprocessConfig(size=(SIZE,) * 3)))[None, None]
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The pretraining data manifest (util/data_manifest.py): content fingerprints, the manifest main_pretrain.py
+"""The pretraining data manifest (util/data/manifest.py): content fingerprints, the manifest main_pretrain.py
 writes and its checkpoint records, and main_evaluate.py's overlap check by path and by copied content."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from tests.helpers import run_in_process, tiny_pretrain_args
-from util.data_manifest import (MANIFEST_NAME, find_overlap, fingerprint, pretraining_data, read_manifest,
+from util.data.manifest import (MANIFEST_NAME, find_overlap, fingerprint, pretraining_data, read_manifest,
                                 write_manifest)
-from util.demo import make_demo_data
+from util.data.demo import make_demo_data
 from util.errors import UserError
 
 

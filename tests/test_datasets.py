@@ -196,7 +196,7 @@ def test_segmentation_mask_values_beyond_nb_classes_are_reported(table, tmp_path
 def test_uint16_transport_gives_the_float32_items_exactly(table, tmp_path):
     from torch.utils.data import default_collate
 
-    from util.transport import to_device
+    from util.data.transport import to_device
 
     kw = dict(input_size=(8, 12, 16), preprocess=PreprocessConfig(size=(10, 20, 20)), cache_dir=str(tmp_path / "c"),
               seed=3)
@@ -219,7 +219,7 @@ def test_uint16_transport_gives_the_float32_items_exactly(table, tmp_path):
 def test_intensity_jitter_reads_through_the_cache_in_both_transports(table, tmp_path):
     from torch.utils.data import default_collate
 
-    from util.transport import to_device
+    from util.data.transport import to_device
 
     ds = Custom3DDataset(str(table), input_size=(8, 12, 16), preprocess=PreprocessConfig(size=(10, 20, 20)),
                          cache_dir=str(tmp_path / "c"), seed=3, intensity_jitter=0.2)

@@ -11,7 +11,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from datasets_three_d import PreprocessConfig, load_volume_and_mask, read_path_table
-from util.demo import make_demo_data, make_phantom
+from util.data.demo import make_demo_data, make_phantom
 
 
 def test_phantom_has_realistic_hu_per_tissue():

@@ -4,7 +4,7 @@ import torch
 
 from util.checkpoint import CorruptCheckpointError, UnsafeCheckpointError
 from util.errors import UserError, run_main
-from util.volume_io import VolumeError
+from util.volume.io import VolumeError
 
 
 def _raise(exc):

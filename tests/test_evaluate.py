@@ -9,9 +9,9 @@ import pytest
 from sklearn import metrics as skm
 
 from tests.helpers import run_in_process
-from util import predict_io
-from util.evaluate_probe import MIN_PER_CLASS, labelled_rows, make_folds
-from util.evaluate_stats import Run, bootstrap, weighted_metrics
+from util.task import predict_io
+from util.evaluate.probe import MIN_PER_CLASS, labelled_rows, make_folds
+from util.evaluate.stats import Run, bootstrap, weighted_metrics
 
 N, DIM = 160, 12
 

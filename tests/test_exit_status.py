@@ -14,7 +14,7 @@ import pytest
 
 import util.checkpoint
 from tests.helpers import ROOT, load, run_in_process, tiny_pretrain_args
-from util.demo import make_demo_data
+from util.data.demo import make_demo_data
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ import engine_finetune
 import main_finetune
 import models_mae3d
 from tests.helpers import load, save_tiny_mae
-from util.pos_embed import get_3d_sincos_pos_embed
+from util.nn.pos_embed import get_3d_sincos_pos_embed
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
     """Demo phantoms plus CSVs with multiclass, multi-label and regression columns (same folder: relative paths)."""
-    from util.demo import make_demo_data
+    from util.data.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("ft")
     paths = make_demo_data(str(root / "demo_data"), n_pretrain=4, n_labeled=20, seed=1)
@@ -190,8 +190,8 @@ def test_mae_trained_at_64_loads_into_a_32x64x64_classifier(tmp_path):
 
 def test_layer_decay_groups_scale_lr_from_head_to_patch_embedding():
     from models_build import build_model_from_meta
-    from util.lr_sched import Schedule, adjust_learning_rate
-    from util.train_loop import TrainSettings
+    from util.train.lr_sched import Schedule, adjust_learning_rate
+    from util.train.loop import TrainSettings
 
     meta = dict(mode="binary", model="vit_tiny_patch16", nb_outputs=1, input_size=[32, 64, 64],
                 patch_size=[16, 16, 16])
@@ -235,12 +235,12 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
     import functools
     import shutil
 
-    import util.demo
+    import util.data.demo
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(Path(demo["train"]).parent, tmp_path / "demo_data")  # reused: the manifest matches these params
-    monkeypatch.setattr(util.demo, "make_demo_data",
-                        functools.partial(util.demo.make_demo_data, n_pretrain=4, n_labeled=20, seed=1))
+    monkeypatch.setattr(util.data.demo, "make_demo_data",
+                        functools.partial(util.data.demo.make_demo_data, n_pretrain=4, n_labeled=20, seed=1))
     with pytest.raises(SystemExit):
         main_finetune.cli_main(["--epochs", "1"])
     assert "python main_pretrain.py" in capsys.readouterr().err
@@ -258,8 +258,8 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
 def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
     """At batch 16 the MAE LARS recipe must still fit a linearly separable rule on frozen features."""
     from engine_finetune import build_optimizer
-    from util.lr_sched import Schedule
-    from util.train_loop import TrainSettings
+    from util.train.lr_sched import Schedule
+    from util.train.loop import TrainSettings
 
     torch.manual_seed(0)
     feats = torch.randn(512, 192) * 3 + 1
@@ -302,7 +302,7 @@ def test_linprobe_head_evaluates_like_it_trains_on_features_of_small_variance():
 
 def test_segmentation_on_one_labelled_ct_takes_a_batch_of_crops_from_one_read(shared_data, tmp_path, monkeypatch,
                                                                              capsys):
-    import util.preprocess
+    import util.volume.preprocess
 
     ct, liver = shared_data / "ircadb01" / "ct.nii.gz", shared_data / "ircadb01" / "mask_liver.nii.gz"
     pd.DataFrame({"Path": [str(ct)], "Mask": [str(liver)]}).to_csv(tmp_path / "one.csv", index=False)
@@ -312,8 +312,8 @@ def test_segmentation_on_one_labelled_ct_takes_a_batch_of_crops_from_one_read(sh
     with pytest.raises(SystemExit):  # the default batch of 8 from 1 volume: one sentence says what to do
         main_finetune.cli_main(base)
     assert "--crops_per_volume" in capsys.readouterr().err
-    reads, real = [], util.preprocess.read_image
-    monkeypatch.setattr(util.preprocess, "read_image", lambda p: reads.append(str(p)) or real(p))
+    reads, real = [], util.volume.preprocess.read_image
+    monkeypatch.setattr(util.volume.preprocess, "read_image", lambda p: reads.append(str(p)) or real(p))
     main_finetune.cli_main([*base, "--crops_per_volume", "8"])
     lines = log_lines(tmp_path / "seg")
     assert [x["epoch"] for x in lines] == [1, 2] and all(x["train_loss"] > 0 for x in lines)

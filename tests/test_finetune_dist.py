@@ -14,7 +14,7 @@ from tests.helpers import load, run_script
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
     """Demo phantoms; the val CSV gets an odd row count so a padding sampler would duplicate one volume."""
-    from util.demo import make_demo_data
+    from util.data.demo import make_demo_data
 
     root = tmp_path_factory.mktemp("ftd")
     paths = make_demo_data(str(root / "demo_data"), n_pretrain=4, n_labeled=20, seed=1)

@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import ROOT, run_in_process
 from util import args as cli_args
 from util.errors import UserError
-from util.preprocess import PreprocessConfig
+from util.volume.preprocess import PreprocessConfig
 
 SCRIPTS = ("main_pretrain.py", "main_finetune.py", "main_predict.py", "main_cache.py")
 HEAVY = ("torch", "timm", "SimpleITK", "monai", "pandas")

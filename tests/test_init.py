@@ -14,7 +14,7 @@ import models_vit3d
 from models_build import load_mae_init
 from tests.helpers import load, run_in_process, run_script, state_dicts_equal, tiny_pretrain_args
 from util.checkpoint import load_checkpoint
-from util.demo import make_demo_data
+from util.data.demo import make_demo_data
 from util.errors import UserError
 
 

@@ -9,9 +9,9 @@ import SimpleITK as sitk
 
 from tests.bad_inputs import good_volume
 from tests.helpers import run_in_process
-from util.path_table import read_path_table
-from util.predict_io import read_input_table
-from util.volume_io import read_image
+from util.data.path_table import read_path_table
+from util.task.predict_io import read_input_table
+from util.volume.io import read_image
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from tests.bad_inputs import cut_file, flip_bytes, good_volume, zero_spacing
 from tests.helpers import run_in_process
 from util.checkpoint import NonFiniteCheckpointError, find_resume, load_checkpoint, save_atomic
 from util.errors import UserError
-from util.path_table import read_csv_table, read_path_table
-from util.volume_io import VolumeError, read_image
+from util.data.path_table import read_csv_table, read_path_table
+from util.volume.io import VolumeError, read_image
 
 
 def refusal(path) -> str:
@@ -97,7 +97,7 @@ def test_checking_the_gzip_stream_costs_about_one_more_decompression(shared_data
     read (the bound leaves room for a busy machine)."""
     import time
 
-    from util.volume_io import _gunzip_chunks
+    from util.volume.io import _gunzip_chunks
 
     path = str(shared_data / "ircadb01" / "ct.nii.gz")
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import load, run_in_process, run_script, state_dicts_equal, tiny_pretrain_args
-from util.demo import make_demo_data
+from util.data.demo import make_demo_data
 
 EPOCHS = 4
 # Each restart dies at the next point: inside a step, while writing checkpoint-last, while writing a numbered
@@ -163,7 +163,7 @@ def test_timed_saves_across_ranks_come_once_per_period_and_restart_after_any_sav
     """The ranks' flags are combined one step late; a save must void the flag already in flight."""
     import torch.distributed as dist
 
-    import util.preempt as preempt
+    import util.train.preempt as preempt
 
     class Done:
         def wait(self):

@@ -1,4 +1,4 @@
-"""Loader worker processes (util.trainer.worker_init): a stop signal from anyone but their parent leaves them
+"""Loader worker processes (util.train.trainer.worker_init): a stop signal from anyone but their parent leaves them
 serving batches, and nothing they do keeps the training process from exiting."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "sigwaitinfo"), reason="sigw
 
 SCRIPT = textwrap.dedent("""
     import sys, time, torch
-    from util.trainer import worker_init
+    from util.train.trainer import worker_init
 
     class Items(torch.utils.data.Dataset):
         def __len__(self):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from util.lr_decay import param_groups_lrd, param_groups_weight_decay
-from util.lr_sched import adjust_learning_rate
+from util.train.lr_decay import param_groups_lrd, param_groups_weight_decay
+from util.train.lr_sched import adjust_learning_rate
 
 
 class TinyBlock(nn.Module):
@@ -118,7 +118,7 @@ def test_schedule_without_warmup():
 
 
 def test_the_warmup_is_maes_and_a_too_long_warmup_is_fitted_to_a_short_run():
-    from util.lr_sched import fit_warmup
+    from util.train.lr_sched import fit_warmup
 
     args = SimpleNamespace(lr=1e-3, min_lr=0.0, warmup_epochs=2, epochs=10)
     opt = _FakeOptimizer([{"params": []}])

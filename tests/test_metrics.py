@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.metrics import (classification_metrics, dice_from_stats, dice_per_class, dice_stats,
+from util.task.metrics import (classification_metrics, dice_from_stats, dice_per_class, dice_stats,
                           regression_metrics)
 
 
@@ -114,7 +114,7 @@ def test_dice_rejects_bad_labels():
 
 
 def test_best_checkpoint_keeps_the_lowest_error_for_every_error_metric():
-    from util.tasks import is_better
+    from util.task.tasks import is_better
 
     for metric in ("loss", "mae", "rmse", "mae_age", "rmse_volume_ml"):
         assert is_better(0.1, 0.5, metric) and not is_better(0.5, 0.1, metric), metric

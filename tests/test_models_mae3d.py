@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models_mae3d as mm
-from util.patch_embed import PatchEmbed3D, patchify, unpatchify
-from util.pos_embed import get_3d_sincos_pos_embed
+from util.nn.patch_embed import PatchEmbed3D, patchify, unpatchify
+from util.nn.pos_embed import get_3d_sincos_pos_embed
 
 
 def tiny_mae(**kw) -> mm.MaskedAutoencoderViT3D:

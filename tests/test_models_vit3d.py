@@ -6,7 +6,7 @@ import torch
 
 import models_mae3d as mm
 import models_vit3d as mv
-from util.pos_embed import get_3d_sincos_pos_embed
+from util.nn.pos_embed import get_3d_sincos_pos_embed
 
 SMALL = dict(embed_dim=24, depth=4, num_heads=2)
 

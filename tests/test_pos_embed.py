@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from util.pos_embed import get_1d_sincos_pos_embed_from_grid, get_3d_sincos_pos_embed, split_embed_dim
+from util.nn.pos_embed import get_1d_sincos_pos_embed_from_grid, get_3d_sincos_pos_embed, split_embed_dim
 
 
 def part_by_hand(dim: int, pos: int) -> list[float]:

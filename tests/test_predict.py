@@ -14,10 +14,10 @@ import models_mae3d
 from datasets_three_d import PreprocessConfig, load_volume
 from tests.bad_inputs import build_bad_files, good_volume
 from tests.helpers import run_script
-from util import predict_io as io
+from util.task import predict_io as io
 from util.checkpoint import save_atomic
 from models_build import build_model_from_meta
-from util.tasks import nb_outputs, output_columns
+from util.task.tasks import nb_outputs, output_columns
 
 SIZE = [32, 32, 32]
 
@@ -68,7 +68,7 @@ def volumes(tmp_path_factory):
 
 
 def test_demo_without_arguments_predicts_every_row_in_order(tmp_path, monkeypatch):
-    from util.demo import make_demo_data
+    from util.data.demo import make_demo_data
 
     monkeypatch.chdir(tmp_path)
     make_demo_data("demo_data", n_pretrain=2, n_labeled=8, seed=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.helpers import load, run_script, tiny_pretrain_args
-from util.demo import make_demo_data
+from util.data.demo import make_demo_data
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +70,8 @@ def _fixed_noise_model():
 @pytest.mark.parametrize("accum", [2])
 def test_accumulation_matches_bigger_batch(accum):
     from engine_pretrain import train_one_epoch
-    from util.lr_sched import Schedule
-    from util.train_loop import TrainSettings
+    from util.train.lr_sched import Schedule
+    from util.train.loop import TrainSettings
 
     torch.manual_seed(1)
     vols = torch.rand(2, 1, 32, 32, 32)
@@ -122,11 +122,11 @@ def test_demo_preset_sends_every_output_to_the_typed_output_dir(tmp_path, monkey
     import functools
 
     import main_pretrain
-    import util.demo
+    import util.data.demo
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(util.demo, "make_demo_data",
-                        functools.partial(util.demo.make_demo_data, n_pretrain=4, n_labeled=8, seed=1))
+    monkeypatch.setattr(util.data.demo, "make_demo_data",
+                        functools.partial(util.data.demo.make_demo_data, n_pretrain=4, n_labeled=8, seed=1))
     main_pretrain.cli_main(["--epochs", "1", "--input_size", "32", "--num_workers", "0", "--output_dir", "mine",
                             "--batch_size", "2", "--vis_every", "1"])
     out = capsys.readouterr().out

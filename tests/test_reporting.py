@@ -11,7 +11,7 @@ import re
 import pytest
 
 from tests.helpers import load, run_in_process, tiny_pretrain_args
-from util.demo import make_demo_data
+from util.data.demo import make_demo_data
 from util.logger import Pace, Progress
 
 

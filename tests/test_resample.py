@@ -1,4 +1,4 @@
-"""util/resample.py: the separable (matmul) resampler against SimpleITK's ResampleImageFilter, on real CTs.
+"""util/volume/resample.py: the separable (matmul) resampler against SimpleITK's ResampleImageFilter, on real CTs.
 
 Every comparison runs `resample_centered` twice on the same grid, backend="sitk" (the reference) and
 backend="auto", checks that "auto" really took the separable path, and compares voxels and geometry.
@@ -10,8 +10,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import util.resample as rs
-from util.resample import SITK_INTERPOLATORS, axis_operator, resample_centered, resample_separable
+import util.volume.resample as rs
+from util.volume.resample import SITK_INTERPOLATORS, axis_operator, resample_centered, resample_separable
 
 TOL = {"bspline": 2e-3, "linear": 1e-5}  # max abs difference (HU) allowed against SimpleITK
 DEFAULT = -1200.0
@@ -211,7 +211,7 @@ def test_gpu_matches_cpu(images):
 @pytest.mark.parametrize("interpolator,tol_hu", [("bspline", 2e-3), ("linear", 1e-5)])
 def test_preprocessing_the_stored_int16_ct_matches_the_simpleitk_path(shared_data, interpolator, tol_hu):
     """preprocess_image resamples straight from the stored int16 (no cast); the result is SimpleITK's."""
-    from util.preprocess import PreprocessConfig, preprocess_image
+    from util.volume.preprocess import PreprocessConfig, preprocess_image
 
     ct = sitk.ReadImage(str(shared_data / "ircadb01" / "ct.nii.gz"))[100:356, 120:376, 20:100]
     assert ct.GetPixelID() == sitk.sitkInt16

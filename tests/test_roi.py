@@ -1,4 +1,4 @@
-"""Boxes of fixed physical size around a point or a label's centroid, on real CT (util.roi)."""
+"""Boxes of fixed physical size around a point or a label's centroid, on real CT (util.volume.roi)."""
 import json
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import SimpleITK as sitk
 
 from util.errors import UserError
-from util.roi import extract_roi, extract_roi_labels, label_centroid, to_lps
+from util.volume.roi import extract_roi, extract_roi_labels, label_centroid, to_lps
 
 ROI_MM, SIZE = (48.0, 48.0, 48.0), (24, 24, 24)
 ORGANS = ("liver", "spleen", "leftkidney", "rightkidney")

@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-import util.preprocess as preprocess
+import util.volume.preprocess as preprocess
 from datasets_three_d_fine import Custom3DDataset
 from tests.helpers import run_in_process
 from util.errors import UserError
-from util.preprocess import PreprocessConfig
+from util.volume.preprocess import PreprocessConfig
 
 GROUPS = {"liver": ["liver"], "lung": ["leftlung", "rightlung"], "bone": ["bone"], "kidney": ["leftkidney", "rightkidney"]}
 ROI = ["--roi_mm", 64, 64, 64, "--input_size", 32]

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from tests.helpers import load, run_in_process, tiny_pretrain_args
-from util.demo import make_demo_data
-from util.run_lock import RunLock
+from util.data.demo import make_demo_data
+from util.train.run_lock import RunLock
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from typing import Callable
 
 from util.errors import UserError
 from util.runtime import default_num_workers
-from util.triple import to_3tuple
+from util.triple import check_sizes
 
 SIZES = ("tiny", "small", "base", "large", "huge")  # models_mae3d.ENCODER_SIZES (tests/test_flags.py checks it)
 MAE_MODELS = tuple(f"mae_vit_{s}_patch16" for s in SIZES)  # the keys of models_mae3d.MODEL_FACTORIES
@@ -50,7 +50,7 @@ def bounded(kind: type = int, min: float | None = None, max: float | None = None
 
 
 def pos_weight(value: str) -> str:
-    """--pos_weight: 'auto' or a positive number (kept as typed; util.tasks reads it)."""
+    """--pos_weight: 'auto' or a positive number (kept as typed; util.task.tasks reads it)."""
     if value != "auto":
         bounded(float, min=0, min_open=True)(value)
     return value
@@ -224,27 +224,14 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
 def check_args(args) -> None:
     """The rules between flags, for whichever of them the script has: sizes as 3-tuples with the input a multiple
     of the patch, and preprocessing flags that make a valid PreprocessConfig (LO < HI, a real orientation)."""
-    if getattr(args, "input_size", None) is not None:
-        args.input_size = to_3tuple(args.input_size, "--input_size")
-    if getattr(args, "patch_size", None) is not None:
-        args.patch_size = to_3tuple(args.patch_size, "--patch_size")
-        if args.input_size is not None and any(s % p for s, p in zip(args.input_size, args.patch_size)):
-            raise UserError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size} "
-                            f"on every axis.")
+    check_sizes(args)
     if getattr(args, "task", None) == "segmentation" and getattr(args, "roi_mm", None):
         raise UserError("--roi_mm makes each row a box around a point or a label for classification or regression; "
                         "it cannot be combined with --task segmentation.")
     if hasattr(args, "window"):
-        from util.preprocess import PreprocessConfig
+        from util.volume.preprocess import PreprocessConfig
 
         PreprocessConfig().with_overrides(**typed_preprocess(args, PREPROCESS_FLAGS))
-
-
-def check_sizes(args) -> None:
-    """input_size / patch_size as 3-tuples, the input a multiple of the patch on every axis (see check_args)."""
-    sizes = argparse.Namespace(input_size=args.input_size, patch_size=args.patch_size)
-    check_args(sizes)
-    args.input_size, args.patch_size = sizes.input_size, sizes.patch_size
 
 
 ROI_FLAGS = ("roi_mm", "roi_coords", "roi_label")
@@ -261,7 +248,7 @@ def typed_preprocess(args, flags: tuple[str, ...] = PREPROCESS_FLAGS) -> dict:
 
 def preprocess_config(args):
     """The PreprocessConfig of the preprocessing flags and --input_size (training, main_cache.py)."""
-    from util.preprocess import PreprocessConfig
+    from util.volume.preprocess import PreprocessConfig
 
     return PreprocessConfig(orientation=args.orientation, size=tuple(args.input_size),
                             spacing=tuple(args.spacing) if args.spacing else None,

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Callable
 
-# "util.volume_io.VolumeError: " at the start of a line re-raised from a DataLoader worker
+# "util.volume.io.VolumeError: " at the start of a line re-raised from a DataLoader worker
 _CLASS_PREFIX = re.compile(r"^(?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\b:\s*")
 
 
@@ -50,7 +50,7 @@ def run_main(main: Callable, args):
     and exit status 1; a preempted run prints where its checkpoint is and exits 75 (130 after Ctrl-C). Planned
     ends are recorded in the run's exit_status.json for job scripts (util.exit_status)."""
     from util import exit_status
-    from util.preempt import EXIT_INTERRUPTED, Preempted
+    from util.exit_status import EXIT_INTERRUPTED, Preempted
 
     exit_status.clear(args)
     try:

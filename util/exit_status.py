@@ -21,6 +21,16 @@ from util.atomic import write_text
 
 STATUS_FILE = "exit_status.json"
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_ROWS_FAILED = 75, 130, 2
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of a stop was written; the error boundary prints `message` and exits."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 MEANINGS = {0: "done", EXIT_ROWS_FAILED: "done; some rows failed",
             EXIT_PREEMPTED: "preempted; checkpoint written; rerun the same command to resume",
             EXIT_INTERRUPTED: "stopped by Ctrl-C"}

@@ -16,14 +16,14 @@ import torch
 from torch.utils.data import Dataset
 
 from util.atomic import atomic_write, ensure_writable_dir
-from util.augment import center_crop_or_pad
-from util.cache import VolumeCache
+from util.data.augment import center_crop_or_pad
+from util.volume.cache import VolumeCache
 from util.errors import UserError
-from util.path_table import find_column, read_csv_table, resolve_paths, roi_points
-from util.metrics import classification_metrics, dice_per_class
-from util.preprocess import load_cached, preprocess_image, preprocess_mask
-from util.volume_io import VolumeError, read_image
-from util.tasks import output_columns, predicted_label
+from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points
+from util.task.metrics import classification_metrics, dice_per_class
+from util.volume.preprocess import load_cached, preprocess_image, preprocess_mask
+from util.volume.io import VolumeError, read_image
+from util.task.tasks import output_columns, predicted_label
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
 EMBEDDING_SUFFIXES = (".npy", ".csv", ".parquet")
@@ -32,7 +32,7 @@ EMBEDDING_SUFFIXES = (".npy", ".csv", ".parquet")
 def read_input_table(csv_path: str) -> tuple[pd.DataFrame, list[str]]:
     """The input CSV exactly as written (all cells text) and the absolute volume path of every row.
 
-    Read by util.path_table like every other table; relative paths resolve against the CSV's folder. Missing
+    Read by util.data.path_table like every other table; relative paths resolve against the CSV's folder. Missing
     volumes and empty cells are not checked here: they become per-row errors during prediction.
     """
     df = read_csv_table(csv_path).reset_index(drop=True)
@@ -60,7 +60,7 @@ def row_rois(df: pd.DataFrame, csv_path: str, cfg) -> list | None:
 
 def shard_rows(paths: list[str], rank: int, world_size: int, by_scan: bool) -> list[int]:
     """This process's rows: strided (rank, rank + W, ...), or with by_scan a contiguous run of the rows ordered by
-    path, so that the rows of one scan (lesions) follow each other and the scan is read once (util.preprocess)."""
+    path, so that the rows of one scan (lesions) follow each other and the scan is read once (util.volume.preprocess)."""
     if not by_scan:
         return list(range(rank, len(paths), world_size))
     order = sorted(range(len(paths)), key=lambda i: (paths[i], i))

@@ -28,14 +28,14 @@ import torch
 import torch.distributed as dist
 
 from util.atomic import write_text
-from util.cache import VolumeCache
+from util.volume.cache import VolumeCache
 from util.distributed import all_gather_objects
 from util.errors import UserError, user_message
 from util.faults import fault_point
-from util.path_table import find_column, read_csv_table, resolve_paths, roi_points, where
-from util.preprocess import PreprocessConfig, cache_keys, load_cached
+from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points, where
+from util.volume.preprocess import PreprocessConfig, cache_keys, load_cached
 from util.runtime import available_cpus
-from util.volume_io import VolumeError
+from util.volume.io import VolumeError
 
 FAILURES_NAME = "failures.csv"
 FAILURE_COLUMNS = ("Path", "Mask", "key", "error")

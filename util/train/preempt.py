@@ -18,17 +18,9 @@ import torch
 import torch.distributed as dist
 
 from util.distributed import is_dist, is_main_process
-from util.exit_status import EXIT_INTERRUPTED, EXIT_PREEMPTED  # noqa: F401 - re-exported for the scripts
+from util.exit_status import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: F401 - re-exported
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGINT": signal.SIGINT}
-
-
-class Preempted(Exception):
-    """Raised after the checkpoint of a stop was written; the error boundary prints `message` and exits."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
 
 
 class StepControl:

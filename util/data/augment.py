@@ -36,7 +36,7 @@ class Augment3D:
               defer_axis: int | None = None) -> tuple[np.ndarray, np.ndarray | None, bool]:
         """`__call__` that can leave the flip of `defer_axis` to the caller: returns (img, mask, deferred), where
         `deferred` says whether that flip was drawn. Flipping the innermost axis of a uint16 volume costs a slow
-        negative-stride copy that the training device does for free (util.transport)."""
+        negative-stride copy that the training device does for free (util.data.transport)."""
         axes, jitter = self.draw(rng if rng is not None else np.random.default_rng())
         deferred = defer_axis in axes
         axes = tuple(a for a in axes if a != defer_axis)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from util import lr_sched
+from util.train import lr_sched
 from util.distributed import all_gather_objects, all_reduce_mean, get_rank
 from util.errors import UserError
 from util.faults import fault_point
@@ -23,7 +23,7 @@ class NonFiniteLossError(UserError):
 
 @dataclass
 class TrainSettings:
-    """What the epoch loop needs (built from the command line by util.trainer)."""
+    """What the epoch loop needs (built from the command line by util.train.trainer)."""
     device: str
     precision: str = "fp32"
     batch_size: int = 1
@@ -86,9 +86,9 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
     gradients once per optimizer step. Loss and grad norm reach the host only at the print steps, before a checkpoint
     and at the end (FiniteWatch): a steady-state step never waits for the device.
     `batch_ids(batch) -> list[int]` records which samples this rank saw; `describe(batch)` names a batch's files.
-    `control` (util.preempt.StepControl) decides after each optimizer step whether to write a mid-epoch checkpoint
+    `control` (util.train.preempt.StepControl) decides after each optimizer step whether to write a mid-epoch checkpoint
     (`checkpoint(progress, final)`, final=True when stopping: it must be on disk when it returns) and whether to
-    stop (then util.preempt.Preempted is raised after the checkpoint).
+    stop (then util.train.preempt.Preempted is raised after the checkpoint).
     """
     model.train()
     device, n_steps = s.device, len(loader) + (start.step if start else 0)

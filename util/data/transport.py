@@ -1,16 +1,16 @@
 """Batches to the training device: float32 batches as they are, uint16 batches (bit-cast to int16, see
-util.volume_dataset) scaled to [0, 1] there, with the deferred flips of the innermost axis applied on the device."""
+util.data.dataset) scaled to [0, 1] there, with the deferred flips of the innermost axis applied on the device."""
 from __future__ import annotations
 
 import torch
 
-from util.cache import QMAX
+from util.volume.cache import QMAX
 
-_SCALE = torch.tensor(1.0 / QMAX, dtype=torch.float32).item()  # the float32 constant util.cache.decode uses
+_SCALE = torch.tensor(1.0 / QMAX, dtype=torch.float32).item()  # the float32 constant util.volume.cache.decode uses
 
 
 def decode_on_device(x: torch.Tensor) -> torch.Tensor:
-    """int16 bit patterns of uint16 cache values -> float32 in [0, 1], the same numbers util.cache.decode gives."""
+    """int16 bit patterns of uint16 cache values -> float32 in [0, 1], the same numbers util.volume.cache.decode gives."""
     v = x.to(torch.float32)
     v = torch.where(v < 0, v + 65536.0, v)
     return v.mul_(_SCALE)  # a Python scalar: no host-to-device copy per batch

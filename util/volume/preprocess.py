@@ -1,8 +1,8 @@
 """Preprocessing of CT volumes: one function configured by one `PreprocessConfig`, used by every script.
 
-read (util.volume_io) -> reorient to `orientation` -> resample (whole volume to `size` keeping its physical
+read (util.volume.io) -> reorient to `orientation` -> resample (whole volume to `size` keeping its physical
 extent, or to `spacing` then pad to >= `size`) -> clip to the HU `window` and scale to [0, 1] float32 [D, H, W].
-Axis-aligned resampling of images (B-spline, linear) uses the separable resampler in util.resample; SimpleITK
+Axis-aligned resampling of images (B-spline, linear) uses the separable resampler in util.volume.resample; SimpleITK
 stays the reference and serves label maps and everything else.
 """
 from __future__ import annotations
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from util.cache import VolumeCache, encode, file_stamp
+from util.volume.cache import VolumeCache, encode, file_stamp
 from util.errors import UserError
-from util.resample import SITK_INTERPOLATORS, resample_centered, resample_centered_array
-from util.roi import COORD_SYSTEMS, extract_roi, label_centroid, to_lps
+from util.volume.resample import SITK_INTERPOLATORS, resample_centered, resample_centered_array
+from util.volume.roi import COORD_SYSTEMS, extract_roi, label_centroid, to_lps
 from util.triple import optional_3tuple
-from util.volume_io import VolumeError, read_image
+from util.volume.io import VolumeError, read_image
 
 PREPROCESS_VERSION = 1  # bump when the preprocessing changes what it produces (invalidates caches)
 INTERPOLATORS = tuple(SITK_INTERPOLATORS)
@@ -36,7 +36,7 @@ class PreprocessConfig:
     spacing None: resample the whole volume to `size` keeping its physical extent (TANGERINE default 256^3).
     spacing given: resample to that spacing (mm), then pad every axis to >= size (datasets crop later).
     Both None: keep the native grid (reorientation and windowing only).
-    roi_mm given (lesion-level rows, util.roi): each row is a box of roi_mm (D, H, W) mm centred on the row's point
+    roi_mm given (lesion-level rows, util.volume.roi): each row is a box of roi_mm (D, H, W) mm centred on the row's point
     (coordX/Y/Z in `roi_coords`, LPS or RAS) or on the centroid of label `roi_label` of its Mask, resampled to `size`.
     """
 
@@ -150,7 +150,7 @@ def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image
 
     The reference is an image on the preprocessed grid: its geometry is what `preprocess_mask` and `to_input_grid`
     need (its voxels are not the image's). `name` (the file path) starts error messages. backend: "auto" uses the
-    separable resampler of util.resample where it applies, "sitk" always SimpleITK (the reference).
+    separable resampler of util.volume.resample where it applies, "sitk" always SimpleITK (the reference).
     """
     img = reorient(img, cfg.orientation)
     if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
@@ -248,7 +248,7 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
     optional VolumeCache: (image, mask or None).
 
     decoded=False (with a cache) returns the stored form (uint16 image, memory-mapped on a hit) so that crops and
-    flips are views and `util.cache.decode` (or the training device) makes the one float copy at the end.
+    flips are views and `util.volume.cache.decode` (or the training device) makes the one float copy at the end.
     """
     if cfg.roi:
         if roi is None:

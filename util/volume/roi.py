@@ -13,7 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from util.errors import UserError
-from util.resample import SITK_INTERPOLATORS
+from util.volume.resample import SITK_INTERPOLATORS
 
 COORD_SYSTEMS = ("LPS", "RAS")
 _LETTER_AXIS = {"L": (0, 1.0), "R": (0, -1.0), "P": (1, 1.0), "A": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}

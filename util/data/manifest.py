@@ -116,7 +116,7 @@ def read_manifest(path: str, sha256: str | None = None) -> pd.DataFrame:
 
 def _path_list(path: str) -> pd.DataFrame:
     """A plain list or CSV of pretraining paths (made elsewhere): compared by path only."""
-    from util.path_table import find_column, read_csv_table, resolve_paths
+    from util.data.path_table import find_column, read_csv_table, resolve_paths
 
     table = read_csv_table(path)
     col = find_column(table, "Path")

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from util.errors import UserError
-from util.path_table import find_column, read_csv_table, where
+from util.data.path_table import find_column, read_csv_table, where
 
 MAX_CLASSES = 20  # --task auto: an integer label with more distinct values is a regression target
 KEY_SEP = "\x1f"

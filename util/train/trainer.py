@@ -10,17 +10,17 @@ import threading
 
 import torch
 
-from util import args as cli_args
 from util.atomic import ensure_writable_dir, remove_stale_tmp, write_text
 from util.checkpoint import CheckpointWriter, find_resume, load_checkpoint, plain, state_dict_of
 from util.distributed import barrier, init_distributed_mode, is_main_process, on_main_then_share
 from util.errors import UserError
-from util.lr_sched import Schedule, fit_warmup
-from util.preempt import StepControl
-from util.run_lock import RunLock
+from util.train.lr_sched import Schedule, fit_warmup
+from util.triple import check_sizes
+from util.train.preempt import StepControl
+from util.train.run_lock import RunLock
 from util.runtime import resolve_precision, seed_all, torch_threads
-from util.sampler import EpochSampler
-from util.train_loop import EpochProgress, TrainSettings
+from util.data.sampler import EpochSampler
+from util.train.loop import EpochProgress, TrainSettings
 
 # flags that define a run's recipe: resuming with other values is refused unless --allow_recipe_change
 RECIPE_FLAGS = ("model", "input_size", "patch_size", "seed", "lr", "effective_batch")
@@ -31,7 +31,7 @@ def start(args) -> None:
     """torchrun/device, threads, sizes checked, precision resolved, seeds."""
     init_distributed_mode(args)
     torch_threads()
-    cli_args.check_sizes(args)
+    check_sizes(args)
     args.precision = resolve_precision(args.precision, args.device)
     args.effective_batch = args.batch_size * args.accum_iter * args.world_size
     if args.lr is None:
@@ -73,7 +73,7 @@ def train_loader(ds, args, what: str):
                         f"than --batch_size {args.batch_size} per process x {args.world_size} processes; lower "
                         f"--batch_size or raise --crops_per_volume.")
     if hasattr(ds, "set_transport"):  # a user's own dataset may only give float32 items (the contract)
-        ds.set_transport("uint16")  # cached volumes travel as stored, scaled on the device (util.transport)
+        ds.set_transport("uint16")  # cached volumes travel as stored, scaled on the device (util.data.transport)
     sampler = EpochSampler(len(ds), args.rank, args.world_size, args.seed, group=k)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
@@ -85,9 +85,9 @@ def train_loader(ds, args, what: str):
 def worker_init(_: int) -> None:
     """Loader processes run torch single-threaded and share the cores between SimpleITK's threads. They ignore the
     stop signals a user or a scheduler sends (Ctrl-C to the terminal's group, SLURM's SIGTERM to every process),
-    which the training process handles (util.preempt) and then shuts them down; SIGTERM from that parent (how
+    which the training process handles (util.train.preempt) and then shuts them down; SIGTERM from that parent (how
     the DataLoader and multiprocessing end a worker that missed its stop message) still ends them."""
-    torch.set_num_threads(1)  # (the datasets share SimpleITK's threads themselves, util.volume_dataset)
+    torch.set_num_threads(1)  # (the datasets share SimpleITK's threads themselves, util.data.dataset)
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     sigterm_from_parent_only(os.getppid())
@@ -173,7 +173,7 @@ def flush() -> None:
 
 
 def mid_epoch_saver(args, epoch: int, parts: tuple, **extra):
-    """The `checkpoint(progress)` callback of util.train_loop: a mid-epoch checkpoint-last.pth."""
+    """The `checkpoint(progress)` callback of util.train.loop: a mid-epoch checkpoint-last.pth."""
     model, optimizer, scaler = parts
     path = os.path.join(args.output_dir, "checkpoint-last.pth")
 

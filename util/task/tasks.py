@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from util.errors import UserError
-from util.metrics import classification_metrics, regression_metrics
-from util.path_table import numeric_columns, where
+from util.task.metrics import classification_metrics, regression_metrics
+from util.data.path_table import numeric_columns, where
 
 MODES = ("binary", "multiclass", "multilabel", "regression", "segmentation")
 LOWER_IS_BETTER = ("loss", "mae", "rmse")

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from util.atomic import atomic_write, ensure_writable_dir, write_text
 from util.errors import UserError
-from util.evaluate_stats import HEADLINE, PRIMARY
+from util.evaluate.stats import HEADLINE, PRIMARY
 
 NAMES = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "r2": "R^2", "mae": "MAE"}
 PROTOCOL_NAMES = {"logreg": "linear probe", "knn": "k-NN"}

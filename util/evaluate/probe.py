@@ -16,7 +16,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 from sklearn.preprocessing import StandardScaler
 
 from util.errors import UserError
-from util.evaluate_stats import Run
+from util.evaluate.stats import Run
 
 PROTOCOLS = ("logreg", "knn")
 CS = np.logspace(-4, 1, 6)  # inverse regularisation strengths the inner cross-validation chooses from

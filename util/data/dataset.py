@@ -4,7 +4,7 @@ crops and flips, K crops per volume read, and the compact transport of cached vo
 Transport: by default items are float32 [1, D, H, W] in [0, 1]. The training scripts switch on
 `transport = "uint16"`: cached volumes then travel as their stored uint16 values (bit-cast to int16, which every
 device supports; half the bytes of float32) plus a flag for a flip of the innermost axis still to be done, and
-`util.transport.to_device` scales and flips them on the device, giving exactly the float32 numbers of the default.
+`util.data.transport.to_device` scales and flips them on the device, giving exactly the float32 numbers of the default.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
-from util.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
-from util.cache import VolumeCache, decode
+from util.data.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
+from util.volume.cache import VolumeCache, decode
 from util.errors import UserError
-from util.preprocess import PreprocessConfig, load_cached
+from util.volume.preprocess import PreprocessConfig, load_cached
 from util.runtime import available_cpus
 from util.triple import to_3tuple
 
@@ -33,7 +33,7 @@ def limit_sitk_threads() -> None:
 class VolumeDataset(Dataset):
     """Base of the datasets: `paths` (and optional `mask_paths`) preprocessed by `preprocess`, cropped to
     `input_size`. Item i is crop i % K of volume i // K (K = crops_per_volume); a sampler that keeps the K
-    indices of a volume together (util.sampler.EpochSampler) makes each worker read the volume once."""
+    indices of a volume together (util.data.sampler.EpochSampler) makes each worker read the volume once."""
 
     def __init__(self, input_size=256, train: bool = True, preprocess: PreprocessConfig | None = None,
                  cache_dir: str | None = None, seed: int = 0, intensity_jitter: float = 0.0,
