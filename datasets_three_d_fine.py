@@ -13,11 +13,9 @@ from util.errors import UserError
 from util.data.path_table import read_path_table, roi_points, where
 from util.volume.preprocess import PreprocessConfig
 from util.volume.resample import resample_centered
-from util.task.tasks import parse_labels
+from util.task.tasks import Task, from_flags
 from util.data.dataset import VolumeDataset, limit_sitk_threads
 from util.volume.io import VolumeError
-
-TASKS = ("classification", "segmentation")
 
 
 def resample_to_256(image: sitk.Image, is_mask: bool = False) -> sitk.Image:
@@ -48,19 +46,19 @@ class Custom3DDataset(VolumeDataset):
     """
 
     def __init__(self, csv_path: str, input_size=256, train: bool = True, preprocess: PreprocessConfig | None = None,
-                 task: str = "classification", label_columns: list[str] | None = None, regression: bool = False,
+                 task: str | Task = "classification", label_columns: list[str] | None = None, regression: bool = False,
                  multilabel: bool | None = None, cache_dir: str | None = None, seed: int = 0, fg_prob: float = 0.5,
                  intensity_jitter: float = 0.0, nb_classes: int | None = None, whole_volume: bool = False,
                  crops_per_volume: int = 1) -> None:
-        if task not in TASKS:
-            raise ValueError(f"Custom3DDataset: task must be one of {TASKS}, got {task!r}.")
+        """task: 'classification' (with regression / multilabel / the label columns deciding which kind) or
+        'segmentation', or a util.task.tasks.Task, which decides alone."""
+        kind = from_flags(task, regression, len(["Label"] if label_columns is None else label_columns), multilabel)
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
-        self.task, self.fg_prob, self.whole_volume = task, fg_prob, whole_volume
+        self.task_type, self.fg_prob, self.whole_volume = kind, fg_prob, whole_volume
         self._checked = None  # the last label map whose values were checked
-        self.segmentation = task == "segmentation"
+        self.segmentation, self.regression, self.multilabel = kind.dense, kind.continuous, kind.multi_label
         cols = [] if self.segmentation else list(["Label"] if label_columns is None else label_columns)
-        self.label_columns, self.regression = cols, regression
-        self.multilabel = (len(cols) > 1 and not regression) if multilabel is None else bool(multilabel)
+        self.label_columns = cols
         roi_mask = self.cfg.roi and self.cfg.roi_label is not None
         if self.segmentation and self.cfg.roi:
             raise UserError("--roi_mm makes each row a box around a point or a label for classification or "
@@ -79,9 +77,9 @@ class Custom3DDataset(VolumeDataset):
             self.nb_classes = int(nb_classes or 2)
             self.label_names = [str(k) for k in range(self.nb_classes)]
         else:
-            labels = parse_labels(self.table, cols, str(csv_path), regression, self.multilabel, nb_classes)
-            self.targets, self.nb_classes = labels["targets"], labels["nb_classes"]
-            self.label_names, self.class_counts = labels["label_names"], labels["class_counts"]
+            labels = kind.parse_labels(self.table, cols, str(csv_path), nb_classes)
+            self.targets, self.nb_classes = labels.targets, labels.nb_classes
+            self.label_names, self.class_counts = labels.label_names, labels.class_counts
 
     def _target(self, v: int, mask: np.ndarray | None) -> torch.Tensor:
         if self.segmentation:

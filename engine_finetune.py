@@ -8,9 +8,10 @@ import torch
 from models_vit3d import backbone
 from util.train import loop as train_loop
 from util.distributed import all_gather_cat, all_reduce_sum
-from util.task.metrics import dice_from_stats, dice_stats
+from util.task.dice import dice_from_stats, dice_stats
 from util.runtime import autocast
-from util.task.tasks import compute_metrics, empty_target, prepare_target
+from util.task.meta import RunMeta
+from util.task.tasks import Task
 from util.train.loop import TrainSettings
 from util.data.transport import to_device
 
@@ -45,62 +46,62 @@ def build_optimizer(model, settings: TrainSettings, weight_decay: float, layer_d
     return torch.optim.AdamW(groups, lr=lr, fused=settings.device.startswith("cuda"))
 
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch: int, settings: TrainSettings, mode: str,
+def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch: int, settings: TrainSettings, task: Task,
                     tb=None, **loop_kw) -> dict:
     """Finetune for one epoch on batches (imgs [N, 1, D, H, W], targets); loop_kw as in util.train.loop."""
     def compute_loss(m, batch):
-        imgs, target = to_device(batch, settings.device, flip_target=mode == "segmentation")
-        return criterion(m(imgs).float(), prepare_target(target, mode, settings.device))
+        imgs, target = to_device(batch, settings.device, flip_target=task.dense)
+        return criterion(m(imgs).float(), task.prepare_target(target, settings.device))
 
     return train_loop.train_one_epoch(model, loader, optimizer, scaler, epoch, settings, compute_loss, tb, **loop_kw)
 
 
 @torch.no_grad()
-def evaluate(model, criterion, loader, settings: EvalSettings, meta: dict) -> dict:
+def evaluate(model, criterion, loader, settings: EvalSettings, meta: RunMeta) -> dict:
     """Loss and metrics over the whole (sharded) eval set, gathered across ranks before computing.
 
     Pass the model without its DDP wrapper: ranks may hold different numbers of batches.
     Returns {'loss', 'n', metric...}; segmentation uses sliding-window inference on whole volumes.
     """
-    if meta["mode"] == "segmentation":
+    if meta.task.dense:
         return _evaluate_segmentation(model, criterion, loader, settings, meta)
     model.eval()
-    mode, device, k = meta["mode"], settings.device, meta["nb_outputs"]
+    task, device, k = meta.task, settings.device, meta.nb_outputs
     outs, tgts = [], []
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
         imgs, target = to_device(batch, device)
-        target = prepare_target(target, mode, device)
+        target = task.prepare_target(target, device)
         with autocast(settings.precision, device):
             logits = model(imgs)
         logits = logits.float()
         loss_sum += torch.stack([criterion(logits, target).double() * len(imgs),
                                  torch.tensor(float(len(imgs)), dtype=torch.float64, device=device)])
         outs.append(logits)
-        tgts.append(target.float() if mode != "multiclass" else target)
+        tgts.append(task.gathered_target(target))
     logits = torch.cat(outs) if outs else torch.zeros(0, k, device=device)
-    targets = torch.cat(tgts) if tgts else empty_target(mode, k).to(device)
+    targets = torch.cat(tgts) if tgts else task.empty_target(k).to(device)
     logits, targets = all_gather_cat(logits).cpu(), all_gather_cat(targets).cpu()
     total = all_reduce_sum(loss_sum).cpu()
     out = {"loss": float(total[0] / max(total[1], 1)), "n": int(total[1])}
-    out.update(compute_metrics(logits, targets, meta))
+    out.update(task.metrics(logits, targets, meta.label_names))
     return out
 
 
-def _evaluate_segmentation(model, criterion, loader, settings: EvalSettings, meta: dict) -> dict:
+def _evaluate_segmentation(model, criterion, loader, settings: EvalSettings, meta: RunMeta) -> dict:
     """Sliding-window inference (roi = the model's input size) on whole volumes [1,1,D,H,W]; Dice counts summed
     over ranks."""
     from monai.inferers import sliding_window_inference
 
     model.eval()
-    device, k = settings.device, meta["nb_classes"]
+    device, k = settings.device, meta.nb_classes
     stats = torch.zeros(k, 3, dtype=torch.float64, device=device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
         imgs, mask = to_device(batch, device)
-        target = prepare_target(mask, "segmentation", device)
+        target = meta.task.prepare_target(mask, device)
         with autocast(settings.precision, device):
-            logits = sliding_window_inference(imgs, roi_size=tuple(meta["input_size"]),
+            logits = sliding_window_inference(imgs, roi_size=meta.input_size,
                                               sw_batch_size=settings.sw_batch_size,
                                               predictor=lambda t: model(t).float(), overlap=settings.sw_overlap,
                                               mode="gaussian")

@@ -13,6 +13,7 @@ import time
 
 from util import args as cli_args
 from util.args import bounded
+from util.task.flags import PROBE_TASKS
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 EXAMPLES = """  python main_evaluate.py --embeddings mae=mae.npy random=random.npy --labels labels.csv
@@ -36,7 +37,7 @@ def get_args_parser():
                                                   "file, which holds every column of the CSV it was made from")
     g.add_argument("--label_columns", nargs="+", default=["Label"],
                    help="label column(s); several make a multi-label task")
-    g.add_argument("--task", default="auto", choices=("auto", "binary", "multiclass", "multilabel", "regression"),
+    g.add_argument("--task", default="auto", choices=("auto", *PROBE_TASKS),
                    help="auto: several columns multi-label; one column of text or of up to 20 integer values "
                         "classification; other numbers regression")
     g.add_argument("--columns", nargs="+", default=[], metavar="NAME=COL[,COL]",
@@ -89,7 +90,7 @@ from util.evaluate import inputs  # noqa: E402
 from util.evaluate import report  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
 from util.evaluate.probe import labelled_rows, make_folds, probe_job  # noqa: E402
-from util.evaluate.stats import HEADLINE, PRIMARY, Run, bootstrap_values, interval, weighted_metrics  # noqa: E402
+from util.evaluate.stats import Run, bootstrap_values, interval, weighted_metrics  # noqa: E402
 
 
 def load(args) -> dict:
@@ -143,7 +144,7 @@ def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict, np.ndarray]:
 
     from joblib import Parallel, delayed
 
-    strata = d["y"] if d["task"] in ("binary", "multiclass") else None
+    strata = d["y"] if d["task"].single_label else None
     folds = make_folds(len(d["y"]), args.folds, args.seed, strata, d["groups"], d["split"])
     tested = np.sort(np.concatenate([te for _, te in folds]))
     where = np.full(len(d["y"]), -1)
@@ -190,7 +191,7 @@ def statistics(args, d: dict, results: pd.DataFrame, runs: dict, tested: np.ndar
     intervals, and the paired difference to the reference with its interval and the draws it was ahead in."""
     y, task = d["y"][tested], d["task"]
     groups = None if d["groups"] is None else np.unique(d["groups"][tested], return_inverse=True)[1]
-    primary, out = PRIMARY[task], []
+    primary, out = task.primary_metric, []
     for protocol in args.protocols:
         for fraction in sorted(set(args.label_fractions)):
             keys = [(name, protocol, fraction) for name in d["sets"]]
@@ -206,7 +207,7 @@ def statistics(args, d: dict, results: pd.DataFrame, runs: dict, tested: np.ndar
                               & (results.fraction == fraction)]
                 row = {"embedding": name, "protocol": protocol, "fraction": fraction, "draws": len(mine),
                        "n_labelled": int(sel["n_labelled"].mean()), "n_test": len(tested)}
-                for m in HEADLINE[task]:
+                for m in task.headline:
                     row[m], row[f"{m}_low"], row[f"{m}_high"] = interval([v[m] for v in mine])
                 if name != d["reference"]:
                     diff = interval([v[primary] for v in mine], [v[primary] for v in ref])
@@ -254,7 +255,7 @@ def main(args) -> None:
     t0 = time.time()
     d = load(args)
     n_feat = ", ".join(f"{k} ({v.shape[1]})" for k, v in d["sets"].items())
-    print(f"{len(d['y'])} labelled rows, task {d['task']} ({', '.join(d['names'][:10])}); feature sets: {n_feat}",
+    print(f"{len(d['y'])} labelled rows, task {d['task'].name} ({', '.join(d['names'][:10])}); feature sets: {n_feat}",
           flush=True)
     hits = overlap(args, d)
     results, runs, tested = run_probes(args, d)

@@ -14,6 +14,7 @@ import sys
 import time
 
 from util import args as cli_args
+from util.task.flags import FLAG_CHOICES
 
 DEMO_DIR, DEMO_PRETRAIN = "demo_data", os.path.join("output_dir", "demo_pretrain")
 # Demo: the MAE linear probe of the demo encoder (frozen; BatchNorm + linear head), the whole training split in
@@ -41,7 +42,7 @@ def get_args_parser():
     g.add_argument("--train_csv", default=None, help="CSV with Path and label columns (omit all CSVs for the demo)")
     g.add_argument("--val_csv", default=None, help="scored every epoch; picks checkpoint-best.pth")
     g.add_argument("--test_csv", default=None, help="scored once with the best checkpoint after training")
-    g.add_argument("--task", default="classification", choices=["classification", "segmentation"],
+    g.add_argument("--task", default="classification", choices=FLAG_CHOICES,
                    help="segmentation reads label maps from a Mask column")
     g.add_argument("--label_columns", nargs="+", default=None, help="label column(s) (default Label); several = "
                                                                      "multi-label")
@@ -109,18 +110,18 @@ import torch  # noqa: E402
 import models_vit3d  # noqa: E402
 from datasets_three_d_fine import Custom3DDataset  # noqa: E402
 from engine_finetune import EvalSettings, build_optimizer, evaluate, train_one_epoch  # noqa: E402
-from models_build import adopt_encoder_sizes, build_model_from_meta, model_from_checkpoint  # noqa: E402
+from models_build import adopt_encoder_sizes, build_model_from_meta, model_from_checkpoint, training_meta  # noqa: E402
 from util.train import trainer  # noqa: E402
 from util.atomic import ensure_writable_dir, write_text  # noqa: E402
 from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of  # noqa: E402
 from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
 from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
-from util.task.metrics import summary_line  # noqa: E402
+from util.task.metrics import is_better, summary_line  # noqa: E402
 from util.volume.preprocess import PreprocessConfig  # noqa: E402
 from util.data.sampler import EvalShardSampler  # noqa: E402
-from util.task.tasks import (build_criterion, default_best_metric, is_better, loss_weights, mode_of,  # noqa: E402
-                        nb_outputs)
+from util.task.meta import RunMeta  # noqa: E402
+from util.task.tasks import Task, from_flags  # noqa: E402
 from util.triple import check_sizes  # noqa: E402
 from util.data.dataset import cache_use_line  # noqa: E402
 
@@ -134,42 +135,31 @@ def resolve_demo_checkpoint() -> str:
                     f"run `python main_pretrain.py` first to make it, or pass --finetune none to train from scratch.")
 
 
-def make_dataset(csv_path: str, train: bool, args, preprocess, nb_classes: int | None = None):
-    """Training set (random crops, flips) or eval set (centre crop; whole volumes for segmentation)."""
-    return Custom3DDataset(csv_path, input_size=args.input_size, train=train, preprocess=preprocess, task=args.task,
-                           label_columns=args.label_columns, regression=args.regression, cache_dir=args.cache_dir,
+def make_dataset(csv_path: str, train: bool, args, preprocess, task: Task, nb_classes: int | None = None):
+    """Training set (random crops, flips) or eval set (centre crop; whole volumes for label maps)."""
+    return Custom3DDataset(csv_path, input_size=args.input_size, train=train, preprocess=preprocess, task=task,
+                           label_columns=args.label_columns, cache_dir=args.cache_dir,
                            seed=args.seed, fg_prob=args.fg_prob, intensity_jitter=args.intensity_jitter if train
                            else 0.0, nb_classes=nb_classes or args.nb_classes,
-                           whole_volume=not train and args.task == "segmentation",  # for sliding windows
+                           whole_volume=not train and task.dense,  # for sliding windows
                            crops_per_volume=args.crops_per_volume if train else 1)
 
 
 def make_eval_loader(ds, args):
-    return torch.utils.data.DataLoader(ds, batch_size=1 if args.task == "segmentation" else args.batch_size,
+    return torch.utils.data.DataLoader(ds, batch_size=1 if ds.task_type.dense else args.batch_size,
                                        sampler=EvalShardSampler(len(ds), args.rank, args.world_size),
                                        num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
                                        worker_init_fn=trainer.worker_init if args.num_workers else None)
 
 
-def make_meta(args, ds) -> dict:
-    """Everything models_build needs to rebuild the model from the checkpoint alone."""
-    cols = list(args.label_columns or ["Label"])
-    nb_classes = args.nb_classes or int(ds.nb_classes)
-    mode = mode_of(args.task, args.regression, len(cols), nb_classes)
-    names = cols if mode in ("multilabel", "regression") else [str(n) for n in ds.label_names]
-    return dict(task=args.task, mode=mode, model=args.model, nb_classes=nb_classes,
-                nb_outputs=nb_outputs(mode, nb_classes, len(cols)), label_names=names, label_columns=cols,
-                input_size=list(args.input_size), patch_size=list(args.patch_size), global_pool=args.pool,
-                feature_size=args.feature_size, linprobe=bool(args.linprobe), in_chans=1)
-
-
-def build_model(args, meta: dict):
+def build_model(args, meta: RunMeta):
     """Model for `meta`, encoder loaded from --finetune, head initialised, encoder frozen for --linprobe."""
+    meta = RunMeta.from_dict(meta)
     model = build_model_from_meta(meta, drop_path=args.drop_path)
     vit = models_vit3d.backbone(model)
     if args.finetune:
         load_finetune(vit, args)
-    if meta["mode"] != "segmentation":
+    if not meta.task.dense:  # UNETR's output convolution keeps its own initialisation
         head = model.head[-1] if args.linprobe else model.head
         torch.nn.init.trunc_normal_(head.weight, std=0.01 if args.linprobe else 2e-5)
         torch.nn.init.zeros_(head.bias)
@@ -227,33 +217,35 @@ def end_of_epoch(args, parts: tuple, metrics: dict, best: dict, epoch: int, trai
 
 
 def train(args, preprocess) -> None:
-    train_ds = make_dataset(args.train_csv, True, args, preprocess)
+    task = from_flags(args.task, args.regression, len(args.label_columns or ["Label"]))
+    train_ds = make_dataset(args.train_csv, True, args, preprocess, task)
     sampler, loader = trainer.train_loader(train_ds, args, args.train_csv)
-    k = train_ds.nb_classes if not (args.regression or train_ds.multilabel) else None  # same classes everywhere
-    val_loader, test_loader = (make_eval_loader(make_dataset(p, False, args, preprocess, k), args) if p else None
-                               for p in (args.val_csv, args.test_csv))
-    meta = make_meta(args, train_ds)
-    mode = meta["mode"]
-    args.best_metric = args.best_metric or default_best_metric(mode)
-    weights = loss_weights(mode, train_ds.targets, train_ds.class_counts, args.pos_weight, args.class_weights)
-    criterion = build_criterion(mode, args.smoothing, weights, args.device)
+    k = None if (task.continuous or task.multi_label) else train_ds.nb_classes  # same classes everywhere
+    val_loader, test_loader = (make_eval_loader(make_dataset(p, False, args, preprocess, task, k), args) if p
+                               else None for p in (args.val_csv, args.test_csv))
+    nb_classes = args.nb_classes or int(train_ds.nb_classes)
+    meta = training_meta(task.resolve(nb_classes), args, train_ds.label_names, nb_classes)
+    task = meta.task
+    args.best_metric = args.best_metric or task.best_metric
+    weights = task.loss_weights(train_ds.targets, train_ds.class_counts, args.pos_weight, args.class_weights)
+    criterion = task.criterion(args.smoothing, weights, args.device)
     model = build_model(args, meta)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shown = f"{n_train / 1e6:.2f}M" if n_train >= 10 ** 5 else str(n_train)  # a linear probe: a few hundred
-    print(f"{args.model} ({mode}, {meta['nb_outputs']} outputs, {shown} trainable): input "
+    print(f"{args.model} ({task.name}, {meta.nb_outputs} outputs, {shown} trainable): input "
           f"{args.input_size}, {len(train_ds.paths)} training volumes, effective batch {args.effective_batch}, "
           f"lr {args.lr:.3g}, precision {args.precision}")
     ddp, settings = trainer.wrap_ddp(model, args), trainer.settings(args)
     optimizer = build_optimizer(model, settings, args.weight_decay, args.layer_decay, args.linprobe)
     scaler = trainer.grad_scaler(args)
-    recipe = trainer.recipe_of(args, dict(train_csv=os.path.abspath(args.train_csv), mode=mode,
-                                          nb_outputs=meta["nb_outputs"], global_pool=args.pool, linprobe=args.linprobe,
+    recipe = trainer.recipe_of(args, dict(train_csv=os.path.abspath(args.train_csv), mode=task.name,
+                                          nb_outputs=meta.nb_outputs, global_pool=args.pool, linprobe=args.linprobe,
                                           finetune=args.finetune, preprocess=preprocess.to_dict()))
     path, ckpt = trainer.load_resume(args, recipe)
-    start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"this {args.model} {mode} model",
+    start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"this {args.model} {task.name} model",
                                               args.epochs) if path else (0, None)
     best = ckpt.get("best") or {}
-    extra = dict(recipe=recipe, meta=meta, preprocess=preprocess.to_dict(), loss_weights=weights)
+    extra = dict(recipe=recipe, meta=meta.to_dict(), preprocess=preprocess.to_dict(), loss_weights=weights)
     control, tb = trainer.step_control(args), TBLogger(args.log_dir)
     eval_settings = EvalSettings(args.device, args.precision, args.sw_batch_size, args.sw_overlap)
     pace = Pace()
@@ -265,7 +257,7 @@ def train(args, preprocess) -> None:
         for epoch in range(start_epoch, args.epochs):
             trainer.begin_epoch(epoch, sampler, train_ds, progress, args)
             saver = trainer.mid_epoch_saver(args, epoch, (model, optimizer, scaler), best=best, **extra)
-            stats = train_one_epoch(ddp, criterion, loader, optimizer, scaler, epoch, settings, mode, tb,
+            stats = train_one_epoch(ddp, criterion, loader, optimizer, scaler, epoch, settings, task, tb,
                                     start=progress, control=control, checkpoint=saver, pace=pace)
             progress = None
             line = cache_use_line(train_ds, args.cache_dir, args.device) if epoch == start_epoch else None
@@ -311,19 +303,19 @@ def run_eval(args) -> dict:
     if path is None:
         raise UserError(f"--eval needs a finetuned checkpoint: pass --resume PATH (none found in {folder}).")
     ckpt = load_checkpoint(path)
-    meta, saved = ckpt.get("meta"), ckpt.get("args") or {}
-    if meta is None:
+    saved = ckpt.get("args") or {}
+    if ckpt.get("meta") is None:
         raise UserError(f"{path} is not a finetuned checkpoint (it has no 'meta'); --eval scores the checkpoints "
                         f"written by main_finetune.py.")
+    meta = RunMeta.from_dict(ckpt["meta"], path)
     if not args.val_csv:
         raise UserError("--eval needs --val_csv (a CSV with Path and label columns).")
     model = model_from_checkpoint(ckpt, meta).to(args.device)
     preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
-    args.input_size, args.task = tuple(meta["input_size"]), meta["task"]
-    args.regression, args.label_columns = meta["mode"] == "regression", args.label_columns or meta.get("label_columns")
-    k = meta["nb_classes"] if meta["mode"] in ("binary", "multiclass", "segmentation") else None
-    loader = make_eval_loader(make_dataset(args.val_csv, False, args, preprocess, k), args)
-    criterion = build_criterion(meta["mode"], saved.get("smoothing", 0.0), ckpt.get("loss_weights"), args.device)
+    args.input_size, args.label_columns = meta.input_size, args.label_columns or list(meta.label_columns) or None
+    k = None if (meta.task.continuous or meta.task.multi_label) else meta.nb_classes
+    loader = make_eval_loader(make_dataset(args.val_csv, False, args, preprocess, meta.task, k), args)
+    criterion = meta.task.criterion(saved.get("smoothing", 0.0), ckpt.get("loss_weights"), args.device)
     metrics = evaluate(model, criterion, loader, EvalSettings(args.device, args.precision, args.sw_batch_size,
                                                                args.sw_overlap), meta)
     out = args.metrics_json or os.path.join(args.output_dir or os.path.dirname(os.path.abspath(path)),
@@ -350,7 +342,7 @@ def main(args) -> None:
     if args.eval:
         run_eval(args)
         return cleanup()
-    if args.task == "segmentation" and (args.linprobe or args.regression):
+    if from_flags(args.task).dense and (args.linprobe or args.regression):
         raise UserError("--task segmentation cannot be combined with --linprobe or --regression.")
     if not args.train_csv:
         raise UserError("Training needs --train_csv (and usually --val_csv); or pass --eval to score a checkpoint.")

@@ -21,6 +21,7 @@ import sys
 
 from util import args as cli_args
 from util.runtime import default_num_workers
+from util.task.flags import HEAD_TASKS
 
 DEMO_DIR = os.path.join("output_dir", "demo_finetune")
 DEMO_PRESET = dict(input_csv=os.path.join("demo_data", "predict.csv"),
@@ -47,7 +48,7 @@ def get_args_parser():
     p.add_argument("--embeddings", default=None, help="write embeddings to this .npy, .csv or .parquet file")
     p.add_argument("--embedding_type", default="avg", choices=sorted(EMBEDDING_POOLS),
                    help="cls: class token; avg: mean of patch tokens; cat: both concatenated")
-    p.add_argument("--head_mode", default=None, choices=["binary", "multiclass", "multilabel", "regression"],
+    p.add_argument("--head_mode", default=None, choices=HEAD_TASKS,
                    help="checkpoints with a head but no metadata (the original project's classifiers): how to read "
                         "the head (default: binary for 1 output, multiclass for more)")
     p.add_argument("--seg_output_dir", default=None,
@@ -102,7 +103,6 @@ from util.errors import UserError, run_main  # noqa: E402
 from util.task.predict_io import PredictDataset, collate_rows, row_error  # noqa: E402
 from util.volume.preprocess import PreprocessConfig, to_input_grid  # noqa: E402
 from util.runtime import autocast, resolve_precision, torch_threads  # noqa: E402
-from util.task.tasks import logits_to_probs  # noqa: E402
 from util.train.trainer import worker_init  # noqa: E402
 from util.triple import to_3tuple  # noqa: E402
 
@@ -127,18 +127,18 @@ def load_model(args):
     except (RuntimeError, KeyError) as e:
         raise UserError(f"Checkpoint {args.finetune} does not match the model its metadata describes "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
-    if input_size and tuple(meta["input_size"]) != input_size:
-        print(f"Note: --input_size is ignored for finetuned checkpoints (this one runs at {meta['input_size']}).")
+    if input_size and meta.input_size != input_size:
+        print(f"Note: --input_size is ignored for finetuned checkpoints (this one runs at {list(meta.input_size)}).")
     return model, meta, preprocess_config(saved, meta, args)
 
 
-def preprocess_config(saved: dict | None, meta: dict, args):
+def preprocess_config(saved: dict | None, meta, args):
     """The checkpoint's preprocessing (TANGERINE defaults when it has none); typed flags override it through
     PreprocessConfig.with_overrides, which validates the result (a reversed --window is refused)."""
-    cfg = PreprocessConfig.from_dict(saved) if saved else PreprocessConfig(size=tuple(meta["input_size"]))
+    cfg = PreprocessConfig.from_dict(saved) if saved else PreprocessConfig(size=meta.input_size)
     changes = cli_args.typed_preprocess(args, PREPROCESS_FLAGS) if hasattr(args, "explicit") else {}
-    if "input_size" in getattr(args, "explicit", ()) and meta["mode"] == "embedding":
-        changes["size"] = tuple(meta["input_size"])
+    if "input_size" in getattr(args, "explicit", ()) and meta.task.headless:
+        changes["size"] = meta.input_size
     cfg = cfg.with_overrides(**changes)
     typed = [k for k in PREPROCESS_FLAGS if k in changes]
     if typed:
@@ -160,18 +160,18 @@ def check_flags(args) -> None:
                      inputs={"--input_csv": args.input_csv, "--finetune": args.finetune})
 
 
-def check_task(args, meta: dict, paths: list[str]) -> list[str]:
+def check_task(args, meta, paths: list[str]) -> list[str]:
     """Check the request fits the checkpoint's task; returns the label-map path of every row (segmentation)."""
-    mode, ckpt = meta["mode"], args.finetune
-    if mode == "embedding" and not args.embeddings:
+    task, ckpt = meta.task, args.finetune
+    if task.headless and not args.embeddings:
         raise UserError(f"{ckpt} is a pretraining checkpoint (no task head): pass --embeddings PATH to extract "
                         f"embeddings, or a finetuned checkpoint to predict.")
-    if mode == "segmentation" and args.embeddings:
+    if task.dense and args.embeddings:
         raise UserError(f"{ckpt} is a segmentation checkpoint: --embeddings needs a pretraining or a "
                         f"classification/regression checkpoint.")
-    if args.seg_output_dir and mode != "segmentation":
-        raise UserError(f"--seg_output_dir needs a segmentation checkpoint; {ckpt} is a {mode} one.")
-    if mode != "segmentation":
+    if args.seg_output_dir and not task.dense:
+        raise UserError(f"--seg_output_dir needs a segmentation checkpoint; {ckpt} is a {task.name} one.")
+    if not task.dense:
         return []
     if args.output_csv is None:
         raise UserError("Segmentation needs --output_csv (it lists the label map of every row).")
@@ -183,9 +183,9 @@ def check_task(args, meta: dict, paths: list[str]) -> list[str]:
     return seg_paths
 
 
-def build_loader(paths: list[str], rows: list[int], cfg, meta: dict, args, rois: list | None = None) -> DataLoader:
-    seg = meta["mode"] == "segmentation"
-    ds = PredictDataset(paths, rows, cfg, tuple(meta["input_size"]), keep_grid=seg, cache_dir=args.cache_dir,
+def build_loader(paths: list[str], rows: list[int], cfg, meta, args, rois: list | None = None) -> DataLoader:
+    seg = meta.task.dense
+    ds = PredictDataset(paths, rows, cfg, meta.input_size, keep_grid=seg, cache_dir=args.cache_dir,
                         rois=rois)
     return DataLoader(ds, batch_size=1 if seg else args.batch_size, shuffle=False, num_workers=args.num_workers,
                       collate_fn=collate_rows, pin_memory=args.device.startswith("cuda"),
@@ -193,19 +193,19 @@ def build_loader(paths: list[str], rows: list[int], cfg, meta: dict, args, rois:
 
 
 @torch.inference_mode()
-def predict_batch(model, images: torch.Tensor, meta: dict, args) -> list[dict]:
+def predict_batch(model, images: torch.Tensor, meta, args) -> list[dict]:
     """images [B, 1, D, H, W] -> one result dict per volume: `probs` [K] and/or `emb` [F] (numpy float32)."""
     x = images.to(args.device, non_blocking=True)
-    mode, emb, logits = meta["mode"], None, None
+    task, emb, logits = meta.task, None, None
     with autocast(args.precision, args.device):
         if args.embeddings:
             tokens = model.forward_features(x)
             emb = pool_tokens(tokens.float(), EMBEDDING_POOLS[args.embedding_type]).cpu().numpy()
-            if mode != "embedding":
+            if not task.headless:
                 logits = model.forward_head(tokens)
         else:
             logits = model(x)
-    probs = logits_to_probs(logits, mode).cpu().numpy() if logits is not None else None
+    probs = task.probabilities(logits).cpu().numpy() if logits is not None else None
     out = [{} for _ in range(len(x))]
     for b, r in enumerate(out):
         if probs is not None:
@@ -216,15 +216,15 @@ def predict_batch(model, images: torch.Tensor, meta: dict, args) -> list[dict]:
 
 
 @torch.inference_mode()
-def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta: dict, args):
+def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta, args):
     """image [1, D, H, W] in the preprocessed grid -> label map (sitk.Image) on the input image's own grid."""
     from monai.inferers import sliding_window_inference
 
     x = image[None].to(args.device, non_blocking=True)
-    k = int(meta["nb_classes"])
+    k = meta.nb_classes
     stitch = "cpu" if k * x.numel() * 4 > 2 ** 32 else args.device  # keep huge logit volumes off the GPU
     with autocast(args.precision, args.device):
-        logits = sliding_window_inference(x, roi_size=tuple(meta["input_size"]),
+        logits = sliding_window_inference(x, roi_size=meta.input_size,
                                           sw_batch_size=args.sw_batch_size or args.batch_size,
                                           predictor=lambda t: model(t).float(), overlap=args.sw_overlap,
                                           mode="gaussian", device=stitch)
@@ -233,17 +233,17 @@ def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta: d
     return to_input_grid(label, io.image_on_grid(ref), io.image_on_grid(orig))
 
 
-def score_mask(label, row: int, masks: list[str] | None, meta: dict) -> dict:
+def score_mask(label, row: int, masks: list[str] | None, meta) -> dict:
     """{'dice': foreground Dice against the row's Mask file}, {'dice_error': why}, or {} without a Mask column."""
     if masks is None:
         return {}
     try:
-        return {"dice": io.mask_dice(label, masks[row], meta["nb_classes"])}
+        return {"dice": io.mask_dice(label, masks[row], meta.nb_classes)}
     except (UserError, OSError, RuntimeError) as e:  # an unreadable mask never stops the prediction
         return {"dice_error": row_error(masks[row], e)}
 
 
-def run_shard(model, loader: DataLoader, meta: dict, args, seg_paths: list[str],
+def run_shard(model, loader: DataLoader, meta, args, seg_paths: list[str],
               masks: list[str] | None = None) -> dict[int, dict]:
     """Predict this process's rows; returns {row: result}. With --strict it stops at the first failure.
     Segmentation rows with a Mask file also get their Dice (score_mask)."""
@@ -257,7 +257,7 @@ def run_shard(model, loader: DataLoader, meta: dict, args, seg_paths: list[str],
         failed += len(batch["failed"])
         if failed and args.strict:
             break
-        if batch["rows"] and meta["mode"] == "segmentation":
+        if batch["rows"] and meta.task.dense:
             for row, image, grids in zip(batch["rows"], batch["images"], batch["grids"]):
                 label = segment_volume(model, image, grids, meta, args)
                 io.write_label_map(seg_paths[row], label)
@@ -279,7 +279,7 @@ def gather_results(results: dict[int, dict]) -> dict[int, dict]:
     return merged
 
 
-def finish(args, df, paths: list[str], results: dict[int, dict], meta: dict) -> int:
+def finish(args, df, paths: list[str], results: dict[int, dict], meta, embed_dim: int) -> int:
     """Write the outputs (rank 0) and return the exit status: 0, or 2 when any row failed."""
     failed = sorted(i for i, r in results.items() if r.get("error"))
     if failed and args.strict:
@@ -294,11 +294,11 @@ def finish(args, df, paths: list[str], results: dict[int, dict], meta: dict) -> 
         score = io.score_against_labels(df, results, meta, args.label_column)
         if score:
             print(score)
-        if meta["mode"] == "segmentation":
+        if meta.task.dense:
             for line in io.score_against_masks(df, results):
                 print(line)
         if args.embeddings:
-            dim = meta["embed_dim"] * (2 if args.embedding_type == "cat" else 1)
+            dim = embed_dim * (2 if args.embedding_type == "cat" else 1)
             io.write_embeddings(args.embeddings, df, results, dim)
             print(f"Embeddings [{len(df)}, {dim}] ({args.embedding_type}) written to {args.embeddings}")
     if failed:
@@ -319,19 +319,18 @@ def main(args) -> int:
     df, paths = io.read_input_table(args.input_csv)
     model, meta, cfg = load_model(args)
     seg_paths = check_task(args, meta, paths)
-    meta = dict(meta, embed_dim=getattr(model, "embed_dim", 0))
-    if cfg.roi and meta["mode"] == "segmentation":
+    if cfg.roi and meta.task.dense:
         raise UserError(f"{args.finetune} is a segmentation checkpoint: --roi_mm boxes are for classification, "
                         f"regression and embeddings.")
     rois = io.row_rois(df, args.input_csv, cfg)  # lesion-level rows: each row's point or Mask (else None)
     rows = io.shard_rows(paths, args.rank, args.world_size, by_scan=rois is not None)  # no padding
     loader = build_loader(paths, rows, cfg, meta, args, rois)
-    what = f"embeddings ({args.embedding_type})" if meta["mode"] == "embedding" else meta["mode"]
-    print(f"{args.finetune}: {meta['model']} {what}, input {tuple(meta['input_size'])}, {len(paths)} rows on "
+    what = f"embeddings ({args.embedding_type})" if meta.task.headless else meta.task.name
+    print(f"{args.finetune}: {meta.model} {what}, input {meta.input_size}, {len(paths)} rows on "
           f"{args.world_size} process(es), precision {args.precision}, preprocessing {cfg.to_dict()}")
-    masks = io.mask_paths(df, args.input_csv) if meta["mode"] == "segmentation" else None
+    masks = io.mask_paths(df, args.input_csv) if meta.task.dense else None
     results = gather_results(run_shard(model, loader, meta, args, seg_paths, masks))
-    code = finish(args, df, paths, results, meta)
+    code = finish(args, df, paths, results, meta, getattr(model, "embed_dim", 0))
     cleanup()
     return code
 

@@ -1,7 +1,7 @@
 """Downstream models built from what a checkpoint says about itself, so prediction needs nothing but the file.
 
-Finetuned checkpoints of this repository carry `meta` (task, mode, model name, class count, label names, sizes,
-pooling) and `preprocess`. Checkpoints without `meta` are recognised from their weights: an MAE or ViT encoder
+Finetuned checkpoints of this repository carry `meta` (util.task.meta.RunMeta as a dict: task, model name, class
+count, label names, sizes, pooling) and `preprocess`; this module is where every RunMeta is made. Checkpoints without `meta` are recognised from their weights: an MAE or ViT encoder
 (ours or TANGERINE's, with or without the decoder) becomes a headless encoder for embeddings, and a ViT with a
 `head` (the original project's finetuned classifier, e.g. best_model_loss.pth) becomes a classifier whose
 outputs are read from the head (1 output: binary sigmoid; K outputs: softmax over K classes).
@@ -14,26 +14,37 @@ import models_vit3d
 from models_mae3d import ENCODER_SIZES
 from util.checkpoint import encoder_weights, load_checkpoint, state_dict_of
 from util.errors import UserError
-from util.task.tasks import MODES
+from util.task.meta import RunMeta
+from util.task.tasks import EmbeddingTask, Task, head_task
 from util.triple import to_3tuple
 
 _SIZES = {(e, d): name for name, (e, d, _) in ENCODER_SIZES.items()}  # (width, depth) -> size name
 
 
-def build_model_from_meta(meta: dict, drop_path: float = 0.0, **kw) -> torch.nn.Module:
+def training_meta(task: Task, args, label_names: list[str], nb_classes: int) -> RunMeta:
+    """The RunMeta of a finetuning run: its task (classes resolved), flags and the training set's labels."""
+    cols = list(args.label_columns or ["Label"])
+    return RunMeta(task=task, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
+                   nb_classes=nb_classes, nb_outputs=task.nb_outputs(nb_classes, len(cols)),
+                   label_names=label_names, label_columns=cols, global_pool=args.pool,
+                   feature_size=args.feature_size, linprobe=bool(args.linprobe), in_chans=1)
+
+
+def build_model_from_meta(meta: RunMeta | dict, drop_path: float = 0.0, **kw) -> torch.nn.Module:
     """A VisionTransformer3D (classification/regression/embeddings) or UNETR3D (segmentation) for `meta`.
 
-    meta['linprobe'] = True gives the linear-probe head Sequential(BatchNorm1d(affine=False), Linear).
+    meta.linprobe gives the linear-probe head Sequential(BatchNorm1d(affine=False), Linear).
     """
-    name = meta["model"].replace("mae_", "")
-    img_size, patch_size = to_3tuple(meta["input_size"], "input_size"), to_3tuple(meta["patch_size"], "patch_size")
-    if meta["mode"] == "segmentation":
-        return models_vit3d.build_segmentation_model(name, num_classes=meta["nb_classes"], img_size=img_size,
-                                                     patch_size=patch_size, drop_path_rate=drop_path,
-                                                     feature_size=meta.get("feature_size", 16), **kw)
-    model = models_vit3d.VIT_FACTORIES[name](img_size=img_size, patch_size=patch_size, num_classes=meta["nb_outputs"],
-                                             global_pool=meta.get("global_pool", "avg"), drop_path_rate=drop_path, **kw)
-    if meta.get("linprobe") and meta["nb_outputs"] > 0:
+    meta = RunMeta.from_dict(meta)
+    name = meta.model.replace("mae_", "")
+    if meta.task.dense:
+        return models_vit3d.build_segmentation_model(name, num_classes=meta.nb_classes, img_size=meta.input_size,
+                                                     patch_size=meta.patch_size, drop_path_rate=drop_path,
+                                                     feature_size=meta.feature_size, **kw)
+    model = models_vit3d.VIT_FACTORIES[name](img_size=meta.input_size, patch_size=meta.patch_size,
+                                             num_classes=meta.nb_outputs, global_pool=meta.global_pool,
+                                             drop_path_rate=drop_path, **kw)
+    if meta.linprobe and meta.nb_outputs > 0:
         # MAE linear probe: a parameter-free BatchNorm in front of the linear head (keys head.0.*, head.1.*). The
         # encoder is frozen, so its features are stationary and the running statistics are their plain average
         # (momentum=None): with the default momentum the initial running_var of 1 still weighs 0.9**steps, which
@@ -71,8 +82,8 @@ def encoder_meta_from_state_dict(sd: dict, input_size=None) -> dict:
             "patch_size": list(patch)}
 
 
-def meta_from_weights(ckpt: dict, input_size=None, global_pool: str = "token", head_mode: str | None = None) -> dict:
-    """`meta` of a checkpoint that has none: an embedding encoder, or a classifier when its weights hold a head.
+def meta_from_weights(ckpt: dict, input_size=None, global_pool: str = "token", head_mode: str | None = None) -> RunMeta:
+    """The RunMeta of a checkpoint that has none: an embedding encoder, or a classifier when its weights hold a head.
 
     input_size: what to run at (default: the checkpoint's args['input_size'], else inferred from pos_embed).
     global_pool: pooling of a headless encoder; a classifier's pooling is read from its fc_norm / head width.
@@ -84,21 +95,17 @@ def meta_from_weights(ckpt: dict, input_size=None, global_pool: str = "token", h
     meta = encoder_meta_from_state_dict(sd, size)
     head = sd.get("head.weight", sd.get("head.1.weight"))
     if head is None or head.ndim != 2:
-        return dict(meta, mode="embedding", task="embedding", nb_outputs=0, nb_classes=0, label_names=[],
-                    global_pool=global_pool)
+        return RunMeta(task=EmbeddingTask(), nb_outputs=0, nb_classes=0, global_pool=global_pool, **meta)
     k, width = int(head.shape[0]), int(head.shape[1])
     dim = sd["patch_embed.proj.weight"].shape[0]
     pool = "cat" if width == 2 * dim else ("avg" if "fc_norm.weight" in sd else "token")
-    mode = head_mode or ("binary" if k == 1 else "multiclass")
-    if mode not in MODES or mode == "segmentation":
-        raise UserError(f"head_mode must be binary, multiclass, multilabel or regression, got {mode!r}.")
-    nb_classes = 2 if mode == "binary" else k
-    names = [str(c) for c in range(nb_classes)]  # nb_classes == k except for binary
-    return dict(meta, task="classification", mode=mode, nb_outputs=k, nb_classes=nb_classes, label_names=names,
-                global_pool=pool, linprobe="head.1.weight" in sd)
+    task = head_task(k, head_mode)
+    nb_classes = task.classes_of_head(k)
+    return RunMeta(task=task, nb_outputs=k, nb_classes=nb_classes, label_names=[str(c) for c in range(nb_classes)],
+                   global_pool=pool, linprobe="head.1.weight" in sd, **meta)
 
 
-def model_from_checkpoint(ckpt: dict, meta: dict) -> torch.nn.Module:
+def model_from_checkpoint(ckpt: dict, meta: RunMeta) -> torch.nn.Module:
     """The finetuned model `meta` describes, with the checkpoint's weights (strict)."""
     model = build_model_from_meta(meta)
     model.load_state_dict(state_dict_of(ckpt))
@@ -106,24 +113,24 @@ def model_from_checkpoint(ckpt: dict, meta: dict) -> torch.nn.Module:
 
 
 def load_for_inference(path: str, device="cpu", input_size=None, global_pool=None, head_mode=None):
-    """Load any checkpoint for prediction. Returns (model in eval mode, meta, preprocess dict or None).
+    """Load any checkpoint for prediction. Returns (model in eval mode, RunMeta, preprocess dict or None).
 
     Finetuned checkpoints rebuild their exact model; checkpoints without metadata are recognised from their
-    weights (see `meta_from_weights`); a headless encoder has meta['mode'] == 'embedding'.
+    weights (see `meta_from_weights`); a headless encoder's task is headless (embeddings only).
     """
     ckpt = load_checkpoint(path)
-    meta = ckpt.get("meta")
-    if meta is not None:
+    if ckpt.get("meta") is not None:
+        meta = RunMeta.from_dict(ckpt["meta"], path)
         return model_from_checkpoint(ckpt, meta).to(device).eval(), meta, ckpt.get("preprocess")
     meta = meta_from_weights(ckpt, input_size, global_pool or "avg", head_mode)
     model = build_model_from_meta(meta)
-    if meta["mode"] == "embedding":
+    if meta.task.headless:
         models_vit3d.load_pretrained_encoder(model, ckpt, verbose=False)
     else:
         sd, own = state_dict_of(ckpt), model.state_dict()
         missing = [k for k in own if k not in sd and k != "pos_embed"]
         if missing:
-            raise UserError(f"Checkpoint {path} lacks {missing[0]!r} of the {meta['model']} classifier it "
+            raise UserError(f"Checkpoint {path} lacks {missing[0]!r} of the {meta.model} classifier it "
                              f"looks like ({len(missing)} tensors missing).")
         keep_pos = "pos_embed" in sd and sd["pos_embed"].shape == own["pos_embed"].shape  # finetuned table
         model.load_state_dict({k: v for k, v in sd.items() if k in own and (k != "pos_embed" or keep_pos)},

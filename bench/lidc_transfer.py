@@ -215,8 +215,9 @@ def paired_bootstrap(y: np.ndarray, scores: list[np.ndarray], references: list[n
     interval from resampling the test nodules (one resample shared by every score and reference): the bootstrap
     of main_evaluate.py (util/evaluate/stats.py), the one implementation in this repository."""
     from util.evaluate.stats import Run, bootstrap
+    from util.task.tasks import BinaryTask
 
-    return bootstrap("binary", np.asarray(y), [Run(np.asarray(s, np.float64)) for s in scores],
+    return bootstrap(BinaryTask(), np.asarray(y), [Run(np.asarray(s, np.float64)) for s in scores],
                      [Run(np.asarray(r, np.float64)) for r in references], n_boot=n, seed=seed)["auroc"]
 
 

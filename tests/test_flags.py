@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, run_in_process
+from util.task.meta import RunMeta
 from util import args as cli_args
 from util.errors import UserError
 from util.volume.preprocess import PreprocessConfig
@@ -133,7 +134,8 @@ def test_main_predict_applies_typed_flags_only_through_the_validated_override():
     import main_predict
 
     saved = PreprocessConfig(size=(32, 32, 32), window=(-1000.0, 400.0)).to_dict()
-    meta = {"mode": "multiclass", "input_size": [32, 32, 32]}
+    meta = RunMeta.from_dict({"mode": "multiclass", "model": "vit_tiny_patch16", "input_size": [32, 32, 32],
+                              "nb_classes": 3, "nb_outputs": 3})
     args = main_predict.parse_args(["--input_csv", "x.csv", "--orientation", "ras"])
     assert main_predict.preprocess_config(saved, meta, args).orientation == "RAS"
     args.window, args.explicit = [800.0, -1200.0], args.explicit | {"window"}  # as if parsing had let it through

@@ -5,17 +5,19 @@ import numpy as np
 import pytest
 import torch
 
-from util.task.metrics import (classification_metrics, dice_from_stats, dice_per_class, dice_stats,
-                          regression_metrics)
+from util.errors import UserError
+from util.task.dice import dice_from_stats, dice_per_class, dice_stats
+from util.task.metrics import binary_metrics, multiclass_metrics, multilabel_metrics, regression_metrics
+from util.task.tasks import task_named
 
 
 def test_binary_perfect_and_reversed_auroc():
     targets = np.array([0, 0, 1, 1, 1])
     pos = np.array([0.1, 0.2, 0.7, 0.8, 0.9])
-    perfect = classification_metrics(np.stack([1 - pos, pos], 1), targets, "binary", ["neg", "pos"])
+    perfect = binary_metrics(np.stack([1 - pos, pos], 1), targets, ["neg", "pos"])
     assert perfect["auroc"] == 1.0 and perfect["auroc_pos"] == 1.0
     assert perfect["accuracy"] == 1.0 and perfect["f1"] == 1.0
-    reversed_ = classification_metrics(1 - pos, targets, "binary", ["Label"])
+    reversed_ = binary_metrics(1 - pos, targets, ["Label"])
     assert reversed_["auroc"] == 0.0 and reversed_["auroc_Label"] == 0.0
     assert reversed_["accuracy"] == 0.0
 
@@ -24,7 +26,7 @@ def test_binary_balanced_accuracy_on_imbalanced_toy():
     # 8 negatives, 2 positives; predict all negative except one positive found.
     targets = np.array([0] * 8 + [1, 1])
     pos = np.array([0.1] * 8 + [0.9, 0.2])
-    m = classification_metrics(pos, targets, "binary", ["Label"])
+    m = binary_metrics(pos, targets, ["Label"])
     assert m["accuracy"] == pytest.approx(0.9)
     assert m["balanced_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
     # precision 1, recall 0.5 -> F1 = 2/3
@@ -32,7 +34,7 @@ def test_binary_balanced_accuracy_on_imbalanced_toy():
 
 
 def test_single_class_gives_nan_auroc_without_crash():
-    m = classification_metrics(np.array([0.2, 0.7, 0.4]), np.array([1, 1, 1]), "binary", ["Label"])
+    m = binary_metrics(np.array([0.2, 0.7, 0.4]), np.array([1, 1, 1]), ["Label"])
     assert math.isnan(m["auroc"]) and math.isnan(m["auroc_Label"])
     assert m["accuracy"] == pytest.approx(1 / 3)
 
@@ -40,7 +42,7 @@ def test_single_class_gives_nan_auroc_without_crash():
 def test_multiclass_macro_and_missing_class():
     probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
     targets = np.array([0, 1, 0, 1])  # class 2 never present -> its auroc is nan and left out
-    m = classification_metrics(probs, targets, "multiclass", ["a", "b", "c"])
+    m = multiclass_metrics(probs, targets, ["a", "b", "c"])
     assert m["auroc_a"] == 1.0 and m["auroc_b"] == 1.0 and math.isnan(m["auroc_c"])
     assert m["auroc"] == 1.0
     assert m["accuracy"] == 1.0 and m["balanced_accuracy"] == 1.0
@@ -51,7 +53,7 @@ def test_multiclass_macro_and_missing_class():
 def test_multilabel_per_label_auroc():
     targets = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
     probs = np.array([[0.9, 0.8], [0.2, 0.1], [0.8, 0.3], [0.1, 0.9]])  # label x perfect, label y reversed-ish
-    m = classification_metrics(probs, targets, "multilabel", ["x", "y"])
+    m = multilabel_metrics(probs, targets, ["x", "y"])
     assert m["auroc_x"] == 1.0
     assert m["auroc_y"] == pytest.approx(0.0)
     assert m["auroc"] == pytest.approx(0.5)
@@ -60,9 +62,9 @@ def test_multilabel_per_label_auroc():
 
 def test_classification_rejects_bad_shapes():
     with pytest.raises(ValueError, match="same non-zero number of rows"):
-        classification_metrics(np.zeros((3, 2)), np.zeros(4), "binary", ["Label"])
-    with pytest.raises(ValueError, match="mode must be one of"):
-        classification_metrics(np.zeros((3, 2)), np.zeros(3), "ordinal", ["Label"])
+        binary_metrics(np.zeros((3, 2)), np.zeros(4), ["Label"])
+    with pytest.raises(UserError, match="Unknown task 'ordinal'"):
+        task_named("ordinal")
 
 
 def test_regression_metrics():
@@ -114,7 +116,7 @@ def test_dice_rejects_bad_labels():
 
 
 def test_best_checkpoint_keeps_the_lowest_error_for_every_error_metric():
-    from util.task.tasks import is_better
+    from util.task.metrics import is_better
 
     for metric in ("loss", "mae", "rmse", "mae_age", "rmse_volume_ml"):
         assert is_better(0.1, 0.5, metric) and not is_better(0.5, 0.1, metric), metric

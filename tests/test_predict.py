@@ -14,10 +14,11 @@ import models_mae3d
 from datasets_three_d import PreprocessConfig, load_volume
 from tests.bad_inputs import build_bad_files, good_volume
 from tests.helpers import run_script
+from util.task.meta import RunMeta
 from util.task import predict_io as io
 from util.checkpoint import save_atomic
 from models_build import build_model_from_meta
-from util.task.tasks import nb_outputs, output_columns
+from util.task.tasks import task_named
 
 SIZE = [32, 32, 32]
 
@@ -27,7 +28,7 @@ def tiny_finetuned(path, mode="multiclass", nb_classes=3, size=SIZE, preprocess=
     torch.manual_seed(seed)
     labels = ["Label"] if mode in ("multilabel", "regression") else [f"class{k}" for k in range(nb_classes)]
     meta = dict(task="segmentation" if mode == "segmentation" else "classification", mode=mode,
-                model="vit_tiny_patch16", nb_classes=nb_classes, nb_outputs=nb_outputs(mode, nb_classes, 1),
+                model="vit_tiny_patch16", nb_classes=nb_classes, nb_outputs=task_named(mode).nb_outputs(nb_classes, 1),
                 label_names=labels, input_size=list(size), patch_size=[16, 16, 16], global_pool="avg",
                 feature_size=8, **meta_extra)
     model = build_model_from_meta(meta)
@@ -187,7 +188,8 @@ def _same_scan_three_ways(root) -> list[str]:
 
 def test_checkpoint_preprocessing_is_used_unless_a_flag_is_typed():
     saved = PreprocessConfig(size=(32, 32, 32), window=(-1000.0, 400.0), orientation="RAS").to_dict()
-    meta = {"mode": "multiclass", "input_size": [32, 32, 32]}
+    meta = RunMeta.from_dict({"mode": "multiclass", "model": "vit_tiny_patch16", "input_size": [32, 32, 32],
+                              "nb_classes": 3, "nb_outputs": 3})
     cfg = main_predict.preprocess_config(saved, meta, main_predict.parse_args(["--input_csv", "x.csv"]))
     assert tuple(cfg.window) == (-1000.0, 400.0) and cfg.orientation == "RAS"
     typed = main_predict.parse_args(["--input_csv", "x.csv", "--window", "-500", "500"])
@@ -200,15 +202,19 @@ def test_checkpoint_preprocessing_is_used_unless_a_flag_is_typed():
 def test_output_columns_name_classes_labels_and_regression_targets():
     df = pd.DataFrame({"Path": ["a.nii.gz", "b.nii.gz"], "Site": ["x", "y"]})
     results = {0: {"probs": np.array([0.9, 0.2], np.float32)}, 1: {"error": "b.nii.gz: file not found."}}
-    multilabel = {"mode": "multilabel", "nb_classes": 2, "nb_outputs": 2, "label_names": ["Nodule", "Emphysema"]}
+    common = dict(model="vit_tiny_patch16", input_size=[32, 32, 32])
+    multilabel = RunMeta.from_dict({"mode": "multilabel", "nb_classes": 2, "nb_outputs": 2,
+                                    "label_names": ["Nodule", "Emphysema"], **common})
     t = io.prediction_table(df, results, multilabel)
     assert list(t.columns) == ["Path", "Site", "prob_Nodule", "prob_Emphysema", "pred", "error"]
     assert t.loc[0, "pred"] == "Nodule" and t.loc[1, "pred"] == "" and np.isnan(t.loc[1, "prob_Nodule"])
-    regression = {"mode": "regression", "nb_classes": 0, "nb_outputs": 2, "label_names": ["Age", "BMI"]}
+    regression = RunMeta.from_dict({"mode": "regression", "nb_classes": 0, "nb_outputs": 2,
+                                    "label_names": ["Age", "BMI"], **common})
     t = io.prediction_table(df, results, regression)
     assert list(t.columns) == ["Path", "Site", "pred_Age", "pred_BMI", "error"] and np.isclose(t.loc[0, "pred_BMI"], 0.2)
-    binary = {"mode": "binary", "nb_classes": 2, "nb_outputs": 1, "label_names": ["0", "1"]}
-    assert output_columns(binary) == ["0", "1"]
+    binary = RunMeta.from_dict({"mode": "binary", "nb_classes": 2, "nb_outputs": 1, "label_names": ["0", "1"],
+                                **common})
+    assert binary.output_columns == ["0", "1"]
     assert io.seg_output_paths(["a/ct.nii.gz", "b/ct.nii.gz", "c/lung.nrrd"], "m") == [
         "m/ct_row1_seg.nii.gz", "m/ct_row2_seg.nii.gz", "m/lung_seg.nii.gz"]
 

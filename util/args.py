@@ -15,6 +15,7 @@ from typing import Callable
 
 from util.errors import UserError
 from util.runtime import default_num_workers
+from util.task.flags import is_dense
 from util.triple import check_sizes
 
 SIZES = ("tiny", "small", "base", "large", "huge")  # models_mae3d.ENCODER_SIZES (tests/test_flags.py checks it)
@@ -225,7 +226,7 @@ def check_args(args) -> None:
     """The rules between flags, for whichever of them the script has: sizes as 3-tuples with the input a multiple
     of the patch, and preprocessing flags that make a valid PreprocessConfig (LO < HI, a real orientation)."""
     check_sizes(args)
-    if getattr(args, "task", None) == "segmentation" and getattr(args, "roi_mm", None):
+    if is_dense(getattr(args, "task", None)) and getattr(args, "roi_mm", None):
         raise UserError("--roi_mm makes each row a box around a point or a label for classification or regression; "
                         "it cannot be combined with --task segmentation.")
     if hasattr(args, "window"):

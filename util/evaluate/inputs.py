@@ -18,7 +18,9 @@ import pandas as pd
 
 from util.errors import UserError
 from util.data.path_table import find_column, read_csv_table, where
+from util.task.tasks import PROBE_TASKS, Task, probe_task, task_named
 
+AUTO = "auto"  # --task auto: the labels decide
 MAX_CLASSES = 20  # --task auto: an integer label with more distinct values is a regression target
 KEY_SEP = "\x1f"
 
@@ -169,11 +171,11 @@ def column_features(name: str, table: pd.DataFrame, columns: list[str], what: st
     return FeatureSet(name, f"columns {', '.join(cols)} of {what}", out)
 
 
-def targets(table: pd.DataFrame, columns: list[str], task: str, what: str) -> tuple[np.ndarray, str, list[str]]:
+def targets(table: pd.DataFrame, columns: list[str], task_name: str, what: str) -> tuple[np.ndarray, Task, list[str]]:
     """(y, task, names): class indices [n] with the class names (binary, multiclass), 0/1 [n, K] with the column
-    names (multilabel), or values [n, K] with the column names (regression). --task auto: several columns are
-    multi-label; one column of numbers with up to 20 integer values, or of text, is classification; other
-    numbers are regression."""
+    names (multilabel), or values [n, K] with the column names (regression). --task auto (`task_name`): several
+    columns are multi-label; one column of numbers with up to 20 integer values, or of text, is classification;
+    other numbers are regression."""
     cols = need_columns(table, columns, what, "--label_columns")
     text = table[cols].astype(str).apply(lambda c: c.str.strip())
     empty = (text == "").to_numpy()
@@ -183,21 +185,23 @@ def targets(table: pd.DataFrame, columns: list[str], task: str, what: str) -> tu
                         f"row or leave the row out.")
     num = text.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
     numeric = np.isfinite(num).all(axis=0)
-    if task == "auto":
-        if len(cols) > 1:
-            task = "multilabel"
-        elif numeric[0] and (num == np.round(num)).all() and len(np.unique(num)) <= MAX_CLASSES:
-            task = "binary" if len(np.unique(num)) <= 2 else "multiclass"
-        else:
-            task = "regression" if numeric[0] else ("binary" if text[cols[0]].nunique() <= 2 else "multiclass")
-    if task in ("regression", "multilabel") and not numeric.all():
+    if task_name == AUTO:
+        classes = None  # a single column of classes: how many
+        if numeric[0] and (num == np.round(num)).all() and len(np.unique(num)) <= MAX_CLASSES:
+            classes = len(np.unique(num))
+        elif not numeric[0]:
+            classes = text[cols[0]].nunique()
+        task = probe_task(classes, len(cols))
+    else:
+        task = task_named(task_name, PROBE_TASKS)
+    if (task.continuous or task.multi_label) and not numeric.all():
         j = int(np.argmin(numeric))
         r = int(np.argmax(~np.isfinite(num[:, j])))
         raise UserError(f"{what}: {where(int(table.index[r]))}, column '{cols[j]}': expected a number for the "
-                        f"{task} task, got {text.iloc[r, j]!r}.")
-    if task == "regression":
+                        f"{task.name} task, got {text.iloc[r, j]!r}.")
+    if task.continuous:
         return num, task, cols
-    if task == "multilabel":
+    if task.multi_label:
         bad = ~np.isin(num, (0, 1))
         if bad.any():
             r, c = np.argwhere(bad)[0]
@@ -208,11 +212,11 @@ def targets(table: pd.DataFrame, columns: list[str], task: str, what: str) -> tu
                 raise UserError(f"{what}: column '{c}' holds only {int(num[0, j])}; each label needs both values.")
         return num.astype(np.int64), task, cols
     if len(cols) > 1:
-        raise UserError(f"--task {task} takes one --label_columns column, got {len(cols)}; use multilabel.")
+        raise UserError(f"--task {task.name} takes one --label_columns column, got {len(cols)}; use multilabel.")
     values = num[:, 0] if numeric[0] else text[cols[0]].to_numpy()
     classes = np.unique(values)
     names = [f"{c:g}" if numeric[0] else str(c) for c in classes]
-    if len(classes) < 2 or (task == "binary" and len(classes) > 2):
+    if len(classes) < 2 or (task.max_classes and len(classes) > task.max_classes):
         raise UserError(f"{what}: column '{cols[0]}' holds {len(classes)} distinct labels ({', '.join(names[:5])}); "
-                        f"a {task} task needs {'two' if task == 'binary' else 'at least two'}.")
+                        f"a {task.name} task needs {'two' if task.max_classes == 2 else 'at least two'}.")
     return np.searchsorted(classes, values).astype(np.int64), task, names

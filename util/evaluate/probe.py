@@ -135,11 +135,11 @@ def fit_predict(protocol: str, task: str, x_train: np.ndarray, y_train: np.ndarr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # LogisticRegressionCV's parameters change in sklearn 1.10
-        if task == "regression":
+        if task.continuous:
             model = RidgeCV(alphas=ALPHAS) if protocol == "logreg" else \
                 KNeighborsRegressor(min(knn_k, len(a)), weights="distance", algorithm="brute")
             return Run(np.asarray(model.fit(a, y_train).predict(b)).reshape(len(b), -1))
-        if task == "multilabel":
+        if task.multi_label:
             probs = np.stack([(_logreg(a, y_train[:, j], b, 2, seed, max_rows) if protocol == "logreg" else
                                _knn(a, y_train[:, j], b, 2, knn_k))[:, 1] for j in range(n_out)], axis=1)
             prior = y_train.mean(0)

@@ -14,7 +14,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from util.atomic import atomic_write, ensure_writable_dir, write_text
 from util.errors import UserError
-from util.evaluate.stats import HEADLINE, PRIMARY
 
 NAMES = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy", "r2": "R^2", "mae": "MAE"}
 PROTOCOL_NAMES = {"logreg": "linear probe", "knn": "k-NN"}
@@ -51,8 +50,8 @@ def _pct(f: float) -> str:
 
 def table_lines(summary: pd.DataFrame, task: str) -> list[str]:
     """The markdown table: one line per protocol, fraction and feature set."""
-    primary = PRIMARY[task]
-    head = ["probe", "labels", "features", *[f"{NAMES[m]} [95% CI]" for m in HEADLINE[task]],
+    primary = task.primary_metric
+    head = ["probe", "labels", "features", *[f"{NAMES[m]} [95% CI]" for m in task.headline],
             f"difference in {NAMES[primary]} [95% CI]", "ahead in"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in summary.iterrows():
@@ -61,7 +60,7 @@ def table_lines(summary: pd.DataFrame, task: str) -> list[str]:
                                               f" [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]")
         ahead = r.get("ahead_in_draws", "")
         cells = [PROTOCOL_NAMES[r["protocol"]], f"{_pct(r['fraction'])} ({r['n_labelled']})", r["embedding"],
-                 *[_ci(r, m) for m in HEADLINE[task]], diff, f"{ahead} draws" if isinstance(ahead, str) and ahead else ""]
+                 *[_ci(r, m) for m in task.headline], diff, f"{ahead} draws" if isinstance(ahead, str) and ahead else ""]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
@@ -74,14 +73,14 @@ def summary_markdown(args, d: dict, summary: pd.DataFrame, hits: pd.DataFrame | 
     """summary.md: what was compared and how, the table, the overlap check and the command."""
     n, task = len(d["y"]), d["task"]
     split = (f"the given split in column {args.split_column}" if args.split_column else
-             f"{args.folds}-fold cross-validation" + (" stratified by class" if task in ("binary", "multiclass")
+             f"{args.folds}-fold cross-validation" + (" stratified by class" if task.single_label
                                                       else "")
              + (f", grouped by {args.group_column} (no group in two folds)" if args.group_column else ""))
     boot = (f"{args.bootstrap} resamples of the test {'groups' if args.group_column else 'rows'}"
             if args.bootstrap else "none")
     lines = [
         "# Frozen-embedding evaluation", "",
-        f"- Task: {task} on {', '.join(args.label_columns)} ({n} rows; classes/targets: {', '.join(d['names'])}).",
+        f"- Task: {task.name} on {', '.join(args.label_columns)} ({n} rows; classes/targets: {', '.join(d['names'])}).",
         f"- Features: " + "; ".join(f"{k} ({v.shape[1]} dims)" for k, v in d["sets"].items()) + ".",
         f"- Evaluation: {split}; every row is predicted by a probe that never saw its label.",
         f"- Labels: {', '.join(_pct(f) for f in sorted(set(args.label_fractions)))} of each training fold's labels "
@@ -119,7 +118,7 @@ def _font(size: int):
 def label_efficiency_png(summary: pd.DataFrame, task: str, path: str) -> None:
     """The primary metric against the labelled fraction (log scale), one panel per probe, one line per feature
     set with its 95% interval as a band."""
-    m = PRIMARY[task]
+    m = task.primary_metric
     protocols = list(dict.fromkeys(summary["protocol"]))
     sets = list(dict.fromkeys(summary["embedding"]))
     pw, ph, left, top, bottom = 520, 380, 70, 50, 60

@@ -1,10 +1,9 @@
 """Metrics of frozen-embedding probes and their bootstrap intervals: the one bootstrap of the repository
 (main_evaluate.py and bench/lidc_transfer.py use it).
 
-Every metric takes row weights, so a resample of the test rows is one row of a weight matrix W [B, n] (how many
-times each row was drawn) and B resamples cost B weighted sums, not B sorts: the scores are sorted once. The
-point estimate is W = 1. Weighted AUROC, balanced accuracy, MAE and R^2 equal scikit-learn's with
-`sample_weight` (tests/test_evaluate.py checks it).
+A resample of the test rows is one row of a weight matrix W [B, n] (how many times each row was drawn); the
+metrics take such weights (util.task.weighted, chosen by the task) so B resamples cost B weighted sums, not B
+sorts. The point estimate is W = 1. `task` arguments are util.task.tasks.Task objects or their names.
 """
 from __future__ import annotations
 
@@ -13,11 +12,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-TASKS = ("binary", "multiclass", "multilabel", "regression")
-PRIMARY = {"binary": "auroc", "multiclass": "auroc", "multilabel": "auroc", "regression": "r2"}
-HEADLINE = {"binary": ("auroc", "balanced_accuracy"), "multiclass": ("auroc", "balanced_accuracy"),
-            "multilabel": ("auroc", "balanced_accuracy"), "regression": ("r2", "mae")}
-
+from util.task.tasks import as_task
 
 @dataclass
 class Run:
@@ -30,89 +25,17 @@ class Run:
     pred: np.ndarray | None = None
 
 
-def weighted_auroc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """AUROC of a binary problem under each row of weights: y bool [n], score [n], w [B, n] -> [B] (nan where a
-    class has no weight). Tied scores count one half, as in the Mann-Whitney statistic."""
-    order = np.argsort(score, kind="stable")
-    s, yy = score[order], np.asarray(y, bool)[order]
-    new_run = np.r_[True, s[1:] != s[:-1]]
-    first = np.maximum.accumulate(np.where(new_run, np.arange(len(s)), 0))  # first row of each row's tie run
-    last = np.r_[np.flatnonzero(new_run)[1:], len(s)]  # one past the last row of each tie run ...
-    last = last[np.cumsum(new_run) - 1]  # ... for each row
-    ws = w[:, order]
-    neg = np.concatenate([np.zeros((len(ws), 1), ws.dtype), np.cumsum(np.where(yy, 0, ws), axis=1)], axis=1)
-    wpos = np.where(yy, ws, 0)
-    if new_run.all():  # no ties: a positive row counts the negative weight below it
-        num = (wpos * neg[:, :-1]).sum(1, dtype=np.float64)
-    else:  # a positive row counts the negative weight below its tie run plus half of that inside it
-        rows = np.flatnonzero(yy)
-        num = (ws[:, rows] * 0.5 * (neg[:, first[rows]].astype(np.float64) + neg[:, last[rows]])).sum(1)
-    den = wpos.sum(1, dtype=np.float64) * neg[:, -1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray, w: np.ndarray, k: int) -> np.ndarray:
-    """Mean recall over the classes present (weight > 0): y, pred int [n], w [B, n] -> [B]."""
-    truth = (y[:, None] == np.arange(k)).astype(w.dtype)  # [n, k]
-    sums = (w @ np.concatenate([truth, truth * (pred == y)[:, None]], axis=1)).astype(np.float64)  # [B, 2k]
-    total, hit = sums[:, :k], sums[:, k:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return _nanmean((np.where(total > 0, hit / np.where(total > 0, total, 1.0), np.nan)).T)
-
-
-def _nanmean(values: np.ndarray) -> np.ndarray:
-    """Mean over axis 0 of the finite values; nan where there are none (no warning)."""
-    finite = np.isfinite(values)
-    n = finite.sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, np.where(finite, values, 0.0).sum(0) / np.maximum(n, 1), np.nan)
-
-
-def weighted_metrics(task: str, y: np.ndarray, run: Run, w: np.ndarray,
+def weighted_metrics(task, y: np.ndarray, run: Run, w: np.ndarray,
                      names: Sequence[str] = ()) -> dict[str, np.ndarray]:
-    """Every metric of `run` against `y` under each row of weights w [B, n] -> {name: [B]}.
+    """Every metric of `run` against `y` under each row of weights w [B, n] -> {name: [B]}, as the task (a
+    util.task.tasks.Task) defines them (util.task.weighted).
 
     y: class indices [n] (binary, multiclass), 0/1 [n, K] (multilabel), values [n, K] (regression).
     Classification: 'auroc' (macro over classes/labels with both kinds of rows), 'auroc_<name>' per class or
     label (multiclass, multilabel), 'balanced_accuracy' (when run.pred is given; multilabel: mean over labels).
     Regression: 'mae' and 'r2' (means over the target columns)."""
     w = np.atleast_2d(np.asarray(w))  # float32 counts are exact: sums stay below 2^24
-    scores = np.asarray(run.scores, np.float64)
-    out: dict[str, np.ndarray] = {}
-    if task == "regression":
-        yy = np.asarray(y, np.float64).reshape(len(y), -1)
-        sc = scores.reshape(len(y), -1)
-        tot = w.sum(1, keepdims=True)
-        err = np.abs(yy - sc)  # [n, K]
-        out["mae"] = (w @ err).mean(1) / tot[:, 0]
-        yc = yy - yy.mean(0)  # centred first: the weighted variance below then has no cancellation
-        mean = (w @ yc) / tot  # [B, K]
-        ss_res = w @ (err ** 2)
-        ss_tot = w @ (yc ** 2) - tot * mean ** 2
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out["r2"] = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), np.nan).mean(1)
-        return out
-    if task == "binary":
-        pos = scores[:, -1] if scores.ndim == 2 else scores
-        out["auroc"] = weighted_auroc(np.asarray(y) == 1, pos, w)
-        if run.pred is not None:
-            out["balanced_accuracy"] = _balanced_accuracy(np.asarray(y), np.asarray(run.pred), w, 2)
-        return out
-    truth = [np.asarray(y) == c for c in range(scores.shape[1])] if task == "multiclass" else \
-        [np.asarray(y)[:, j] == 1 for j in range(scores.shape[1])]
-    per = np.stack([weighted_auroc(t, scores[:, j], w) for j, t in enumerate(truth)])
-    out["auroc"] = _nanmean(per)
-    for j, name in enumerate(names):
-        out[f"auroc_{name}"] = per[j]
-    if run.pred is not None:
-        if task == "multiclass":
-            out["balanced_accuracy"] = _balanced_accuracy(np.asarray(y), np.asarray(run.pred), w, scores.shape[1])
-        else:
-            out["balanced_accuracy"] = _nanmean(np.stack([
-                _balanced_accuracy(truth[j].astype(int), np.asarray(run.pred)[:, j].astype(int), w, 2)
-                for j in range(scores.shape[1])]))
-    return out
+    return as_task(task).weighted_metrics(y, run.scores, run.pred, w, names)
 
 
 def resample_weights(n: int, n_boot: int, seed: int, groups: np.ndarray | None = None,
@@ -130,7 +53,7 @@ def resample_weights(n: int, n_boot: int, seed: int, groups: np.ndarray | None =
         done += b
 
 
-def bootstrap_values(task: str, y: np.ndarray, runs: Sequence[Run], n_boot: int = 1000, seed: int = 0,
+def bootstrap_values(task, y: np.ndarray, runs: Sequence[Run], n_boot: int = 1000, seed: int = 0,
                      groups: np.ndarray | None = None, names: Sequence[str] = ()) -> list[dict[str, np.ndarray]]:
     """Every metric of every run on all rows and on `n_boot` resamples of them (whole groups, when `groups` [n]
     of indices 0..G-1 is given), the same resamples for every run: per run {metric: [1 + n_boot]}, the point
@@ -156,7 +79,7 @@ def interval(values: Sequence[np.ndarray], refs: Sequence[np.ndarray] | None = N
     return float(v[0]), float(lo), float(hi)
 
 
-def bootstrap(task: str, y: np.ndarray, runs: Sequence[Run], refs: Sequence[Run] | None = None,
+def bootstrap(task, y: np.ndarray, runs: Sequence[Run], refs: Sequence[Run] | None = None,
               n_boot: int = 1000, seed: int = 0, groups: np.ndarray | None = None, names: Sequence[str] = (),
               level: float = 0.95) -> dict[str, tuple[float, float, float]]:
     """Each metric's mean over `runs` (several label draws scored on the same rows), or, with `refs` (one per

@@ -20,10 +20,9 @@ from util.data.augment import center_crop_or_pad
 from util.volume.cache import VolumeCache
 from util.errors import UserError
 from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points
-from util.task.metrics import classification_metrics, dice_per_class
+from util.task.dice import dice_per_class
 from util.volume.preprocess import load_cached, preprocess_image, preprocess_mask
 from util.volume.io import VolumeError, read_image
-from util.task.tasks import output_columns, predicted_label
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
 EMBEDDING_SUFFIXES = (".npy", ".csv", ".parquet")
@@ -128,39 +127,38 @@ def collate_rows(items: list[dict]) -> dict:
     return batch
 
 
-def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta: dict) -> pd.DataFrame:
+def prediction_table(df: pd.DataFrame, results: dict[int, dict], meta) -> pd.DataFrame:
     """Input columns, then `prob_<class>` columns and `pred` (or `pred_<label>` for regression, or `seg_path`
     and, when the input has a Mask column, `dice` for segmentation), then `error` (empty when the row
-    succeeded). Rows stay in input order."""
+    succeeded). Rows stay in input order. `meta`: the checkpoint's RunMeta (util.task.meta)."""
     out = df.copy()
-    mode, n = meta["mode"], len(df)
-    if mode == "segmentation":
+    task, n = meta.task, len(df)
+    if task.dense:
         out["seg_path"] = [results.get(i, {}).get("seg_path", "") for i in range(n)]
         if find_column(df, "Mask") is not None:  # the label maps scored against the input's masks
             out["dice"] = [results.get(i, {}).get("dice", np.nan) for i in range(n)]
-    elif mode != "embedding":
-        names = output_columns(meta)
+    elif not task.headless:
+        names = meta.output_columns
         values = np.full((n, len(names)), np.nan, dtype=np.float64)
         pred = [""] * n
         for i, r in results.items():
             if "probs" in r:
                 values[i] = r["probs"]
-                pred[i] = "" if mode == "regression" else predicted_label(mode, names, r["probs"])
-        prefix = "pred_" if mode == "regression" else "prob_"
+                pred[i] = "" if task.continuous else task.predicted_label(names, r["probs"])
         for k, name in enumerate(names):
-            out[f"{prefix}{name}"] = values[:, k]
-        if mode != "regression":
+            out[f"{task.value_prefix}{name}"] = values[:, k]
+        if not task.continuous:  # values have no predicted class
             out["pred"] = pred
     out["error"] = [results.get(i, {}).get("error", "") or "" for i in range(n)]
     return out
 
 
-def score_against_labels(df: pd.DataFrame, results: dict[int, dict], meta: dict, column: str) -> str | None:
+def score_against_labels(df: pd.DataFrame, results: dict[int, dict], meta, column: str) -> str | None:
     """One line scoring a classifier's predictions against a class-index column of the input (a held-out set's
     `Label`), over the rows that succeeded and hold a label; None when there is no such column or nothing to score
     (other heads, labels that are not class indices of this head)."""
     col = find_column(df, column)
-    if meta["mode"] not in ("binary", "multiclass") or col is None:
+    if not meta.task.single_label or col is None:
         return None
     labels = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
     rows = [i for i in sorted(results) if "probs" in results[i] and np.isfinite(labels[i])]
@@ -169,7 +167,7 @@ def score_against_labels(df: pd.DataFrame, results: dict[int, dict], meta: dict,
     probs, y = np.stack([results[i]["probs"] for i in rows]), labels[rows]
     if (y != np.round(y)).any() or y.min() < 0 or y.max() >= probs.shape[1]:
         return None
-    m = classification_metrics(probs, y.astype(np.int64), meta["mode"], output_columns(meta))
+    m = meta.task.probability_metrics(probs, y.astype(np.int64), meta.output_columns)
     return (f"Against the {col} column ({len(rows)} rows): accuracy {m['accuracy']:.3f}, balanced accuracy "
             f"{m['balanced_accuracy']:.3f}, AUROC {m['auroc']:.3f}")
 

@@ -1,0 +1,170 @@
+"""Structural tests for the repository layout: pure ``ast`` parsing, no project imports.
+
+Layering of ``util/`` (a module imports only util modules of its own layer or lower):
+  0 core: the flat files util/*.py (errors, atomic, triple, runtime, ...)
+  1 util/volume    2 util/data, util/nn    3 util/task
+  4 util/train, util/evaluate (which must not import each other)    5 util/args.py
+"""
+import ast
+import functools
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+UTIL = ROOT / "util"
+MAX_LINES = 400
+PACKAGE_LAYERS = {"volume": 1, "data": 2, "nn": 2, "task": 3, "train": 4, "evaluate": 4}
+SKIP_DIRS = {"__pycache__", "demo_data", "output_dir"}
+TASK_MODES = {"binary", "multiclass", "multilabel", "regression",
+              "segmentation", "embedding", "classification"}
+COMPARE_OPS = (ast.Eq, ast.NotEq, ast.In, ast.NotIn)
+# Compared expressions (per file) whose string vocabulary merely overlaps the task modes.
+NOT_TASK_MODES = {"util/data/path_table.py": {"kind"}}  # label-column kind: class/binary/float
+
+
+@pytest.fixture(scope="session")
+def one_thread():
+    """Overrides conftest's autouse torch set-up: nothing here imports torch (keeps this file < 1 s)."""
+
+
+def _tree_files(folder):
+    """All .py files below ``folder``, skipping hidden, cache and output dirs."""
+    for path in sorted(folder.rglob("*.py")):
+        dirs = path.relative_to(ROOT).parts[:-1]
+        if not any(d.startswith((".", "output_")) or d in SKIP_DIRS for d in dirs):
+            yield path
+
+
+def _root_files():
+    return sorted(ROOT.glob("*.py"))
+
+
+def _rel(path):
+    return path.relative_to(ROOT).as_posix()
+
+
+def _module_name(path):  # util/task/tasks.py -> util.task.tasks, util/nn/__init__.py -> util.nn
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _from_target(path, node, alias):
+    """Module named by ``from base import alias``: base.alias if that is a util module, else base."""
+    base = node.module or ""
+    if node.level:  # relative import: resolve against the importer's package
+        pkg = _module_name(path).split(".")[:None if path.name == "__init__.py" else -1]
+        base = ".".join(pkg[:len(pkg) - node.level + 1] + ([base] if base else []))
+    parts = f"{base}.{alias}".split(".")
+    if base == "util" or (parts[0] == "util" and (ROOT.joinpath(*parts).with_suffix(".py").is_file()
+                                                  or ROOT.joinpath(*parts).is_dir())):
+        return ".".join(parts)
+    return base
+
+
+@functools.lru_cache(maxsize=None)
+def _scan(path):
+    """Parse ``path`` once and walk every node (function-level code included): returns the
+    source lines, every import as (line, module) and every ast.Compare / ast.match_case node."""
+    source = path.read_text(encoding="utf-8")
+    imports, branches = [], []
+    for node in ast.walk(ast.parse(source, filename=str(path))):
+        if isinstance(node, ast.Import):
+            imports += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            imports += [(node.lineno, _from_target(path, node, a.name)) for a in node.names]
+        elif isinstance(node, (ast.Compare, ast.match_case)):
+            branches.append(node)
+    return source.split("\n"), sorted(imports), branches  # "\n" as ast counts lines
+
+
+def _layer(module, where):
+    """(layer, concern package or None) of a ``util...`` module; fails on an unknown package."""
+    parts = module.split(".")
+    if len(parts) == 1 or (UTIL / f"{parts[1]}.py").is_file():
+        return (5 if parts[1:2] == ["args"] else 0), None  # util/args.py: the CLI layer
+    if parts[1] not in PACKAGE_LAYERS:
+        pytest.fail(f"{where}: unknown package util/{parts[1]}/ - add it to PACKAGE_LAYERS "
+                    f"in tests/test_layout.py")
+    return PACKAGE_LAYERS[parts[1]], parts[1]
+
+
+def test_no_source_file_is_over_400_lines():
+    """No .py file in the root, util/, tests/ or bench/ is longer than 400 lines."""
+    files = _root_files() + [p for d in ("util", "tests", "bench") for p in _tree_files(ROOT / d)]
+    bad = [f"{_rel(p)}:{MAX_LINES + 1}: {n} lines, limit is {MAX_LINES}" for p in files
+           if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES]
+    assert not bad, "files over the line limit:\n" + "\n".join(bad)
+
+
+def test_util_never_imports_a_top_level_module():
+    """util/ is a library: it never imports a root module (main_*, models_*, engine_*, ...)."""
+    top = {p.stem for p in _root_files()}
+    bad = [f"{_rel(p)}:{line}: imports top-level module {mod!r}"
+           for p in _tree_files(UTIL) for line, mod in _scan(p)[1] if mod.split(".")[0] in top]
+    assert not bad, "util/ must not import top-level modules:\n" + "\n".join(bad)
+
+
+def test_no_util_module_imports_a_higher_layer():
+    """A util module imports only util modules of its own or a lower layer."""
+    bad = []
+    for path in _tree_files(UTIL):
+        own, own_pkg = _layer(_module_name(path), _rel(path))
+        for line, mod in (i for i in _scan(path)[1] if i[1].split(".")[0] == "util"):
+            layer, pkg = _layer(mod, f"{_rel(path)}:{line}")
+            where = f"{_rel(path)}:{line}: imports {mod} (layer {layer})"
+            if layer > own:
+                bad.append(f"{where} from layer {own}")
+            elif {own_pkg, pkg} == {"train", "evaluate"}:
+                bad.append(f"{where}: util/train and util/evaluate must not import each other")
+    assert not bad, "layering violations:\n" + "\n".join(bad)
+
+
+def test_concern_packages_have_empty_init():
+    """Every util/<pkg>/ has an empty __init__.py (no re-export facades)."""
+    dirs = {d.name for d in UTIL.iterdir() if d.is_dir() and d.name not in SKIP_DIRS
+            and not d.name.startswith(".")}
+    inits = [UTIL / pkg / "__init__.py" for pkg in sorted(dirs | set(PACKAGE_LAYERS))]
+    bad = [f"{_rel(i)}:1: missing" if not i.is_file() else f"{_rel(i)}:1: not empty (no re-export facades)"
+           for i in inits if not i.is_file() or i.read_text(encoding="utf-8").strip()]
+    assert not bad, "concern package __init__ problems:\n" + "\n".join(bad)
+
+
+def _is_mode_literal(node):
+    """A task-mode string constant, a tuple/list/set literal holding one, or a case pattern of one."""
+    if isinstance(node, ast.MatchValue):
+        return _is_mode_literal(node.value)
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.MatchOr)):
+        return any(map(_is_mode_literal, getattr(node, "elts", None) or getattr(node, "patterns", [])))
+    return isinstance(node, ast.Constant) and node.value in TASK_MODES
+
+
+def _segment(lines, node):
+    """Source text of ``node`` on one line (ast.get_source_segment re-splits the file: too slow)."""
+    rows = [line.encode() for line in lines[node.lineno - 1:node.end_lineno]]
+    rows[-1] = rows[-1][:node.end_col_offset]
+    rows[0] = rows[0][node.col_offset:]
+    return " ".join(b"\n".join(rows).decode().split())
+
+
+def test_no_task_mode_string_is_compared_outside_the_tasks_module():
+    """Only util/task/tasks.py (and its torch-free util/task/flags.py) may branch on task-mode names such as "binary" (==, !=, in,
+    not in, or a ``case`` pattern); everything else asks the task object."""
+    bad = []
+    for path in _root_files() + list(_tree_files(UTIL)):
+        if path in (UTIL / "task" / "tasks.py", UTIL / "task" / "flags.py"):  # the tasks module, torch-free part
+            continue
+        lines, _, branches = _scan(path)
+        exempt, hits = NOT_TASK_MODES.get(_rel(path), set()), []
+        for node in branches:
+            if isinstance(node, ast.match_case):
+                hit, node = _is_mode_literal(node.pattern), node.pattern
+            else:
+                operands = [node.left, *node.comparators]
+                hit = (any(isinstance(op, COMPARE_OPS) for op in node.ops)
+                       and any(map(_is_mode_literal, operands))
+                       and not any(_segment(lines, o) in exempt for o in operands))
+            if hit:
+                hits.append((node.lineno, f"{_rel(path)}:{node.lineno}: {_segment(lines, node)}"))
+        bad += [msg for _, msg in sorted(hits)]
+    assert not bad, "task-mode strings compared outside util/task/tasks.py and flags.py:\n" + "\n".join(bad)
