@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import glob
 import os
 import pathlib
 import pickle
@@ -25,6 +24,7 @@ import torch
 from util.atomic import atomic_write
 from util.errors import UserError
 from util.faults import fault_point
+from util.run_folder import RunFolder
 
 SAFE_CLASSES = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                 pathlib.PureWindowsPath)
@@ -258,19 +258,13 @@ def encoder_weights(ckpt: dict) -> dict:
     return sd
 
 
-def _epoch_of(p: str) -> int:
-    m = re.search(r"checkpoint-(\d+)\.pth$", p)
-    return int(m.group(1)) if m else -1
-
-
 def find_resume(output_dir: str | os.PathLike) -> tuple[str | None, dict | None]:
     """The newest loadable checkpoint in `output_dir`: checkpoint-last.pth, else the newest numbered one.
 
     A corrupt file is skipped with a warning; an unsafe one raises (it was not written by us).
     """
-    last = os.path.join(output_dir, "checkpoint-last.pth")
-    numbered = sorted(glob.glob(os.path.join(output_dir, "checkpoint-[0-9]*.pth")), key=_epoch_of, reverse=True)
-    for path in ([last] if os.path.isfile(last) else []) + numbered:
+    folder = RunFolder(str(output_dir))
+    for path in ([folder.last] if os.path.isfile(folder.last) else []) + folder.numbered_checkpoints():
         try:
             ckpt = load_checkpoint(path)
         except CorruptCheckpointError as e:
@@ -283,7 +277,4 @@ def find_resume(output_dir: str | os.PathLike) -> tuple[str | None, dict | None]
 
 def best_or_last(folder: str | os.PathLike) -> str | None:
     """checkpoint-best.pth in `folder`, else checkpoint-last.pth, else None."""
-    for name in ("checkpoint-best.pth", "checkpoint-last.pth"):
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
-    return None
+    return RunFolder(str(folder)).best_or_last()

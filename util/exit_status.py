@@ -18,8 +18,9 @@ import socket
 import time
 
 from util.atomic import write_text
+from util.run_folder import STATUS
 
-STATUS_FILE = "exit_status.json"
+STATUS_FILE = STATUS
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_ROWS_FAILED = 75, 130, 2
 
 

@@ -8,6 +8,7 @@ import os
 import time
 
 from util.distributed import is_main_process
+from util.run_folder import RunFolder
 
 
 class Pace:
@@ -135,7 +136,7 @@ class TBLogger:
 def append_json_log(output_dir: str, stats: dict) -> None:
     """Append one JSON line to output_dir/log.txt (rank 0 only)."""
     if output_dir and is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        with open(RunFolder(output_dir).log, "a") as f:
             f.write(json.dumps(stats) + "\n")
 
 

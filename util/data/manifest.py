@@ -22,8 +22,9 @@ import pandas as pd
 
 from util.atomic import atomic_write
 from util.errors import UserError
+from util.run_folder import MANIFEST
 
-MANIFEST_NAME = "data_manifest.csv.gz"
+MANIFEST_NAME = MANIFEST
 BLOCK = 8 * 1024  # three blocks per scan: 2.4 GB read for 100,000 scans, wherever they are stored
 COLUMNS = ("path", "size", "mtime_ns", "fingerprint")
 

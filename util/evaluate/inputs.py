@@ -18,7 +18,8 @@ import pandas as pd
 
 from util.errors import UserError
 from util.data.path_table import find_column, read_csv_table, where
-from util.task.tasks import PROBE_TASKS, Task, probe_task, task_named
+from util.task.flags import PROBE_TASKS
+from util.task.tasks import Task, probe_task, task_named
 
 AUTO = "auto"  # --task auto: the labels decide
 MAX_CLASSES = 20  # --task auto: an integer label with more distinct values is a regression target

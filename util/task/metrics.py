@@ -118,6 +118,9 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]
     return out
 
 
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "f1", "auroc", "mae", "rmse", "r2", "dice")
+
+
 def summary_line(metrics: dict, also: tuple[str, ...] = ()) -> str:
     """'loss 0.4123, accuracy 0.8750, ..., auroc 1.0000': an evaluation's loss and its task's summary metrics (and
     the keys in `also`, e.g. a --best_metric of one label), in that order; per-class and per-label values stay in

@@ -20,7 +20,7 @@ from util.data.path_table import numeric_columns, where
 from util.errors import UserError
 from util.task import metrics as M
 from util.task import weighted as W
-from util.task.flags import FLAG_CHOICES, HEAD_TASKS, PROBE_TASKS, is_dense
+from util.task.flags import FLAG_CHOICES, HEAD_TASKS, is_dense
 
 if TYPE_CHECKING:
     import torch
