@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from models_vit3d import backbone
-from util.train import loop as train_loop
 from util.distributed import all_gather_cat, all_reduce_sum
 from util.task.dice import dice_from_stats, dice_stats
 from util.runtime import autocast
@@ -46,14 +45,23 @@ def build_optimizer(model, settings: TrainSettings, weight_decay: float, layer_d
     return torch.optim.AdamW(groups, lr=lr, fused=settings.device.startswith("cuda"))
 
 
-def train_one_epoch(model, criterion, loader, optimizer, scaler, epoch: int, settings: TrainSettings, task: Task,
-                    tb=None, **loop_kw) -> dict:
-    """Finetune for one epoch on batches (imgs [N, 1, D, H, W], targets); loop_kw as in util.train.loop."""
-    def compute_loss(m, batch):
-        imgs, target = to_device(batch, settings.device, flip_target=task.dense)
-        return criterion(m(imgs).float(), task.prepare_target(target, settings.device))
+class Supervised:
+    """The finetuning objective (util.train.loop.Objective): the task's loss (util.task.tasks) of the model's
+    outputs for batches (imgs [N, 1, D, H, W], targets)."""
+    tracks_batches = False
 
-    return train_loop.train_one_epoch(model, loader, optimizer, scaler, epoch, settings, compute_loss, tb, **loop_kw)
+    def __init__(self, criterion, task: Task, device: str):
+        self.criterion, self.task, self.device = criterion, task, device
+
+    def loss(self, model, batch) -> torch.Tensor:
+        imgs, target = to_device(batch, self.device, flip_target=self.task.dense)
+        return self.criterion(model(imgs).float(), self.task.prepare_target(target, self.device))
+
+    def batch_ids(self, batch) -> None:
+        return None
+
+    def describe(self, batch) -> None:
+        return None
 
 
 @torch.no_grad()

@@ -1,27 +1,30 @@
-"""One epoch of MAE pretraining, and the reconstruction picture."""
+"""MAE pretraining: its training objective, the held-out reconstruction score and the reconstruction picture."""
 from __future__ import annotations
 
 import torch
 
-from util.train import loop as train_loop
 from util.runtime import autocast
-from util.train.loop import TrainSettings
 from util.data.transport import to_device
 
 
-def train_one_epoch(model, loader, optimizer, scaler, epoch: int, settings: TrainSettings, mask_ratio: float = 0.75,
-                    tb=None, **loop_kw) -> dict:
-    """Pretrain for one epoch on batches (imgs [N, 1, D, H, W], volume indices [N]); see util.train.loop for
-    loop_kw (start, control, checkpoint)."""
-    def compute_loss(m, batch):
-        imgs, _ = to_device(batch, settings.device)
-        loss, _, _ = m(imgs, mask_ratio=mask_ratio)
+class MaskedReconstruction:
+    """The pretraining objective (util.train.loop.Objective): the MAE's masked-patch loss of batches (imgs [N, 1, D,
+    H, W], volume indices [N]); which volumes each rank saw is recorded."""
+    tracks_batches = True
+
+    def __init__(self, paths: list[str], device: str, mask_ratio: float = 0.75):
+        self.paths, self.device, self.mask_ratio = paths, device, mask_ratio
+
+    def loss(self, model, batch) -> torch.Tensor:
+        imgs, _ = to_device(batch, self.device)
+        loss, _, _ = model(imgs, mask_ratio=self.mask_ratio)
         return loss
 
-    paths = loader.dataset.paths
-    return train_loop.train_one_epoch(
-        model, loader, optimizer, scaler, epoch, settings, compute_loss, tb, batch_ids=lambda b: b[1].tolist(),
-        describe=lambda b: [paths[int(i)] for i in b[1]], **loop_kw)
+    def batch_ids(self, batch) -> list[int]:
+        return batch[1].tolist()
+
+    def describe(self, batch) -> list[str]:
+        return [self.paths[int(i)] for i in batch[1]]
 
 
 @torch.no_grad()

@@ -109,34 +109,40 @@ import torch  # noqa: E402
 
 import models_vit3d  # noqa: E402
 from datasets_three_d_fine import Custom3DDataset  # noqa: E402
-from engine_finetune import EvalSettings, build_optimizer, evaluate, train_one_epoch  # noqa: E402
+from engine_finetune import EvalSettings, Supervised, build_optimizer, evaluate  # noqa: E402
 from models_build import adopt_encoder_sizes, build_model_from_meta, model_from_checkpoint, training_meta  # noqa: E402
 from util.train import trainer  # noqa: E402
 from util.atomic import ensure_writable_dir, write_text  # noqa: E402
 from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of  # noqa: E402
 from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
+from util.logger import TBLogger, describe_outputs  # noqa: E402
+from util.run_folder import EVAL_METRICS, TEST_METRICS, RunFolder  # noqa: E402
+from util.train.fit import TrainData, fit  # noqa: E402
+from util.train.loop import TrainParts  # noqa: E402
 from util.task.metrics import is_better, summary_line  # noqa: E402
 from util.volume.preprocess import PreprocessConfig  # noqa: E402
 from util.data.sampler import EvalShardSampler  # noqa: E402
 from util.task.meta import RunMeta  # noqa: E402
 from util.task.tasks import Task, from_flags  # noqa: E402
 from util.triple import check_sizes  # noqa: E402
-from util.data.dataset import cache_use_line  # noqa: E402
 
 
 def resolve_demo_checkpoint() -> str:
     """The demo pretraining weights made by `python main_pretrain.py`, or a one-sentence exit saying so."""
-    for name in ("mae_pretrained.pth", "checkpoint-last.pth"):
-        if os.path.isfile(os.path.join(DEMO_PRETRAIN, name)):
-            return os.path.join(DEMO_PRETRAIN, name)
+    folder = RunFolder(DEMO_PRETRAIN)
+    for path in (folder.pretrained, folder.last):
+        if os.path.isfile(path):
+            return path
     raise UserError(f"No demo pretraining checkpoint in {DEMO_PRETRAIN}/ (mae_pretrained.pth or checkpoint-last.pth): "
                     f"run `python main_pretrain.py` first to make it, or pass --finetune none to train from scratch.")
 
 
-def make_dataset(csv_path: str, train: bool, args, preprocess, task: Task, nb_classes: int | None = None):
-    """Training set (random crops, flips) or eval set (centre crop; whole volumes for label maps)."""
+def make_dataset(csv_path: str, train: bool, args, preprocess, task: Task | None = None,
+                 nb_classes: int | None = None):
+    """Training set (random crops, flips) or eval set (centre crop; whole volumes for label maps); the task of
+    the flags unless given."""
+    task = task or from_flags(args.task, args.regression, len(args.label_columns or ["Label"]))
     return Custom3DDataset(csv_path, input_size=args.input_size, train=train, preprocess=preprocess, task=task,
                            label_columns=args.label_columns, cache_dir=args.cache_dir,
                            seed=args.seed, fg_prob=args.fg_prob, intensity_jitter=args.intensity_jitter if train
@@ -196,24 +202,37 @@ def load_finetune(vit, args) -> None:
     print(f"Loaded {len(info['loaded'])} tensors from {args.finetune}.")
 
 
-def end_of_epoch(args, parts: tuple, metrics: dict, best: dict, epoch: int, train_loss: float) -> dict:
-    """Update the best record; rank 0 writes checkpoint-best.pth (when improved) and checkpoint-last.pth; one line
-    with the training loss, the validation loss and the task's metrics. Without validation there is no best."""
-    if metrics and args.best_metric not in metrics:
-        raise UserError(f"--best_metric {args.best_metric} is not computed here; choose one of {sorted(metrics)}.")
-    improved = bool(metrics) and is_better(metrics[args.best_metric], best.get("value"), args.best_metric)
-    if improved:
-        best = {"metric": args.best_metric, "value": metrics[args.best_metric], "epoch": epoch}
-    model, optimizer, scaler, extra = parts
-    names = (["checkpoint-best.pth"] if improved else []) + ["checkpoint-last.pth"]
-    trainer.save_checkpoint([os.path.join(args.output_dir, n) for n in names], model, optimizer, scaler, epoch, args,
-                            best=best, metrics=metrics, **extra)
-    line = f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}"
-    if metrics:  # best['epoch'] counts from 0, as the checkpoint's 'epoch'
-        line += (f"; val {summary_line(metrics, (args.best_metric,))} (best {args.best_metric} "
-                 f"{best.get('value', float('nan')):.4f} at epoch {best.get('epoch', 0) + 1})")
-    print(line, flush=True)
-    return best
+class FinetuneEpochs:
+    """Finetuning's part of the epoch skeleton (util.train.fit): score --val_csv after each epoch, keep the best
+    record (checkpoint-best.pth when it improves; without validation there is no best), print one line with the
+    training loss, the validation loss and the task's metrics. Every checkpoint holds the recipe, the RunMeta, the
+    preprocessing, the loss weights, the best record and the last metrics."""
+
+    def __init__(self, args, model, criterion, val_loader, eval_settings, meta: RunMeta, fields: dict, best: dict):
+        self.args, self.model, self.criterion, self.val_loader = args, model, criterion, val_loader
+        self.eval_settings, self.meta, self.fields, self.best, self.metrics = eval_settings, meta, fields, best, {}
+
+    def checkpoint_fields(self) -> dict:
+        return dict(self.fields, best=self.best, metrics=self.metrics)
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
+        args = self.args
+        metrics = evaluate(self.model, self.criterion, self.val_loader, self.eval_settings, self.meta) \
+            if self.val_loader else {}
+        if metrics and args.best_metric not in metrics:
+            raise UserError(f"--best_metric {args.best_metric} is not computed here; choose one of {sorted(metrics)}.")
+        improved = bool(metrics) and is_better(metrics[args.best_metric], self.best.get("value"), args.best_metric)
+        if improved:
+            self.best = {"metric": args.best_metric, "value": metrics[args.best_metric], "epoch": epoch}
+        self.metrics = metrics
+        line = f"epoch {epoch + 1}/{args.epochs}: train loss {stats['loss']:.4f}"
+        if metrics:  # best['epoch'] counts from 0, as the checkpoint's 'epoch'
+            line += (f"; val {summary_line(metrics, (args.best_metric,))} (best {args.best_metric} "
+                     f"{self.best.get('value', float('nan')):.4f} at epoch {self.best.get('epoch', 0) + 1})")
+        print(line, flush=True)
+        stats = {**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in metrics.items()},
+                 "epoch": epoch + 1}  # log.txt counts epochs from 1, like the console
+        return stats, [RunFolder(args.output_dir).best] if improved else []
 
 
 def train(args, preprocess) -> None:
@@ -235,51 +254,23 @@ def train(args, preprocess) -> None:
     print(f"{args.model} ({task.name}, {meta.nb_outputs} outputs, {shown} trainable): input "
           f"{args.input_size}, {len(train_ds.paths)} training volumes, effective batch {args.effective_batch}, "
           f"lr {args.lr:.3g}, precision {args.precision}")
-    ddp, settings = trainer.wrap_ddp(model, args), trainer.settings(args)
-    optimizer = build_optimizer(model, settings, args.weight_decay, args.layer_decay, args.linprobe)
-    scaler = trainer.grad_scaler(args)
+    optimizer = build_optimizer(model, trainer.settings(args), args.weight_decay, args.layer_decay, args.linprobe)
+    parts = TrainParts(model, trainer.wrap_ddp(model, args), optimizer, trainer.grad_scaler(args))
     recipe = trainer.recipe_of(args, dict(train_csv=os.path.abspath(args.train_csv), mode=task.name,
                                           nb_outputs=meta.nb_outputs, global_pool=args.pool, linprobe=args.linprobe,
                                           finetune=args.finetune, preprocess=preprocess.to_dict()))
     path, ckpt = trainer.load_resume(args, recipe)
-    start_epoch, progress = trainer.restore(path, ckpt, model, optimizer, scaler, f"this {args.model} {task.name} model",
-                                              args.epochs) if path else (0, None)
-    best = ckpt.get("best") or {}
-    extra = dict(recipe=recipe, meta=meta.to_dict(), preprocess=preprocess.to_dict(), loss_weights=weights)
-    control, tb = trainer.step_control(args), TBLogger(args.log_dir)
+    start_epoch, progress = trainer.restore(path, ckpt, parts, f"this {args.model} {task.name} model",
+                                            args.epochs) if path else (0, None)
     eval_settings = EvalSettings(args.device, args.precision, args.sw_batch_size, args.sw_overlap)
-    pace = Pace()
+    fields = dict(recipe=recipe, meta=meta.to_dict(), preprocess=preprocess.to_dict(), loss_weights=weights)
+    epochs = FinetuneEpochs(args, model, criterion, val_loader, eval_settings, meta, fields, ckpt.get("best") or {})
     if val_loader is None:
         print("No --val_csv: nothing is validated, so there is no best epoch and no checkpoint-best.pth; "
               + ("--test_csv is scored with checkpoint-last.pth." if test_loader is not None else
                  "checkpoint-last.pth holds the last epoch."))
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            trainer.begin_epoch(epoch, sampler, train_ds, progress, args)
-            saver = trainer.mid_epoch_saver(args, epoch, (model, optimizer, scaler), best=best, **extra)
-            stats = train_one_epoch(ddp, criterion, loader, optimizer, scaler, epoch, settings, task, tb,
-                                    start=progress, control=control, checkpoint=saver, pace=pace)
-            progress = None
-            line = cache_use_line(train_ds, args.cache_dir, args.device) if epoch == start_epoch else None
-            if line and is_main_process():  # (every rank counts its reads)
-                print(line)
-            metrics = evaluate(model, criterion, val_loader, eval_settings, meta) if val_loader else {}
-            best = end_of_epoch(args, (model, optimizer, scaler, extra), metrics, best, epoch, stats["loss"])
-            control.saved()  # checkpoint-last.pth of this epoch: the --save_every_minutes timer restarts
-            stats = {**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in metrics.items()},
-                     "epoch": epoch + 1}  # log.txt counts epochs from 1, like the console
-            if is_main_process():
-                tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
-                tb.flush()
-                append_json_log(args.output_dir, stats)
-            if control.stop_requested() and epoch + 1 < args.epochs:
-                trainer.flush()
-                control.stop(epoch, None)
-        trainer.flush()
-    finally:
-        trainer.finish_writes()
-        control.close()
-        tb.close()
+    fit(args, parts, TrainData(train_ds, sampler, loader), Supervised(criterion, task, args.device), epochs,
+        start_epoch, progress, TBLogger(args.log_dir))
     if test_loader is not None:
         score_test(args, model, criterion, test_loader, meta, eval_settings)
 
@@ -291,7 +282,7 @@ def score_test(args, model, criterion, loader, meta, eval_settings) -> None:
     metrics = evaluate(model, criterion, loader, eval_settings, meta)
     print(f"Test ({args.test_csv}, {os.path.basename(path)}): {json.dumps(metrics)}")
     if is_main_process():
-        write_text(os.path.join(args.output_dir, "test_metrics.json"),
+        write_text(RunFolder(args.output_dir).file(TEST_METRICS),
                    json.dumps({"checkpoint": path, "csv": args.test_csv, **metrics}, indent=1))
 
 
@@ -319,7 +310,7 @@ def run_eval(args) -> dict:
     metrics = evaluate(model, criterion, loader, EvalSettings(args.device, args.precision, args.sw_batch_size,
                                                                args.sw_overlap), meta)
     out = args.metrics_json or os.path.join(args.output_dir or os.path.dirname(os.path.abspath(path)),
-                                            "eval_metrics.json")
+                                            EVAL_METRICS)
     print(f"Eval of {path} on {args.val_csv}: {json.dumps(metrics)}")
     if is_main_process():
         ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "--metrics_json folder")

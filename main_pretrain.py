@@ -73,16 +73,18 @@ import torch  # noqa: E402
 
 import models_mae3d  # noqa: E402
 from datasets_three_d import Custom3DDataset  # noqa: E402
-from engine_pretrain import evaluate_reconstruction, reconstruction_picture, train_one_epoch  # noqa: E402
+from engine_pretrain import MaskedReconstruction, evaluate_reconstruction, reconstruction_picture  # noqa: E402
 from util.train import trainer  # noqa: E402
 from util.atomic import atomic_write, write_text  # noqa: E402
 from util.checkpoint import CheckpointNotFoundError, load_checkpoint, save_atomic  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, is_main_process  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.logger import Pace, TBLogger, append_json_log, describe_outputs  # noqa: E402
+from util.logger import TBLogger, describe_outputs  # noqa: E402
+from util.run_folder import RunFolder  # noqa: E402
+from util.train.fit import TrainData, args_record, fit  # noqa: E402
+from util.train.loop import TrainParts  # noqa: E402
 from util.train.lr_decay import param_groups_weight_decay  # noqa: E402
 from util.data.sampler import EvalShardSampler  # noqa: E402
-from util.data.dataset import cache_use_line  # noqa: E402
 
 
 def build_data(args, preprocess):
@@ -119,40 +121,53 @@ def build_model(args):
     return model
 
 
-def end_of_epoch(args, epoch, stats, parts, tb, shown, val) -> dict:
-    """Checkpoints, the held-out score and the picture (every --vis_every epochs), TensorBoard and log.txt.
-    `epoch` counts from 0 (as the checkpoint's 'epoch' stores it); every name and line counts from 1."""
-    model, optimizer, scaler, recipe, preprocess = parts
-    ckpt, done = dict(recipe=recipe, preprocess=preprocess.to_dict()), epoch + 1
-    paths = [os.path.join(args.output_dir, "checkpoint-last.pth")]
-    if args.save_every and done % args.save_every == 0 and done < args.epochs:  # the last one: link_final_checkpoint
-        paths.append(os.path.join(args.output_dir, f"checkpoint-{done}.pth"))
-    trainer.save_checkpoint(paths, model, optimizer, scaler, epoch, args, **ckpt)
-    if args.vis_every and (done % args.vis_every == 0 or done == args.epochs):
+class PretrainEpochs:
+    """Pretraining's part of the epoch skeleton (util.train.fit): every checkpoint holds the recipe and the
+    preprocessing; every --save_every epochs a numbered checkpoint too; every --vis_every epochs (and the last) the
+    held-out score and the reconstruction picture. `epoch` counts from 0 (as checkpoints store it); every name
+    and line counts from 1."""
+
+    def __init__(self, args, model, dataset, recipe: dict, preprocess, tb, shown, val):
+        self.args, self.model, self.dataset, self.recipe, self.preprocess = args, model, dataset, recipe, preprocess
+        self.tb, self.shown, self.val, self.folder = tb, shown, val, RunFolder(args.output_dir)
+
+    def checkpoint_fields(self) -> dict:
+        return dict(recipe=self.recipe, preprocess=self.preprocess.to_dict())
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
+        args, done = self.args, epoch + 1
+        stats["epoch"] = done  # log.txt counts epochs from 1, like the console and the file names
+        if self.dataset.bad_files:
+            stats["skipped_files"] = list(self.dataset.bad_files)
+        also = []
+        if args.save_every and done % args.save_every == 0 and done < args.epochs:  # the last: link_final_checkpoint
+            also.append(self.folder.numbered(done))
+        if args.vis_every and (done % args.vis_every == 0 or done == args.epochs):
+            self.picture(done, stats)
+        return stats, also
+
+    def picture(self, done: int, stats: dict) -> None:
+        """The held-out score (every rank) and the reconstruction picture of the shown volume (rank 0)."""
+        args, model = self.args, self.model
         title = f"epoch {done}/{args.epochs}  train loss {stats['loss']:.4f}"
-        if val is not None:
-            score = evaluate_reconstruction(model, val, args.mask_ratio, args.device, args.precision, args.seed)
+        if self.val is not None:
+            score = evaluate_reconstruction(model, self.val, args.mask_ratio, args.device, args.precision, args.seed)
             stats.update({f"val_{k}": v for k, v in score.items()})
             title += f"  held-out MSE {score['recon_mse']:.4f} (trivial {score['baseline_mse']:.4f})"
             print(f"epoch {done}/{args.epochs}: held-out masked-patch MSE {score['recon_mse']:.4g}, trivial "
                   f"reconstruction {score['baseline_mse']:.4g} (ratio {score['ratio']:.2f})")
         if is_main_process():
-            path = os.path.join(args.output_dir, f"reconstruction-{done:04d}.png")
-            pic = reconstruction_picture(model, shown[0][0], path, args.mask_ratio, args.device, args.precision,
-                                         title)
-            tb.image("reconstruction", pic, done)
-    if is_main_process():
-        tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, done, prefix="epoch/")
-        tb.flush()
-        append_json_log(args.output_dir, stats)
-    return stats
+            pic = reconstruction_picture(model, self.shown[0][0], self.folder.picture(done), args.mask_ratio,
+                                         args.device, args.precision, title)
+            self.tb.image("reconstruction", pic, done)
 
 
 def link_final_checkpoint(output_dir: str, epochs: int) -> bool:
     """checkpoint-<epochs>.pth as a hard link to checkpoint-last.pth: the run's final state under its number
     without a second copy on disk (a later run continuing with more --epochs replaces checkpoint-last.pth, the
     link keeps this one). A copy where the file system has no hard links; returns whether it is a link."""
-    last, final = (os.path.join(output_dir, n) for n in ("checkpoint-last.pth", f"checkpoint-{epochs}.pth"))
+    folder = RunFolder(output_dir)
+    last, final = folder.last, folder.numbered(epochs)
     linked = []
 
     def link(tmp: str) -> None:
@@ -186,7 +201,7 @@ def initial_weights(args) -> str | None:
     return f"{os.path.basename(args.init)} sha256:{all_gather_objects(digest)[0]}"
 
 
-def start_weights(args, recipe: dict, model, optimizer, scaler):
+def start_weights(args, recipe: dict, parts: TrainParts):
     """--resume first (a restart continues its checkpoint, --init then only checked by the recipe), else the
     --init weights into the fresh model. Returns (epoch to run, progress inside it or None)."""
     path, ckpt = trainer.load_resume(args, recipe)
@@ -194,12 +209,11 @@ def start_weights(args, recipe: dict, model, optimizer, scaler):
         if args.init:
             print(f"--resume {args.resume} wins over --init: continuing {path}, not loading {args.init} "
                   f"(--resume none starts over from it).")
-        return trainer.restore(path, ckpt, model, optimizer, scaler, f"--model {args.model} "
-                               f"{tuple(args.input_size)}", args.epochs)
+        return trainer.restore(path, ckpt, parts, f"--model {args.model} {tuple(args.input_size)}", args.epochs)
     if args.init:
         from models_build import load_mae_init
 
-        load_mae_init(model, load_checkpoint(args.init), args.init)
+        load_mae_init(parts.model, load_checkpoint(args.init), args.init)
     return 0, None
 
 
@@ -215,62 +229,38 @@ def main(args) -> None:
 
 
 def pretrain(args) -> None:
-    """Data, model, optimizer, resume, then the epochs; rank 0 writes every file."""
+    """Data, model, optimizer, resume, then the epochs (util.train.fit); rank 0 writes every file."""
     preprocess = cli_args.preprocess_config(args)
     dataset, sampler, loader, shown, val = build_data(args, preprocess)
     model = build_model(args)
-    ddp = trainer.wrap_ddp(model, args)
     groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
-    scaler = trainer.grad_scaler(args)
+    parts = TrainParts(model, trainer.wrap_ddp(model, args), optimizer, trainer.grad_scaler(args))
     recipe = trainer.recipe_of(args, dict(data_path=os.path.abspath(args.data_path), mask_ratio=args.mask_ratio,
                                           norm_pix_loss=args.norm_pix_loss, preprocess=preprocess.to_dict(),
                                           init=initial_weights(args)))
-    start_epoch, progress = start_weights(args, recipe, model, optimizer, scaler)
+    start_epoch, progress = start_weights(args, recipe, parts)
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {args.input_size}, "
           f"{len(dataset.paths)} volumes, effective batch {args.effective_batch}, lr {args.lr:.3g}, precision "
           f"{args.precision}, {args.world_size} process(es) x {args.num_workers} loader workers")
     print(describe_outputs(args.output_dir, args.log_dir, pictures=bool(args.vis_every),
                            demo=DEMO_DIR if args.demo else None))
-    settings, control, tb = trainer.settings(args), trainer.step_control(args), TBLogger(args.log_dir)
-    parts = (model, optimizer, scaler, recipe, preprocess)
+    folder = RunFolder(args.output_dir)
     if is_main_process():  # the scans it trains on, for main_evaluate.py --pretraining (name, digest in 'args')
         from util.data.manifest import write_manifest
 
         args.data_manifest, args.data_manifest_sha256 = write_manifest(list(dataset.paths), args.output_dir)
-        write_text(os.path.join(args.output_dir, "args.json"), json.dumps(trainer.args_record(args), indent=1))
-    t_start, pace = time.time(), Pace()
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            trainer.begin_epoch(epoch, sampler, dataset, progress, args)
-            mid_epoch = trainer.mid_epoch_saver(args, epoch, parts[:3], recipe=recipe,
-                                                preprocess=preprocess.to_dict())
-            stats = train_one_epoch(ddp, loader, optimizer, scaler, epoch, settings, args.mask_ratio, tb,
-                                    start=progress, control=control, checkpoint=mid_epoch, pace=pace)
-            progress = None
-            stats["epoch"] = epoch + 1  # log.txt counts epochs from 1, like the console and the file names
-            line = cache_use_line(dataset, args.cache_dir, args.device) if epoch == start_epoch else None
-            if line and is_main_process():  # (every rank counts its reads)
-                print(line)
-            if dataset.bad_files:
-                stats["skipped_files"] = list(dataset.bad_files)
-            end_of_epoch(args, epoch, stats, parts, tb, shown, val)
-            control.saved()  # checkpoint-last.pth of this epoch: the --save_every_minutes timer restarts
-            if control.stop_requested() and epoch + 1 < args.epochs:
-                trainer.flush()
-                control.stop(epoch, None)
-        trainer.flush()
-        if is_main_process():
-            save_atomic({"model": model.state_dict(), "args": trainer.args_record(args),
-                         "preprocess": preprocess.to_dict()}, os.path.join(args.output_dir, "mae_pretrained.pth"))
-            how = "a hard link to it" if link_final_checkpoint(args.output_dir, args.epochs) else "a copy"
-            print(f"Done in {time.time() - t_start:.0f}s. Wrote {os.path.join(args.output_dir, 'mae_pretrained.pth')} "
-                  f"(weights), checkpoint-last.pth (and checkpoint-{args.epochs}.pth, {how}), log.txt"
-                  + (", reconstruction-*.png" if args.vis_every else ""))
-    finally:
-        trainer.finish_writes()
-        control.close()
-        tb.close()
+        write_text(folder.args, json.dumps(args_record(args), indent=1))
+    t_start, tb = time.time(), TBLogger(args.log_dir)
+    epochs = PretrainEpochs(args, model, dataset, recipe, preprocess, tb, shown, val)
+    objective = MaskedReconstruction(list(dataset.paths), args.device, args.mask_ratio)
+    fit(args, parts, TrainData(dataset, sampler, loader), objective, epochs, start_epoch, progress, tb)
+    if is_main_process():
+        save_atomic({"model": model.state_dict(), "args": args_record(args), "preprocess": preprocess.to_dict()},
+                    folder.pretrained)
+        how = "a hard link to it" if link_final_checkpoint(args.output_dir, args.epochs) else "a copy"
+        print(f"Done in {time.time() - t_start:.0f}s. Wrote {folder.pretrained} (weights), checkpoint-last.pth (and "
+              f"checkpoint-{args.epochs}.pth, {how}), log.txt" + (", reconstruction-*.png" if args.vis_every else ""))
 
 
 def cli_main(argv: list[str] | None = None):

@@ -76,7 +76,7 @@ def test_binary_from_mae_at_other_size_writes_self_contained_checkpoints_and_res
     from models_build import load_for_inference
 
     model, meta2, pre = load_for_inference(str(out / "checkpoint-last.pth"))
-    assert meta2 == meta and pre == ckpt["preprocess"]
+    assert meta2.to_dict() == meta and pre == ckpt["preprocess"]  # the typed record is what was stored
     assert model(torch.rand(2, 1, 32, 64, 64)).shape == (2, 1)
 
 

@@ -69,9 +69,9 @@ def _fixed_noise_model():
 
 @pytest.mark.parametrize("accum", [2])
 def test_accumulation_matches_bigger_batch(accum):
-    from engine_pretrain import train_one_epoch
+    from engine_pretrain import MaskedReconstruction
     from util.train.lr_sched import Schedule
-    from util.train.loop import TrainSettings
+    from util.train.loop import TrainParts, TrainSettings, train_one_epoch
 
     torch.manual_seed(1)
     vols = torch.rand(2, 1, 32, 32, 32)
@@ -92,7 +92,8 @@ def test_accumulation_matches_bigger_batch(accum):
         settings = TrainSettings(device="cpu", print_freq=100, batch_size=batch, accum_iter=accum_iter,
                                  schedule=Schedule(lr=1.0, epochs=1))
         loader = torch.utils.data.DataLoader(DS(), batch_size=batch, shuffle=False)
-        train_one_epoch(model, loader, opt, torch.amp.GradScaler("cpu", enabled=False), 0, settings, 0.75)
+        parts = TrainParts(model, model, opt, torch.amp.GradScaler("cpu", enabled=False))
+        train_one_epoch(parts, loader, 0, settings, MaskedReconstruction(DS.paths, "cpu", 0.75))
         return {k: before[k] - v for k, v in model.state_dict().items()}
 
     big, acc = step(2, 1), step(1, accum)

@@ -5,7 +5,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from util.errors import UserError
-from util.train.loop import NonFiniteLossError, TrainSettings, train_one_epoch
+from util.train.loop import NonFiniteLossError, TrainParts, TrainSettings, train_one_epoch
 
 # Tensor methods that copy a value to the host (on a GPU each waits for the whole stream).
 HOST_READS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "__format__", "__array__"}
@@ -37,15 +37,23 @@ def _epoch(steps: int, print_freq: int, poison_step: int | None = None) -> int:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     batches = [(torch.randn(4, 8), [4 * i + j for j in range(4)]) for i in range(steps)]
 
-    def compute_loss(m, batch):
-        x, ids = batch
-        loss = m(x).pow(2).mean()
-        return loss * float("nan") if poison_step is not None and ids[0] == 4 * poison_step else loss
+    class Squares:  # an Objective (util.train.loop)
+        tracks_batches = True
+
+        def loss(self, m, batch):
+            x, ids = batch
+            loss = m(x).pow(2).mean()
+            return loss * float("nan") if poison_step is not None and ids[0] == 4 * poison_step else loss
+
+        def batch_ids(self, batch):
+            return batch[1]
+
+        def describe(self, batch):
+            return [f"vol{i}.nii.gz" for i in batch[1]]
 
     s = TrainSettings(device="cpu", print_freq=print_freq, batch_size=4)
     with CountHostReads(opt) as counter:
-        train_one_epoch(model, batches, opt, scaler, 0, s, compute_loss, batch_ids=lambda b: b[1],
-                        describe=lambda b: [f"vol{i}.nii.gz" for i in b[1]])
+        train_one_epoch(TrainParts(model, model, opt, scaler), batches, 0, s, Squares())
     return counter.reads
 
 

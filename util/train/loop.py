@@ -1,11 +1,14 @@
 """The training epoch shared by pretraining and finetuning: accumulation, mixed precision, per-step seeding,
-host checks at print steps only, mid-epoch checkpoints and preemption, logging."""
+host checks at print steps only, mid-epoch checkpoints and preemption, logging.
+
+What a step computes is the engine's `Objective` (engine_pretrain.MaskedReconstruction, engine_finetune.Supervised):
+its `loss(model, batch)` is the one place the loss is written; the loop only runs it."""
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -35,6 +38,31 @@ class TrainSettings:
     distributed: bool = False
     seed: int = 0
     schedule: lr_sched.Schedule = field(default_factory=lambda: lr_sched.Schedule(lr=1e-3, epochs=1))
+
+
+@dataclass
+class TrainParts:
+    """What a run trains, by name: `model` (unwrapped: state_dict, evaluation), `ddp` (what the step runs: the DDP
+    wrapper, or the model itself in one process), its optimizer and grad scaler."""
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+
+
+class Objective(Protocol):
+    """An engine's part of a training step. With `tracks_batches` the loop records `batch_ids` (every rank must
+    agree: the records are gathered)."""
+    tracks_batches: bool
+
+    def loss(self, model: torch.nn.Module, batch) -> torch.Tensor:
+        """The scalar loss of `batch` (run under autocast)."""
+
+    def batch_ids(self, batch) -> list[int] | None:
+        """The dataset indices of the batch (recorded to prove ranks see disjoint volumes), or None."""
+
+    def describe(self, batch) -> list[str] | None:
+        """The batch's file names (named when its loss is not finite), or None."""
 
 
 @dataclass
@@ -75,21 +103,20 @@ class FiniteWatch:
         self.losses, self.steps, self.names = [], [], []
 
 
-def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettings, compute_loss: Callable,
-                    tb=None, batch_ids: Callable | None = None, describe: Callable | None = None,
+def train_one_epoch(parts: TrainParts, loader, epoch: int, s: TrainSettings, objective: Objective, tb=None,
                     start: EpochProgress | None = None, control=None, checkpoint: Callable | None = None,
                     pace=None) -> dict:
-    """One epoch (or its rest, from `start.step`). `compute_loss(model, batch) -> scalar loss` runs under autocast.
+    """One epoch (or its rest, from `start.step`) of `objective.loss(parts.ddp, batch)`, run under autocast.
 
     Every micro-step reseeds torch from (seed, epoch, step, rank), so masks and drop paths replay exactly after a
     resume. Accumulation divides the loss by accum_iter, syncs DDP gradients on the last micro-step only and zeroes
     gradients once per optimizer step. Loss and grad norm reach the host only at the print steps, before a checkpoint
     and at the end (FiniteWatch): a steady-state step never waits for the device.
-    `batch_ids(batch) -> list[int]` records which samples this rank saw; `describe(batch)` names a batch's files.
     `control` (util.train.preempt.StepControl) decides after each optimizer step whether to write a mid-epoch checkpoint
     (`checkpoint(progress, final)`, final=True when stopping: it must be on disk when it returns) and whether to
     stop (then util.train.preempt.Preempted is raised after the checkpoint).
     """
+    model, optimizer, scaler = parts.ddp, parts.optimizer, parts.scaler
     model.train()
     device, n_steps = s.device, len(loader) + (start.step if start else 0)
     start = start or EpochProgress()
@@ -98,7 +125,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
     loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
     gnorm = torch.zeros((), device=device)
     count, lr, t0, seen = start.count, 0.0, time.time(), list(start.seen)
-    watch = FiniteWatch(epoch, describe)
+    watch = FiniteWatch(epoch, objective.describe)
     optimizer.zero_grad(set_to_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
     for it, batch in enumerate(loader, start=start.step):
@@ -110,7 +137,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
         sync_ctx = model.no_sync() if (s.distributed and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(s.precision, device):
-                loss = compute_loss(model, batch)
+                loss = objective.loss(model, batch)
             scaler.scale(loss / s.accum_iter).backward()
         if last_micro:
             scaler.unscale_(optimizer)
@@ -120,8 +147,8 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
             optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         watch.add(loss, it, batch)
-        if batch_ids is not None:
-            seen.extend(batch_ids(batch))
+        if objective.tracks_batches:
+            seen.extend(objective.batch_ids(batch))
         loss_sum += loss.double()
         count += 1
         if progress.due(it):
@@ -132,14 +159,14 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, s: TrainSettin
             if save or stop:
                 watch.check()
                 checkpoint(EpochProgress(it + 1, all_reduce_mean(loss_sum, device), count,
-                                         _gathered(seen) if batch_ids is not None else []), stop)
+                                         _gathered(seen) if objective.tracks_batches else []), stop)
                 control.saved()
             if stop:
                 control.stop(epoch, it + 1)
     watch.check()
     stats = {"loss": all_reduce_mean(loss_sum / max(count, 1), device), "lr": lr}
     volumes = (count - start.count) * s.batch_size * s.world_size
-    if batch_ids is not None:  # a few ints per rank: proves the ranks saw disjoint volumes
+    if objective.tracks_batches:  # a few ints per rank: proves the ranks saw disjoint volumes
         per_rank = all_gather_objects(seen)
         stats.update(volumes=sum(len(p) for p in per_rank), unique_volumes=len(set().union(*map(set, per_rank))))
     stats["volumes_per_s"] = volumes / max(time.time() - t0, 1e-9)

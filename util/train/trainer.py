@@ -1,5 +1,5 @@
 """Scaffolding both trainers share: start-up, the locked output folder, loaders and samplers, DDP, the grad
-scaler, the lr rule, checkpoints (end of epoch and mid-epoch), resume with a recipe check, and preemption."""
+scaler, the lr rule, resume with a recipe check, and preemption. The epochs themselves: util.train.fit."""
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +11,8 @@ import threading
 import torch
 
 from util.atomic import ensure_writable_dir, remove_stale_tmp, write_text
-from util.checkpoint import CheckpointWriter, find_resume, load_checkpoint, plain, state_dict_of
-from util.distributed import barrier, init_distributed_mode, is_main_process, on_main_then_share
+from util.checkpoint import find_resume, load_checkpoint, plain, state_dict_of
+from util.distributed import init_distributed_mode, is_main_process, on_main_then_share
 from util.errors import UserError
 from util.train.lr_sched import Schedule, fit_warmup
 from util.triple import check_sizes
@@ -20,11 +20,11 @@ from util.train.preempt import StepControl
 from util.train.run_lock import RunLock
 from util.runtime import resolve_precision, seed_all, torch_threads
 from util.data.sampler import EpochSampler
-from util.train.loop import EpochProgress, TrainSettings
+from util.run_folder import RunFolder
+from util.train.loop import EpochProgress, TrainParts, TrainSettings
 
 # flags that define a run's recipe: resuming with other values is refused unless --allow_recipe_change
 RECIPE_FLAGS = ("model", "input_size", "patch_size", "seed", "lr", "effective_batch")
-WRITER = CheckpointWriter()  # this process's background checkpoint writer
 
 
 def start(args) -> None:
@@ -126,61 +126,13 @@ def grad_scaler(args) -> torch.amp.GradScaler:
 
 
 def step_control(args) -> StepControl:
-    return StepControl(args.device, args.save_every_minutes, args.save_every_steps,
-                       os.path.join(args.output_dir, "checkpoint-last.pth"), args.epochs)
-
-
-def args_record(args) -> dict:
-    """The flags of a run as plain data (what checkpoints store as 'args')."""
-    return plain({k: v for k, v in vars(args).items() if k != "explicit"})
+    return StepControl(args.device, args.save_every_minutes, args.save_every_steps, RunFolder(args.output_dir).last,
+                       args.epochs)
 
 
 def recipe_of(args, extra: dict) -> dict:
     """The values a resumed run must share with its checkpoint (RECIPE_FLAGS plus script-specific ones)."""
     return plain({**{k: getattr(args, k) for k in RECIPE_FLAGS}, **extra})
-
-
-def save_checkpoint(paths: list[str], model, optimizer, scaler, epoch: int, args, recipe: dict,
-                    progress: EpochProgress | None = None, background: bool = True, **extra) -> None:
-    """Rank 0 writes {'model', 'optimizer', 'epoch', 'scaler', 'args', 'recipe', ...} to every path, atomically.
-
-    The state is copied to the CPU here (every rank waits for that); the files are written by a background
-    thread while training goes on (`flush` waits for them). A mid-epoch checkpoint also records `progress`
-    (micro-steps done, running loss, volumes seen)."""
-    if is_main_process():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                 "scaler": scaler.state_dict(), "args": args_record(args), "recipe": recipe, **extra}
-        if progress is not None:
-            state["progress"] = vars(progress)
-        WRITER.save(state, paths, background)
-    barrier()
-
-
-def finish_writes() -> None:
-    """For `finally` blocks: let a pending checkpoint write finish (this process only, no collective); a failure
-    is printed, since another error is already on its way."""
-    try:
-        WRITER.wait(ctrl_c=False)  # after an interrupt, more Ctrl-C must not cut the write (SIGABRT at exit)
-    except (OSError, RuntimeError) as e:
-        print(f"WARNING: {e}", flush=True)
-
-
-def flush() -> None:
-    """Wait until every checkpoint is on disk (rank 0 writes; every rank waits), raising a failed write's error."""
-    if is_main_process():
-        WRITER.wait()
-    barrier()
-
-
-def mid_epoch_saver(args, epoch: int, parts: tuple, **extra):
-    """The `checkpoint(progress)` callback of util.train.loop: a mid-epoch checkpoint-last.pth."""
-    model, optimizer, scaler = parts
-    path = os.path.join(args.output_dir, "checkpoint-last.pth")
-
-    def save(progress: EpochProgress, final: bool) -> None:
-        save_checkpoint([path], model, optimizer, scaler, epoch, args, progress=progress, background=not final,
-                        **extra)
-    return save
 
 
 def _recipe_changes(saved: dict, current: dict) -> list[str]:
@@ -208,7 +160,7 @@ def trim_log(output_dir: str, done: int) -> None:
     """Rank 0, on resume: drop the log.txt lines of epochs after the `done` whole epochs the checkpoint holds
     (log.txt counts epochs from 1). Such a line was written before its epoch's checkpoint failed to reach the disk
     or the run was killed; the resumed run logs that epoch again, so each epoch keeps exactly one line."""
-    path = os.path.join(output_dir, "log.txt")
+    path = RunFolder(output_dir).log
     if not is_main_process() or not os.path.isfile(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -228,16 +180,16 @@ def _logged_epoch(line: str) -> int | None:
     return epoch if isinstance(epoch, int) else None
 
 
-def restore(path: str, ckpt: dict, model, optimizer, scaler, what: str, epochs: int) -> tuple[int, EpochProgress | None]:
+def restore(path: str, ckpt: dict, parts: TrainParts, what: str, epochs: int) -> tuple[int, EpochProgress | None]:
     """Load model/optimizer/scaler state; returns (epoch to run, progress inside it or None)."""
     try:
-        model.load_state_dict(state_dict_of(ckpt))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        parts.model.load_state_dict(state_dict_of(ckpt))
+        parts.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise UserError(f"{path} does not fit {what} ({first}); use another --output_dir or --resume none.") from None
     if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+        parts.scaler.load_state_dict(ckpt["scaler"])
     progress = ckpt.get("progress")
     if progress:
         print(f"Resumed from {path} (epoch {ckpt['epoch'] + 1}/{epochs}, step {progress['step']}).")
