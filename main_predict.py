@@ -81,9 +81,9 @@ def parse_args(argv: list[str] | None = None):
     def presets(args) -> None:
         args.demo = args.input_csv is None
         if args.demo:
-            from util.checkpoint import best_or_last
+            from util.run_folder import RunFolder
 
-            found = best_or_last(DEMO_DIR) or os.path.join(DEMO_DIR, "checkpoint-best.pth")
+            found = RunFolder(DEMO_DIR).best_or_last() or RunFolder(DEMO_DIR).best
             cli_args.apply_preset(args, dict(DEMO_PRESET, finetune=found), "demo")
     return cli_args.parse(get_args_parser(), argv, presets)
 

@@ -168,3 +168,43 @@ def test_no_task_mode_string_is_compared_outside_the_tasks_module():
                 hits.append((node.lineno, f"{_rel(path)}:{node.lineno}: {_segment(lines, node)}"))
         bad += [msg for _, msg in sorted(hits)]
     assert not bad, "task-mode strings compared outside util/task/tasks.py and flags.py:\n" + "\n".join(bad)
+
+
+RUN_FILES = {"checkpoint-last.pth", "checkpoint-best.pth", "mae_pretrained.pth", "log.txt", "args.json",
+             "exit_status.json", "data_manifest.csv.gz", "test_metrics.json", "eval_metrics.json"}
+
+
+def test_run_folder_file_names_are_spelt_in_run_folder_only():
+    """Code that opens a run's file asks util/run_folder.py for its name; help texts and messages may mention it
+    (string constants that merely contain the name), but no code builds a path from the bare name."""
+    bad = []
+    for path in [*_root_files(), *_tree_files(UTIL)]:
+        if path == UTIL / "run_folder.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in RUN_FILES:
+                bad.append(f"{_rel(path)}:{node.lineno}: {node.value!r}")
+    assert not bad, "run-folder file names spelt outside util/run_folder.py:\n" + "\n".join(bad)
+
+
+def test_every_third_party_import_is_in_requirements():
+    """A fresh install must give every package the code imports (tqdm was once imported but not listed): each
+    third-party module imported by the scripts and util/ belongs to a distribution named in requirements.txt."""
+    import importlib.metadata
+    import re
+    import sys
+
+    listed = {re.split(r"[<>=!~\[; ]", line.strip())[0].lower().replace("_", "-")
+              for line in (ROOT / "requirements.txt").read_text().splitlines() if line.strip()[:1].isalpha()}
+    local = {p.stem for p in _root_files()} | {"util", "bench", "tests"}
+    owners = importlib.metadata.packages_distributions()
+    bad = set()
+    for path in [*_root_files(), *_tree_files(UTIL)]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            for top in {n.split(".")[0] for n in names} - local - set(sys.stdlib_module_names):
+                dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                if not dists & listed:
+                    bad.add(f"{_rel(path)}:{node.lineno}: {top} (distribution {', '.join(sorted(dists))})")
+    assert not bad, "imported but not in requirements.txt:\n" + "\n".join(sorted(bad))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from util.distributed import is_dist, is_main_process
+from util.run_folder import LAST
 from util.exit_status import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: F401 - re-exported
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGINT": signal.SIGINT}
@@ -27,7 +28,7 @@ class StepControl:
     """Decides, at optimizer-step boundaries, when to write a mid-epoch checkpoint and when to stop."""
 
     def __init__(self, device: str, save_every_minutes: float = 0.0, save_every_steps: int = 0,
-                 checkpoint_path: str = "checkpoint-last.pth", epochs: int = 0) -> None:
+                 checkpoint_path: str = LAST, epochs: int = 0) -> None:
         self.device, self.minutes, self.steps, self.epochs = device, save_every_minutes, save_every_steps, epochs
         self.checkpoint_path = checkpoint_path
         self.signal: str | None = None
