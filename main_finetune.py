@@ -120,7 +120,7 @@ from util.logger import TBLogger, describe_outputs  # noqa: E402
 from util.run_folder import EVAL_METRICS, TEST_METRICS, RunFolder  # noqa: E402
 from util.train.fit import TrainData, fit  # noqa: E402
 from util.train.loop import TrainParts  # noqa: E402
-from util.task.metrics import is_better, summary_line  # noqa: E402
+from util.task.metrics import summary_line  # noqa: E402
 from util.volume.preprocess import PreprocessConfig  # noqa: E402
 from util.data.sampler import EvalShardSampler  # noqa: E402
 from util.task.meta import RunMeta  # noqa: E402
@@ -221,7 +221,8 @@ class FinetuneEpochs:
             if self.val_loader else {}
         if metrics and args.best_metric not in metrics:
             raise UserError(f"--best_metric {args.best_metric} is not computed here; choose one of {sorted(metrics)}.")
-        improved = bool(metrics) and is_better(metrics[args.best_metric], self.best.get("value"), args.best_metric)
+        improved = bool(metrics) and self.meta.task.is_better(metrics[args.best_metric], self.best.get("value"),
+                                                              args.best_metric)
         if improved:
             self.best = {"metric": args.best_metric, "value": metrics[args.best_metric], "epoch": epoch}
         self.metrics = metrics

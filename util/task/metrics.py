@@ -128,15 +128,3 @@ def summary_line(metrics: dict, also: tuple[str, ...] = ()) -> str:
     keys = ["loss", *SUMMARY_METRICS, *(k for k in also if k not in SUMMARY_METRICS)]
     return ", ".join(f"{k.replace('_', ' ')} {metrics[k]:.4f}" for k in keys if k in metrics)
 
-
-LOWER_IS_BETTER = ("loss", "mae", "rmse")
-
-
-def is_better(value: float, best: float | None, metric: str) -> bool:
-    """True when `value` improves on `best` (None: nothing yet). Non-finite values never improve."""
-    if not math.isfinite(value):
-        return False
-    if best is None or not math.isfinite(best):
-        return True
-    lower = metric.split("_")[0] in LOWER_IS_BETTER  # 'mae_<label>' of a multi-output regression too
-    return value < best if lower else value > best

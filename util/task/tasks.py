@@ -10,6 +10,7 @@ torch is imported where a method needs it, so that main_evaluate.py and its prob
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
@@ -38,8 +39,10 @@ class Labels:
     class_counts: list[int] | None
 
 
+@dataclass(frozen=True)
 class Task:
-    """One task type (see the module docstring). Subclasses set the traits and override what differs."""
+    """One task type (see the module docstring). Subclasses set the traits and override what differs; two Task
+    objects are equal when they are of the same type."""
     name: ClassVar[str] = ""
     headless: ClassVar[bool] = False      # no head: embeddings only
     dense: ClassVar[bool] = False         # label maps: whole volumes (sliding windows) at evaluation, batch 1
@@ -51,15 +54,7 @@ class Task:
     headline: ClassVar[tuple[str, ...]] = ("auroc", "balanced_accuracy")
     value_prefix: ClassVar[str] = "prob_"  # prediction table: prob_<class> or pred_<target>
     max_classes: ClassVar[int | None] = None  # binary: 2
-
-    def __repr__(self) -> str:
-        return f"Task({self.name})"
-
-    def __eq__(self, other) -> bool:
-        return type(self) is type(other)
-
-    def __hash__(self) -> int:
-        return hash(type(self))
+    lower_is_better: ClassVar[tuple[str, ...]] = ("loss", "mae", "rmse")  # every other metric: higher is better
 
     # --- heads and labels -------------------------------------------------------------------------------------
     def nb_outputs(self, nb_classes: int, n_label_columns: int) -> int:
@@ -128,6 +123,13 @@ class Task:
     def probability_metrics(self, probs: np.ndarray, targets: np.ndarray, label_names: Sequence[str]) -> dict:
         """Metrics of probabilities (see `probabilities`) against targets (class indices [N], 0/1 [N, K], values)."""
         raise NotImplementedError
+
+    def is_better(self, value: float, best: float | None, metric: str) -> bool:
+        """True when `value` of `metric` improves on `best` (None: nothing yet). Non-finite values never improve."""
+        if not math.isfinite(value):
+            return False
+        lower = metric.split("_")[0] in self.lower_is_better  # 'mae_<label>' of a multi-output regression too
+        return best is None or not math.isfinite(best) or (value < best if lower else value > best)
 
     def weighted_metrics(self, y: np.ndarray, scores: np.ndarray, pred: np.ndarray | None, w: np.ndarray,
                          names: Sequence[str] = ()) -> dict[str, np.ndarray]:
