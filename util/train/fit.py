@@ -103,7 +103,7 @@ def fit(args, parts: TrainParts, data: TrainData, objective: Objective, script: 
             if line and is_main_process():  # (every rank counts its reads)
                 print(line)
             stats, also = script.end_epoch(epoch, stats)
-            checkpoints.save([*also, folder.last], epoch)
+            checkpoints.save([folder.last, *also], epoch)  # the file resume reads goes first
             if is_main_process():
                 tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
                 tb.flush()
