@@ -90,10 +90,12 @@ def remove_stale_tmp(folder: str | os.PathLike, recursive: bool = False, older_t
 
 
 def ensure_writable_dir(path: str | os.PathLike, what: str = "--output_dir") -> None:
-    """Create `path` or fail with one sentence if it cannot be written."""
+    """Create `path` or fail with one sentence if it cannot be written. The probe file has a name of its own (every
+    rank of a job checks the same folders at once; a shared name let one rank delete another's probe)."""
     try:
         os.makedirs(path, exist_ok=True)
-        write_text(os.path.join(os.fspath(path), ".write_test"), "ok")
-        os.remove(os.path.join(os.fspath(path), ".write_test"))
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test-") as probe:
+            probe.write(b"ok")
+            probe.flush()
     except OSError as e:
         raise UserError(f"{what} {path} is not a writable folder ({e.strerror or e}).") from None
