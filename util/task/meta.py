@@ -56,8 +56,7 @@ class RunMeta:
         """Plain data for the checkpoint (loads with weights_only=True): the fields, 'mode' = the task's name."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("task", "extra")}
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-        family = "segmentation" if self.task.dense else "embedding" if self.task.headless else "classification"
-        return {**self.extra, **out, "mode": self.task.name, "task": family}
+        return {**self.extra, **out, "mode": self.task.name, "task": self.task.family}
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "the checkpoint") -> "RunMeta":

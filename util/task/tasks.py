@@ -30,9 +30,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class Labels:
-    """The labels of a table: targets (int64 [N] class indices, float32 [N, K] multi-label, float32 [N] or [N, K]
-    regression), the class count (K for multi-label and regression), names and per-class counts (None for
-    regression)."""
+    """A table's labels: targets (int64 [N] classes, float32 [N, K] multi-label, float32 [N] or [N, K] values), the
+    class count (K for multi-label and regression), names and per-class counts (None for regression)."""
     targets: np.ndarray
     nb_classes: int
     label_names: list[str]
@@ -44,6 +43,7 @@ class Task:
     """One task type (see the module docstring). Subclasses set the traits and override what differs; two Task
     objects are equal when they are of the same type."""
     name: ClassVar[str] = ""
+    family: ClassVar[str] = "classification"  # stored as meta['task']; main_finetune.py --task (or embedding)
     headless: ClassVar[bool] = False      # no head: embeddings only
     dense: ClassVar[bool] = False         # label maps: whole volumes (sliding windows) at evaluation, batch 1
     single_label: ClassVar[bool] = False  # one class per row (binary, multi-class): stratified folds, accuracy
@@ -309,7 +309,7 @@ class RegressionTask(Task):
 
 class SegmentationTask(Task):
     """K-class label maps (a Mask column), DiceCE with softmax; Dice per class."""
-    name = "segmentation"
+    name = family = "segmentation"
     dense = True
     best_metric = "dice"
 
@@ -324,7 +324,7 @@ class SegmentationTask(Task):
 
 class EmbeddingTask(Task):
     """A checkpoint without a head (pretraining, TANGERINE): embeddings only."""
-    name = "embedding"
+    name = family = "embedding"
     headless = True
 
     def nb_outputs(self, nb_classes: int, n_label_columns: int) -> int:
