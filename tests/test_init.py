@@ -127,3 +127,21 @@ def test_killed_continued_run_ends_like_uninterrupted_one_and_keeps_its_initial_
     r = run_in_process("main_pretrain.py", *more)
     assert r.returncode != 0 and "another recipe (init a.pth sha256:" in r.stderr
     assert "-> b.pth sha256:" in r.stderr and "--allow_recipe_change" in r.stderr
+
+
+def test_continued_pretraining_under_torchrun_starts_every_rank_from_the_file(data, tmp_path):
+    """Two gloo ranks: the file is hashed once (rank 0, shared with a collective) and recorded; the weights trained
+    from it stay near it, far nearer than a fresh model's (DDP's start-up broadcast happens before the file is
+    loaded, so every rank loads it itself)."""
+    csv, root = data
+    out = tmp_path / "ddp"
+    r = run_script("main_pretrain.py", *tiny_pretrain_args(csv, out, epochs=1, size=64, init=root / "a.pth"),
+                   torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load(out / "checkpoint-last.pth")["recipe"]["init"].startswith("a.pth sha256:")
+    assert r.stdout.count("loaded 204 tensors") == 1  # rank 0 speaks for both
+    start, trained = load(root / "a.pth")["model"], load(out / "mae_pretrained.pth")["model"]
+    fresh = tiny_mae(64, seed=9).state_dict()
+    key = "blocks.0.attn.qkv.weight"
+    moved, other = (trained[key] - start[key]).abs().max(), (fresh[key] - start[key]).abs().max()
+    assert 0 < moved < 0.1 * other, (float(moved), float(other))
