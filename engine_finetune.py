@@ -86,7 +86,7 @@ def evaluate(model, criterion, loader, settings: EvalSettings, meta: RunMeta) ->
         loss_sum += torch.stack([criterion(logits, target).double() * len(imgs),
                                  torch.tensor(float(len(imgs)), dtype=torch.float64, device=device)])
         outs.append(logits)
-        tgts.append(task.gathered_target(target))
+        tgts.append(target)  # float [N, K], or class indices (multi-class)
     logits = torch.cat(outs) if outs else torch.zeros(0, k, device=device)
     targets = torch.cat(tgts) if tgts else task.empty_target(k).to(device)
     logits, targets = all_gather_cat(logits).cpu(), all_gather_cat(targets).cpu()

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
 @dataclass
 class Labels:
     """A table's labels: targets (int64 [N] classes, float32 [N, K] multi-label, float32 [N] or [N, K] values), the
@@ -91,10 +90,6 @@ class Task:
 
     def criterion(self, smoothing: float = 0.0, weights: dict | None = None, device="cpu") -> torch.nn.Module:
         raise NotImplementedError
-
-    def gathered_target(self, target: torch.Tensor) -> torch.Tensor:
-        """How evaluation keeps a batch's loss targets for gathering across ranks."""
-        return target.float()
 
     # --- outputs -----------------------------------------------------------------------------------------------
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -212,9 +207,6 @@ class MultiClassTask(_SingleLabel):
         import torch
         return torch.zeros(0, dtype=torch.long)
 
-    def gathered_target(self, target):
-        return target
-
     def loss_weights(self, targets, class_counts, pos_weight=None, class_weights: str = "none") -> dict:
         import torch
         out = {"pos_weight": None, "class_weight": None}
@@ -241,16 +233,20 @@ class MultiClassTask(_SingleLabel):
         return W.classes(truth, np.asarray(scores, np.float64), y, pred, np.atleast_2d(w), names)
 
 
-class MultiLabelTask(_Classes):
-    """Several 0/1 label columns, one logit and BCE each."""
-    name = "multilabel"
-    multi_label = True
+class _PerColumn(Task):
+    """One output per label column (multi-label, regression)."""
 
     def nb_outputs(self, nb_classes: int, n_label_columns: int) -> int:
         return n_label_columns
 
     def _n_columns(self, nb_outputs: int, nb_classes: int) -> int:
         return int(nb_outputs)
+
+
+class MultiLabelTask(_PerColumn, _Classes):
+    """Several 0/1 label columns, one logit and BCE each."""
+    name = "multilabel"
+    multi_label = True
 
     def parse_labels(self, table, columns, csv_path, nb_classes) -> Labels:
         y = numeric_columns(table, columns, csv_path, "binary").astype(np.float32)
@@ -273,7 +269,7 @@ class MultiLabelTask(_Classes):
         return W.classes(truth, np.asarray(scores, np.float64), None, pred, np.atleast_2d(w), names)
 
 
-class RegressionTask(Task):
+class RegressionTask(_PerColumn):
     """Values of one or more label columns, MSE."""
     name = "regression"
     continuous = True
@@ -281,12 +277,6 @@ class RegressionTask(Task):
     primary_metric = "r2"
     headline = ("r2", "mae")
     value_prefix = "pred_"
-
-    def nb_outputs(self, nb_classes: int, n_label_columns: int) -> int:
-        return n_label_columns
-
-    def _n_columns(self, nb_outputs: int, nb_classes: int) -> int:
-        return int(nb_outputs)
 
     def parse_labels(self, table, columns, csv_path, nb_classes) -> Labels:
         y = numeric_columns(table, columns, csv_path, "float").astype(np.float32)
