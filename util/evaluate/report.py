@@ -81,7 +81,7 @@ def summary_markdown(args, d: dict, summary: pd.DataFrame, hits: pd.DataFrame | 
     lines = [
         "# Frozen-embedding evaluation", "",
         f"- Task: {task.name} on {', '.join(args.label_columns)} ({n} rows; classes/targets: {', '.join(d['names'])}).",
-        f"- Features: " + "; ".join(f"{k} ({v.shape[1]} dims)" for k, v in d["sets"].items()) + ".",
+        "- Features: " + "; ".join(f"{k} ({v.shape[1]} dims)" for k, v in d["sets"].items()) + ".",
         f"- Evaluation: {split}; every row is predicted by a probe that never saw its label.",
         f"- Labels: {', '.join(_pct(f) for f in sorted(set(args.label_fractions)))} of each training fold's labels "
         f"(per class, at least 2 each), {args.draws} nested draws below 100%; 'labels' gives the labelled rows per "
