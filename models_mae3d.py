@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from util.nn.patch_embed import PatchEmbed3D, patchify, unpatchify
 from util.nn.pos_embed import get_3d_sincos_pos_embed
+from util.nn.registry import SIZES, register_model, registered, create_model
 
 
 def fixed_pos_embed(embed_dim: int, grid_size: Sequence[int], device: torch.device | None = None) -> nn.Parameter:
@@ -225,51 +226,46 @@ class MaskedAutoencoderViT3D(nn.Module):
         return loss, pred, mask
 
 
-MaskedAutoencoderViT = MaskedAutoencoderViT3D
-
-# width, depth, heads of each named encoder size (shared by the ViT factories and checkpoint recognition)
-ENCODER_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-                 "large": (1024, 24, 16), "huge": (1280, 32, 16)}
-_DECODERS = {"tiny": (128, 4, 4), "small": (256, 4, 8), "base": (512, 8, 16),
-             "large": (512, 8, 16), "huge": (512, 8, 16)}
-
-
 def _build(size: str, **kwargs) -> MaskedAutoencoderViT3D:
-    """MAE of a named size; kwargs override every default."""
-    (e, d, h), (de, dd, dh) = ENCODER_SIZES[size], _DECODERS[size]
-    cfg = dict(img_size=256, patch_size=16, in_chans=1, embed_dim=e, depth=d, num_heads=h,
-               decoder_embed_dim=de, decoder_depth=dd, decoder_num_heads=dh, mlp_ratio=4.0,
-               norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    """MAE of a named size (util.nn.registry.SIZES); kwargs override every default."""
+    s = SIZES[size]
+    cfg = dict(img_size=256, patch_size=16, in_chans=1, embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads,
+               decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
+               decoder_num_heads=s.decoder_num_heads, mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
     cfg.update(kwargs)
     return MaskedAutoencoderViT3D(**cfg)
 
 
+@register_model
 def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT3D:
     """ViT-Ti/16 encoder (192 x 12, 3 heads), decoder 128 x 4."""
     return _build("tiny", **kwargs)
 
 
+@register_model
 def mae_vit_small_patch16(**kwargs) -> MaskedAutoencoderViT3D:
     """ViT-S/16 encoder (384 x 12, 6 heads), decoder 256 x 4."""
     return _build("small", **kwargs)
 
 
+@register_model
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT3D:
     """ViT-B/16 encoder (768 x 12, 12 heads), decoder 512 x 8."""
     return _build("base", **kwargs)
 
 
+@register_model
 def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT3D:
     """ViT-L/16 encoder (1024 x 24, 16 heads), decoder 512 x 8: the TANGERINE architecture at 256^3."""
     return _build("large", **kwargs)
 
 
+@register_model
 def mae_vit_huge_patch16(**kwargs) -> MaskedAutoencoderViT3D:
     """ViT-H/16 encoder (1280 x 32, 16 heads), decoder 512 x 8."""
     return _build("huge", **kwargs)
 
 
-MODEL_FACTORIES: dict[str, Callable[..., MaskedAutoencoderViT3D]] = {
-    f.__name__: f for f in (mae_vit_tiny_patch16, mae_vit_small_patch16, mae_vit_base_patch16,
-                            mae_vit_large_patch16, mae_vit_huge_patch16)
-}
+# TRANSITION (removed once every caller uses util.nn.registry)
+ENCODER_SIZES = {n: (s.embed_dim, s.depth, s.num_heads) for n, s in SIZES.items()}
+MODEL_FACTORIES = {n: (lambda n=n: (lambda **kw: create_model(n, **kw)))() for n in registered("mae")}

@@ -8,12 +8,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from models_mae3d import (ENCODER_SIZES, fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks,
-                          run_blocks)
+from models_mae3d import fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks, run_blocks
 from util.checkpoint import encoder_weights, load_checkpoint
 from util.errors import UserError
 from util.nn.patch_embed import PatchEmbed3D
 from util.nn.pos_embed import get_3d_sincos_pos_embed
+from util.nn.registry import SIZES, create_model, entry, model_names, register_model, registered
 from util.triple import to_3tuple
 
 GLOBAL_POOLS = ("avg", "token", "cat")
@@ -121,43 +121,46 @@ class VisionTransformer3D(nn.Module):
 
 
 def _build(size: str, **kwargs) -> VisionTransformer3D:
-    """ViT of a named size; kwargs override every default."""
-    e, d, h = ENCODER_SIZES[size]
-    cfg = dict(img_size=256, patch_size=16, in_chans=1, embed_dim=e, depth=d, num_heads=h, mlp_ratio=4.0,
-               norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    """ViT of a named size (util.nn.registry.SIZES); kwargs override every default."""
+    s = SIZES[size]
+    cfg = dict(img_size=256, patch_size=16, in_chans=1, embed_dim=s.embed_dim, depth=s.depth, num_heads=s.num_heads,
+               mlp_ratio=4.0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
     cfg.update(kwargs)
     return VisionTransformer3D(**cfg)
 
 
+@register_model
 def vit_tiny_patch16(**kwargs) -> VisionTransformer3D:
     """ViT-Ti/16 (192 x 12, 3 heads)."""
     return _build("tiny", **kwargs)
 
 
+@register_model
 def vit_small_patch16(**kwargs) -> VisionTransformer3D:
     """ViT-S/16 (384 x 12, 6 heads)."""
     return _build("small", **kwargs)
 
 
+@register_model
 def vit_base_patch16(**kwargs) -> VisionTransformer3D:
     """ViT-B/16 (768 x 12, 12 heads)."""
     return _build("base", **kwargs)
 
 
+@register_model
 def vit_large_patch16(**kwargs) -> VisionTransformer3D:
     """ViT-L/16 (1024 x 24, 16 heads): the TANGERINE encoder."""
     return _build("large", **kwargs)
 
 
+@register_model
 def vit_huge_patch16(**kwargs) -> VisionTransformer3D:
     """ViT-H/16 (1280 x 32, 16 heads)."""
     return _build("huge", **kwargs)
 
 
-VIT_FACTORIES: dict[str, Callable[..., VisionTransformer3D]] = {
-    f.__name__: f for f in (vit_tiny_patch16, vit_small_patch16, vit_base_patch16, vit_large_patch16,
-                            vit_huge_patch16)
-}
+# TRANSITION (removed once every caller uses util.nn.registry)
+VIT_FACTORIES = {n: (lambda n=n: (lambda **kw: create_model(n, **kw)))() for n in registered("vit")}
 
 
 # Model keys a pretrained encoder may lack: the task head and the pooling norms (freshly initialised), and the
@@ -305,10 +308,10 @@ def build_segmentation_model(model_name: str, num_classes: int, img_size: int | 
                              patch_size: int | Sequence[int] = 16, in_chans: int = 1, feature_size: int = 16,
                              drop_path_rate: float = 0.0, **kw: Any) -> UNETR3D:
     """UNETR3D on a `vit_*_patch16` encoder (cls-token variant, so the MAE's `norm.*` loads too)."""
-    if model_name not in VIT_FACTORIES:
-        raise UserError(f"unknown model {model_name!r}; expected one of {sorted(VIT_FACTORIES)}.")
+    if entry(model_name).family != "vit":
+        raise UserError(f"{model_name} is not an encoder; expected one of {', '.join(model_names('vit'))}.")
     unetr_strides(patch_size)  # fail early on unsupported patch sizes
     norm_name = kw.pop("norm_name", "instance")
-    encoder = VIT_FACTORIES[model_name](img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                        num_classes=0, global_pool="token", drop_path_rate=drop_path_rate, **kw)
+    encoder = create_model(model_name, img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
+                           global_pool="token", drop_path_rate=drop_path_rate, **kw)
     return UNETR3D(encoder, num_classes, feature_size=feature_size, norm_name=norm_name)
