@@ -19,7 +19,7 @@ def test_every_name_of_the_table_is_registered_and_nothing_else():
 def test_create_model_builds_the_widths_of_its_row(name):
     size = registry.entry(name).size
     model = registry.create_model(name, img_size=32, patch_size=8)
-    assert model.embed_dim == size.embed_dim and len(model.blocks) == size.depth
+    assert model.cls_token.shape[-1] == size.embed_dim and len(model.blocks) == size.depth
     assert model.blocks[0].attn.num_heads == size.num_heads
     if registry.entry(name).family == "mae":
         assert len(model.decoder_blocks) == size.decoder_depth
