@@ -259,10 +259,17 @@ def train(args, preprocess) -> None:
     parts = TrainParts(model, trainer.wrap_ddp(model, args), optimizer, trainer.grad_scaler(args))
     recipe = trainer.recipe_of(args, dict(train_csv=os.path.abspath(args.train_csv), mode=task.name,
                                           nb_outputs=meta.nb_outputs, global_pool=args.pool, linprobe=args.linprobe,
-                                          finetune=args.finetune, preprocess=preprocess.to_dict()))
+                                          finetune=args.finetune, preprocess=preprocess.to_dict(),
+                                          table=trainer.table_fingerprint(train_ds)))
     path, ckpt = trainer.load_resume(args, recipe)
     start_epoch, progress = trainer.restore(path, ckpt, parts, f"this {args.model} {task.name} model",
                                             args.epochs) if path else (0, None)
+    if trainer.already_complete(args, start_epoch, progress):
+        args.already_complete = True
+        return
+    for flag, csv, ld in (("--val_csv", args.val_csv, val_loader), ("--test_csv", args.test_csv, test_loader)):
+        if ld is not None:
+            trainer.check_readable(ld.dataset, f"{flag} {csv}")
     eval_settings = EvalSettings(args.device, args.precision, args.sw_batch_size, args.sw_overlap)
     fields = dict(recipe=recipe, meta=meta.to_dict(), preprocess=preprocess.to_dict(), loss_weights=weights)
     epochs = FinetuneEpochs(args, model, criterion, val_loader, eval_settings, meta, fields, ckpt.get("best") or {})
@@ -347,6 +354,8 @@ def main(args) -> None:
     t0 = time.time()
     with trainer.open_output_dir(args):
         train(args, cli_args.preprocess_config(args))
+    if getattr(args, "already_complete", False):
+        return cleanup()
     best = f"checkpoint-best.pth (best {args.best_metric}), " if args.val_csv else ""
     print(f"Done in {time.time() - t0:.0f}s. Wrote {best}checkpoint-last.pth and log.txt in {args.output_dir}")
     cleanup()

@@ -141,9 +141,12 @@ def preprocess_config(saved: dict | None, meta, args):
         changes["size"] = meta.input_size
     cfg = cfg.with_overrides(**changes)
     typed = [k for k in PREPROCESS_FLAGS if k in changes]
-    if typed:
+    if typed and saved:
         print(f"Preprocessing overridden by {', '.join('--' + k for k in typed)}: prediction no longer sees "
               f"exactly what training saw.")
+    elif typed:  # nothing stored to deviate from (TANGERINE, the original project's files): the flags complete it
+        print(f"{args.finetune} stores no preprocessing: the TANGERINE default at input {list(meta.input_size)} "
+              f"with {', '.join('--' + k for k in typed)} as typed.")
     return cfg
 
 

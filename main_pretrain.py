@@ -238,14 +238,18 @@ def pretrain(args) -> None:
     parts = TrainParts(model, trainer.wrap_ddp(model, args), optimizer, trainer.grad_scaler(args))
     recipe = trainer.recipe_of(args, dict(data_path=os.path.abspath(args.data_path), mask_ratio=args.mask_ratio,
                                           norm_pix_loss=args.norm_pix_loss, preprocess=preprocess.to_dict(),
-                                          init=initial_weights(args)))
+                                          init=initial_weights(args), table=trainer.table_fingerprint(dataset)))
     start_epoch, progress = start_weights(args, recipe, parts)
+    folder = RunFolder(args.output_dir)
+    if trainer.already_complete(args, start_epoch, progress, folder.pretrained):
+        return
+    if val is not None:
+        trainer.check_readable(shown, f"--val_path {args.val_path}")
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {args.input_size}, "
           f"{len(dataset.paths)} volumes, effective batch {args.effective_batch}, lr {args.lr:.3g}, precision "
           f"{args.precision}, {args.world_size} process(es) x {args.num_workers} loader workers")
     print(describe_outputs(args.output_dir, args.log_dir, pictures=bool(args.vis_every),
                            demo=DEMO_DIR if args.demo else None))
-    folder = RunFolder(args.output_dir)
     if is_main_process():  # the scans it trains on, for main_evaluate.py --pretraining (name, digest in 'args')
         from util.data.manifest import write_manifest
 

@@ -138,7 +138,7 @@ def test_embeddings_from_tangerine_style_mae_checkpoints(volumes, tmp_path):
     emb = np.load(tmp_path / "e.npy")
     assert emb.shape == (5, 192) and emb.dtype == np.float32 and np.isfinite(emb).all()
     rows = pd.read_csv(tmp_path / "e.npy.rows.csv")
-    assert list(rows["row"]) == list(range(5)) and list(rows["ID"]) == [f"p{k}" for k in range(5)]
+    assert list(rows["row"]) == list(range(1, 6)) and list(rows["ID"]) == [f"p{k}" for k in range(5)]
     # avg embedding = mean of the MAE encoder's latent patch tokens (mask ratio 0), whole volume at 32x32x48
     x = torch.from_numpy(load_volume(str(volumes / "v1.nii.gz"), PreprocessConfig(size=(32, 32, 48))))[None, None]
     with torch.no_grad():
@@ -327,7 +327,8 @@ def test_two_torchrun_ranks_write_the_same_csv_as_one_process(volumes, tmp_path)
     r = run_script("main_predict.py", *two, torchrun=2)
     assert r.returncode == 0 and "1 of 6 rows failed" in r.stderr, r.stderr[-3000:]  # complete: no crash report
     assert "ChildFailedError" not in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert json.loads((tmp_path / "exit_status.json").read_text())["status"] == 2  # the status a job script reads
+    status = json.loads((tmp_path / "two.csv.exit_status.json").read_text())  # beside the output it belongs to
+    assert status["status"] == 2  # the status a job script reads
     one, two = pd.read_csv(tmp_path / "one.csv"), pd.read_csv(tmp_path / "two.csv")
     probs = [c for c in one.columns if c.startswith("prob_")]
     assert list(one.columns) == list(two.columns) and len(two) == 6

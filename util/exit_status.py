@@ -1,5 +1,8 @@
 """The outcome of a run for job scripts: the exit status, and `exit_status.json` in the run's folder.
 
+Where: `exit_status.json` in a training run's --output_dir (main_cache.py: --cache_dir); main_predict.py writes
+`<its output>.exit_status.json` beside its output file instead, never a file of the folder's own run.
+
 Statuses: 0 done; 2 done, but some rows failed (main_predict.py, main_cache.py); 75 preempted (SIGTERM/SIGUSR1)
 after a checkpoint was written: rerun the same command; 130 stopped by Ctrl-C; 1 failed.
 
@@ -43,13 +46,15 @@ def under_torchrun() -> bool:
 
 
 def status_path(args) -> str | None:
-    """`exit_status.json` in the run's folder: --output_dir, --cache_dir, else the folder of the prediction
-    outputs; None when the script has none."""
+    """`exit_status.json` in the folder the run owns (--output_dir of training, --cache_dir of main_cache.py); for
+    main_predict.py, which writes files into folders other runs may own (embeddings beside a training run's
+    checkpoints), `<output>.exit_status.json` beside its first output (--output_csv, else --embeddings), so it
+    never replaces another run's status file. None when the script has no output."""
     folder = getattr(args, "output_dir", None) or getattr(args, "cache_dir", None)
-    if not folder:
-        output = getattr(args, "output_csv", None) or getattr(args, "embeddings", None)
-        folder = os.path.dirname(os.path.abspath(output)) if output else getattr(args, "seg_output_dir", None)
-    return os.path.join(folder, STATUS_FILE) if folder else None
+    if folder:
+        return os.path.join(folder, STATUS_FILE)
+    output = getattr(args, "output_csv", None) or getattr(args, "embeddings", None)
+    return f"{os.path.abspath(output)}.{STATUS_FILE}" if output else None
 
 
 def _rank0() -> bool:

@@ -216,9 +216,10 @@ def embedding_matrix(results: dict[int, dict], n: int, dim: int) -> np.ndarray:
 
 
 def row_identifiers(df: pd.DataFrame, results: dict[int, dict]) -> pd.DataFrame:
-    """`row` (0-based position in the input CSV), every input column, and `error`."""
+    """`row` (the input CSV's data row, counted from 1 under the header as every message counts rows), every input
+    column, and `error`."""
     ids = df.copy()
-    ids.insert(0, "row", np.arange(len(df)))
+    ids.insert(0, "row", np.arange(1, len(df) + 1))
     ids["error"] = [results.get(i, {}).get("error", "") or "" for i in range(len(df))]
     return ids
 

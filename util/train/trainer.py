@@ -3,16 +3,18 @@ scaler, the lr rule, resume with a recipe check, and preemption. The epochs them
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import threading
+import time
 
 import torch
 
 from util.atomic import ensure_writable_dir, remove_stale_tmp, write_text
 from util.checkpoint import find_resume, load_checkpoint, plain, state_dict_of
-from util.distributed import init_distributed_mode, is_main_process, on_main_then_share
+from util.distributed import get_rank, get_world_size, init_distributed_mode, is_main_process, on_main_then_share
 from util.errors import UserError
 from util.train.lr_sched import Schedule, fit_warmup
 from util.triple import check_sizes
@@ -42,18 +44,78 @@ def start(args) -> None:
     seed_all(args.seed + args.rank)
 
 
+class OutputDir:
+    """The locked --output_dir of a run (rank 0). A run refused before it wrote anything (a bad --init, a recipe
+    change, a table error) leaves no trace: the folders it created for itself are removed again when they are
+    still empty once the lock is released."""
+
+    def __init__(self, path: str):
+        self.path, self.lock = os.path.abspath(path), RunLock(path)
+        self.created = []  # the folders this run made, innermost first
+        d = self.path
+        while d and not os.path.exists(d):
+            self.created.append(d)
+            d = os.path.dirname(d)
+
+    def __enter__(self) -> "OutputDir":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.lock.release()
+        if exc_type is None:
+            return
+        for d in self.created:
+            try:
+                os.rmdir(d)  # only an empty folder goes
+            except OSError:
+                break
+
+
 def open_output_dir(args):
     """Create and lock --output_dir (rank 0), remove temporary files of killed writes; one sentence on failure.
-    Returns a context manager that releases the lock (a no-op on other ranks)."""
-    lock = RunLock(args.output_dir)
+    Returns a context manager that releases the lock and, after a refusal, removes the folders the run created
+    and left empty (a no-op on other ranks)."""
+    out = OutputDir(args.output_dir)
 
     def prepare() -> None:
         ensure_writable_dir(args.output_dir)
-        lock.acquire()
+        out.lock.acquire()
         remove_stale_tmp(args.output_dir)
 
     on_main_then_share(prepare)
-    return lock if is_main_process() else contextlib.nullcontext()
+    return out if is_main_process() else contextlib.nullcontext()
+
+
+def table_fingerprint(ds) -> str:
+    """'N rows sha256:HEX' of a training table as read (every row, path and label), part of the recipe: a table
+    edited in place (rows added, removed or relabelled) is a data change the resume check refuses, like any
+    other. A user's own dataset without `table` is fingerprinted by its `paths`."""
+    table = getattr(ds, "table", None)
+    text = table.to_csv(index=False) if table is not None else "\n".join(map(str, getattr(ds, "paths", [])))
+    n = len(table) if table is not None else len(getattr(ds, "paths", []))
+    return f"{n} rows sha256:{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+def check_readable(ds, flag: str) -> None:
+    """Read every volume of an evaluation set once before training (this rank's share; through the cache, so
+    nothing is wasted with --cache_dir): a broken file stops the run now, naming it, not after the first epoch.
+    One line when it took more than a few seconds."""
+    t0 = time.time()
+    n = len(getattr(ds, "paths", []))
+    for v in range(get_rank(), n, get_world_size()):
+        ds.load(v)
+    if time.time() - t0 > 5:
+        print(f"Read the {n} volumes of {flag} once before training ({time.time() - t0:.0f}s): all readable.")
+
+
+def already_complete(args, start_epoch: int, progress, final_file: str | None = None) -> bool:
+    """True (and one line) when the resumed checkpoint already holds every epoch of this run (and `final_file`,
+    the file the run writes at its very end, exists): nothing is trained, no TensorBoard file is opened."""
+    if start_epoch < args.epochs or progress is not None or (final_file and not os.path.isfile(final_file)):
+        return False
+    print(f"Already complete: {args.output_dir} holds all {args.epochs} epochs of this run; nothing was trained "
+          f"or written. Pass a larger --epochs to continue it, or another --output_dir for a new run.")
+    return True
 
 
 def settings(args) -> TrainSettings:

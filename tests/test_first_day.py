@@ -1,0 +1,116 @@
+"""A first day with your own data (issues 28 and 29): what a newcomer trips over when a run is rerun, refused,
+resumed on an edited table, or predicted from inside another run's folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.bad_inputs import build_bad_files
+from tests.helpers import run_in_process, save_tiny_mae, tiny_pretrain_args
+from util.data.demo import make_demo_data
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("first_day")
+    return make_demo_data(str(root / "demo_data"), n_pretrain=8, n_labeled=8, seed=5)
+
+
+def absolute(csv) -> pd.DataFrame:
+    """The table with absolute paths (so it can be copied elsewhere)."""
+    rows = pd.read_csv(csv)
+    rows["Path"] = [str((Path(csv).parent / p).resolve()) for p in rows["Path"]]
+    return rows
+
+
+def pretrain(data, out, **kw):
+    return run_in_process("main_pretrain.py", *tiny_pretrain_args(data, out, size=16, **kw))
+
+
+def events(folder) -> list:
+    return sorted(p.name for p in folder.glob("events.out.tfevents.*"))
+
+
+def test_rerunning_a_finished_run_says_it_was_complete_and_writes_nothing(demo, tmp_path):
+    out = tmp_path / "run"
+    r = pretrain(demo["pretrain"], out, epochs=1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = pretrain(demo["pretrain"], out, epochs=1)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Already complete" in r.stdout and "Done in" not in r.stdout, r.stdout[-2000:]
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "exit_status.json"}
+    assert after == {k: v for k, v in before.items() if k != "exit_status.json"}  # no new TensorBoard file either
+    assert json.loads((out / "exit_status.json").read_text())["status"] == 0
+
+
+def test_a_refused_init_leaves_no_output_folder(demo, tmp_path):
+    small = save_tiny_mae(tmp_path / "ckpt" / "tiny_patch16.pth", size=32)  # patch 16: the run asks for 8
+    out = tmp_path / "new" / "run"
+    r = pretrain(demo["pretrain"], out, epochs=1, init=small, patch_size=8)
+    assert r.returncode == 1 and "--patch_size 16 16 16" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_training_table_edited_in_place_is_a_recipe_change(demo, tmp_path):
+    table = tmp_path / "scans.csv"
+    rows = absolute(demo["pretrain"])
+    rows.iloc[:4].to_csv(table, index=False)
+    out = tmp_path / "run"
+    assert pretrain(table, out, epochs=1).returncode == 0
+    rows.to_csv(table, index=False)  # 4 -> 8 rows, same file name
+    r = pretrain(table, out, epochs=2)
+    assert r.returncode == 1 and "table 4 rows sha256:" in r.stderr and "-> 8 rows sha256:" in r.stderr, r.stderr
+    assert "--allow_recipe_change" in r.stderr
+    r = pretrain(table, out, epochs=2, allow_recipe_change=True)
+    assert r.returncode == 0 and "changed recipe" in r.stdout
+
+
+def test_a_broken_held_out_file_stops_the_run_before_the_first_epoch(demo, tmp_path):
+    bad = build_bad_files(tmp_path / "bad")["truncated"]
+    val = tmp_path / "val.csv"
+    pd.DataFrame({"Path": [absolute(demo["pretrain"])["Path"][0], str(bad)]}).to_csv(val, index=False)
+    out = tmp_path / "run"
+    r = pretrain(demo["pretrain"], out, epochs=1, val_path=val, vis_every=1)
+    assert r.returncode == 1 and "truncated.nii.gz" in r.stderr, r.stderr[-2000:]
+    assert "epoch 1/1 [" not in r.stdout and not (out / "checkpoint-last.pth").exists(), r.stdout[-2000:]
+
+
+def test_prediction_never_touches_the_status_file_of_the_run_whose_folder_it_writes_into(demo, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(demo["pretrain"], out, epochs=1).returncode == 0
+    stopped = {"status": 75, "meaning": "preempted; checkpoint written; rerun the same command to resume"}
+    (out / "exit_status.json").write_text(json.dumps(stopped))  # as a run stopped by SIGTERM leaves it
+    r = run_in_process("main_predict.py", "--input_csv", demo["predict"], "--embeddings", out / "emb.npy",
+                       "--finetune", out / "checkpoint-last.pth", "--num_workers", 0, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "exit_status.json").read_text()) == stopped
+    assert json.loads((out / "emb.npy.exit_status.json").read_text())["status"] == 0
+
+
+def test_row_numbers_agree_between_the_failure_summary_and_the_rows_table(demo, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain(demo["pretrain"], out, epochs=1).returncode == 0
+    table = absolute(demo["predict"]).iloc[:2].copy()
+    table.loc[1, "Path"] = str(tmp_path / "missing.nii.gz")
+    table.to_csv(tmp_path / "in.csv", index=False)
+    r = run_in_process("main_predict.py", "--input_csv", tmp_path / "in.csv", "--embeddings", tmp_path / "e.npy",
+                       "--finetune", out / "checkpoint-last.pth", "--num_workers", 0, "--device", "cpu")
+    assert r.returncode == 2
+    assert "first: row 2:" in r.stderr, r.stderr[-2000:]   # the second data row under the header
+    rows = pd.read_csv(tmp_path / "e.npy.rows.csv")
+    assert list(rows["row"]) == [1, 2] and rows.loc[rows["row"] == 2, "error"].str.contains("missing").all()
+    assert np.isnan(np.load(tmp_path / "e.npy")[1]).all()
+
+
+def test_preprocessing_flags_for_a_checkpoint_without_stored_preprocessing_are_not_an_override(demo, tmp_path):
+    ckpt = save_tiny_mae(tmp_path / "tangerine_like.pth", size=32)
+    r = run_in_process("main_predict.py", "--input_csv", demo["predict"], "--embeddings", tmp_path / "e.npy",
+                       "--finetune", ckpt, "--window", -1000, 400, "--num_workers", 0, "--device", "cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no longer sees exactly what training saw" not in r.stdout
+    assert "stores no preprocessing" in r.stdout and "--window" in r.stdout
