@@ -140,11 +140,18 @@ def load_for_inference(path: str, device="cpu", input_size=None, global_pool=Non
     return model.to(device).eval(), meta, ckpt.get("preprocess")
 
 
+PREPROCESS_ADOPTED = ("orientation", "spacing", "window", "interpolator")  # ROI settings belong to the table
+
+
 def adopt_encoder_sizes(args) -> None:
-    """--finetune: take the encoder's size (--model) and --patch_size from the checkpoint's weights, unless the
-    user typed them (args.explicit); says what it took. --input_size stays the run's own (pos_embed is rebuilt).
-    A file without a known encoder is left to the loader, whose sentence says what it lacks."""
-    shape = _encoder_shape(encoder_weights(load_checkpoint(args.finetune)))
+    """--finetune: take from the checkpoint what the encoder was pretrained with, unless the user typed it
+    (args.explicit): its size (--model) and --patch_size from its weights; --input_size from its stored
+    preprocessing or args (else from a cubic positional table); --orientation, --spacing, --window and
+    --interpolator from its stored preprocessing. One line says what it took. A file without a known encoder is
+    left to the loader, whose sentence says what it lacks."""
+    ckpt = load_checkpoint(args.finetune)
+    sd = encoder_weights(ckpt)
+    shape = _encoder_shape(sd)
     if shape is None:
         return
     size, patch = _SIZES.get(shape[:2]), shape[2]
@@ -155,8 +162,36 @@ def adopt_encoder_sizes(args) -> None:
     if "patch_size" not in args.explicit and patch != tuple(to_3tuple(args.patch_size)):
         args.patch_size = patch
         taken.append(f"--patch_size {' '.join(map(str, patch))}")
+    pre = ckpt.get("preprocess") if isinstance(ckpt.get("preprocess"), dict) else {}
+    trained_at = pre.get("size") or (ckpt.get("args") or {}).get("input_size") or _cubic_input(sd, patch)
+    if trained_at and "input_size" not in args.explicit:
+        trained_at = list(to_3tuple(trained_at, "input_size"))
+        if trained_at != list(to_3tuple(args.input_size)):
+            args.input_size = trained_at
+            taken.append(f"--input_size {' '.join(map(str, trained_at))}")
+    for key in PREPROCESS_ADOPTED:
+        if key in pre and key not in args.explicit and _same(pre[key]) != _same(getattr(args, key, None)):
+            setattr(args, key, pre[key])
+            taken.append(f"--{key} {' '.join(map(str, pre[key])) if isinstance(pre[key], list) else pre[key]}")
     if taken:
         print(f"--finetune {args.finetune}: its encoder sets {', '.join(taken)} (type the flag to choose another).")
+
+
+def _same(value):
+    """A flag's value comparable with the stored one (tuples and lists alike, numbers as floats)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(float(v) if isinstance(v, (int, float)) else v for v in value)
+    return value
+
+
+def _cubic_input(sd: dict, patch) -> list[int] | None:
+    """The input size of a positional table with a cubic grid of patches (TANGERINE: 4096 = 16^3), else None."""
+    pos = sd.get("pos_embed")
+    if pos is None or pos.ndim != 3:
+        return None
+    n = int(pos.shape[1]) - 1
+    g = round(n ** (1 / 3))
+    return [g * p for p in patch] if g ** 3 == n and n > 0 else None
 
 
 def _decoder_key(key: str) -> bool:

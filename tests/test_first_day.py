@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tests.bad_inputs import build_bad_files
-from tests.helpers import run_in_process, save_tiny_mae, tiny_pretrain_args
+from tests.helpers import load, run_in_process, save_tiny_mae, tiny_pretrain_args
 from util.data.demo import make_demo_data
 
 
@@ -114,3 +114,21 @@ def test_preprocessing_flags_for_a_checkpoint_without_stored_preprocessing_are_n
     assert r.returncode == 0, r.stderr[-2000:]
     assert "no longer sees exactly what training saw" not in r.stdout
     assert "stores no preprocessing" in r.stdout and "--window" in r.stdout
+
+
+def test_finetuning_adopts_the_input_size_and_preprocessing_of_the_pretrained_encoder(demo, tmp_path):
+    mae = tmp_path / "mae"
+    r = run_in_process("main_pretrain.py", *tiny_pretrain_args(demo["pretrain"], mae, size=16, epochs=1), "--window",
+                       -1000, 400)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "ft"
+    common = ["--train_csv", demo["train"], "--val_csv", demo["val"], "--finetune", mae / "checkpoint-last.pth",
+              "--epochs", 1, "--batch_size", 2, "--num_workers", 0, "--device", "cpu", "--output_dir"]
+    r = run_in_process("main_finetune.py", *common, out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--input_size 16 16 16, --window -1000.0 400.0 (type the flag to choose another)" in r.stdout, r.stdout
+    saved = load(out / "checkpoint-last.pth")
+    assert saved["preprocess"]["size"] == [16, 16, 16] and saved["preprocess"]["window"] == [-1000.0, 400.0]
+    r = run_in_process("main_finetune.py", *common, tmp_path / "typed", "--input_size", 32, "--window", -1200, 800)
+    assert r.returncode == 0 and "--input_size 16" not in r.stdout and "--window -1000" not in r.stdout
+    assert load(tmp_path / "typed" / "checkpoint-last.pth")["preprocess"]["size"] == [32, 32, 32]

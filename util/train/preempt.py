@@ -11,7 +11,9 @@ communication.
 """
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
 
 import torch
@@ -44,6 +46,7 @@ class StepControl:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they were
                 pass
+        self._ack = Acknowledger() if self._old else None
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -51,9 +54,8 @@ class StepControl:
             raise KeyboardInterrupt  # Ctrl-C twice: leave now, without a checkpoint
         if self.signal is None:
             self.signal = name
-            what = "Ctrl-C" if name == "SIGINT" else name
-            print(f"{what} received: finishing this step, then writing a checkpoint"
-                  + (" (Ctrl-C again to quit without one)." if name == "SIGINT" else "."), flush=True)
+            if self._ack is None or not self._ack.active:  # else its thread has said it already
+                print(ack_line(name), flush=True)
 
     def _local_flags(self) -> tuple[bool, bool]:
         """(a signal arrived, a timed save is due): the timer runs on rank 0, whose decision all ranks follow."""
@@ -111,3 +113,64 @@ class StepControl:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        if self._ack is not None:
+            self._ack.close()
+            self._ack = None
+
+
+def ack_line(name: str) -> str:
+    what = "Ctrl-C" if name == "SIGINT" else name
+    return (f"{what} received: the run stops after the current step and writes a checkpoint"
+            + (" (Ctrl-C again to quit without one)." if name == "SIGINT" else "."))
+
+
+class Acknowledger:
+    """Says at once that a stop signal arrived. Python runs a signal handler only between bytecodes of the main
+    thread, so during one long native call (a 25 s step of a large model) the handler, and any line it prints,
+    waits for the call to end. The C-level handler also writes the signal's number to a pipe
+    (`signal.set_wakeup_fd`); a thread blocked on that pipe wakes up at once and prints the line (the main
+    thread's handler only sets the flag: nothing is printed from inside a signal handler). `active` is False
+    where no wakeup pipe could be set (then the handler prints, as before)."""
+
+    def __init__(self) -> None:
+        self.active, self._said = False, set()
+        self._lock = threading.Lock()
+        try:
+            self._r, self._w = os.pipe()
+            os.set_blocking(self._w, False)
+            self._previous = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        except (ValueError, OSError):  # not the main thread
+            return
+        self.active = True
+        threading.Thread(target=self._listen, name="stop-signal-ack", daemon=True).start()
+
+    def _listen(self) -> None:
+        stops = {int(sig) for sig in SIGNALS.values()}
+        while True:
+            try:
+                data = os.read(self._r, 64)
+            except OSError:
+                return
+            if not data:  # the write end was closed: the run is over
+                os.close(self._r)
+                return
+            for signum in data:  # other signals with Python handlers (SIGCHLD of loader workers) pass by
+                if signum in stops:
+                    self._say(signal.Signals(signum).name)
+
+    def _say(self, name: str) -> None:
+        with self._lock:
+            if self._said:  # the first stop signal is announced; a second Ctrl-C is the handler's business
+                return
+            self._said.add(name)
+        print(ack_line(name), flush=True)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        try:
+            signal.set_wakeup_fd(self._previous)
+        except ValueError:
+            pass
+        os.close(self._w)
+        self.active = False

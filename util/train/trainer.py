@@ -150,6 +150,10 @@ def worker_init(_: int) -> None:
     which the training process handles (util.train.preempt) and then shuts them down; SIGTERM from that parent (how
     the DataLoader and multiprocessing end a worker that missed its stop message) still ends them."""
     torch.set_num_threads(1)  # (the datasets share SimpleITK's threads themselves, util.data.dataset)
+    try:  # the parent's wakeup pipe (util.train.preempt.Acknowledger) is for the parent's signals only
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
     for sig in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     sigterm_from_parent_only(os.getppid())
