@@ -19,7 +19,8 @@ import SimpleITK as sitk
 
 from util.volume.cache import VolumeCache, encode, file_stamp
 from util.errors import UserError
-from util.volume.resample import SITK_INTERPOLATORS, resample_centered, resample_centered_array
+from util.volume.resample import (SITK_INTERPOLATORS, geometry_of, resample_centered, resample_centered_array,
+                                  resample_sitk)
 from util.volume.roi import COORD_SYSTEMS, extract_roi, label_centroid, to_lps
 from util.triple import optional_3tuple
 from util.volume.io import VolumeError, read_image
@@ -169,7 +170,16 @@ def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image
         img = _float32(img)
         done = sitk.GetArrayFromImage(img), img
     arr, ref = done
-    return apply_window(arr, cfg.window), ref
+    return apply_window(finite_output(arr, name), cfg.window), ref
+
+
+def finite_output(arr: np.ndarray, name: str) -> np.ndarray:
+    """The last check of every preprocessed array (HU, before windowing, which would hide an infinity): a NaN or
+    infinite value is never fed to a model or a cache; one sentence names the file."""
+    if not np.isfinite(arr).all():
+        raise VolumeError(f"{name}: preprocessing produced {int((~np.isfinite(arr)).sum()):,} NaN or infinite "
+                          f"values of {arr.size:,}; this is a bug, please report it with the file's size and spacing.")
+    return arr
 
 
 def apply_window(arr: np.ndarray, window) -> np.ndarray:
@@ -210,8 +220,7 @@ def preprocess_mask(mask: sitk.Image, reference: sitk.Image, name: str = "<mask>
     ref_orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(reference.GetDirection())
     mask = reorient(mask, ref_orient)
     if not same_grid(mask, reference):
-        mask = sitk.Resample(mask, reference, sitk.Transform(), SITK_INTERPOLATORS[interpolator], 0.0,
-                             mask.GetPixelID())
+        mask = resample_sitk(mask, reference.GetSize(), geometry_of(reference), interpolator, 0.0)
     arr = sitk.GetArrayViewFromImage(mask)
     if arr.dtype.kind == "f":
         if not np.array_equal(arr, np.round(arr)):
@@ -308,7 +317,7 @@ def preprocess_roi(img: sitk.Image, center_lps, cfg: PreprocessConfig, name: str
     """The box of cfg.roi_mm around the LPS point, resampled to cfg.size (axes along cfg.orientation), air (the
     window's low end) outside the scan, windowed as `preprocess_image`: float32 [D, H, W] in [0, 1]."""
     arr = extract_roi(img, center_lps, cfg.roi_mm, cfg.size, cfg.orientation, cfg.interpolator, cfg.window[0], name)
-    return apply_window(arr, cfg.window)
+    return apply_window(finite_output(arr, name), cfg.window)
 
 
 def load_roi(path: str, roi, cfg: PreprocessConfig) -> np.ndarray:
@@ -324,4 +333,4 @@ def to_input_grid(label: np.ndarray, reference: sitk.Image, original: sitk.Image
     dtype = np.uint8 if label.min() >= 0 and label.max() < 256 else np.int32
     lab = sitk.GetImageFromArray(np.ascontiguousarray(label, dtype=dtype))
     lab.CopyInformation(reference)
-    return sitk.Resample(lab, original, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, lab.GetPixelID())
+    return resample_sitk(lab, original.GetSize(), geometry_of(original), "nearest", 0.0)

@@ -46,7 +46,8 @@ def axis_operator(n_in: int, n_out: int, offset: float, scale: float, kind: str)
 
     As ITK: "bspline" = inv(B) (prefilter, mirror boundary) then cubic B-spline weights of the 4 coefficients
     around x, indices mirrored without repeating the edge (k<0 -> -k, k>=N -> 2N-2-k); "linear" = 2 taps with
-    the neighbours clamped to the edge. ITK's N = 2 B-spline differs (it reads outside the axis).
+    the neighbours clamped to the edge. N = 2 and N = 1 are well defined here (mirror period 2: [a, b] is
+    a, b, a, b, ...; N = 1 is constant); ITK's own N = 2 B-spline reads outside the axis (see `resample_sitk`).
 
     Args:
         n_in, n_out: input samples N (centres at indices 0 .. N-1) and output samples M.
@@ -195,8 +196,56 @@ def _with_geometry(obj: sitk.Image | sitk.ResampleImageFilter, geometry: dict,
     return obj
 
 
+def geometry_of(img: sitk.Image) -> dict:
+    """{"Spacing", "Origin", "Direction"} of an image (the grid `resample_sitk` samples onto)."""
+    return {"Spacing": img.GetSpacing(), "Origin": img.GetOrigin(), "Direction": img.GetDirection()}
+
+
 REAL_PIXELS = (sitk.sitkInt8, sitk.sitkUInt8, sitk.sitkInt16, sitk.sitkUInt16, sitk.sitkInt32, sitk.sitkUInt32,
                sitk.sitkFloat32, sitk.sitkFloat64)
+
+
+def resample_sitk(img: sitk.Image, size_xyz: Sequence[int], geometry: dict, interpolator: str | int,
+                  default_value: float = 0.0, pixel_type: int | None = None) -> sitk.Image:
+    """SimpleITK's ResampleImageFilter (identity transform) onto the grid `size_xyz` x `geometry` (see
+    `geometry_of`): the one place util/volume calls it, so ITK's B-spline never reads outside an axis.
+
+    ITK mirrors a B-spline tap index once at the upper edge (k -> 2N - 2 - k), so on an axis of N = 2 voxels the
+    4th tap of every point past the last voxel centre (k = 3) lands on index -1: memory before the coefficient
+    buffer, different on every run and NaN at times (0 * NaN is NaN even where the tap's weight is 0). There, each
+    2-voxel axis [a, b] is first extended to [a, b, a], which has the same infinite mirror extension (period 2),
+    so ITK computes the correct N = 2 mirror spline; voxels outside the original image get `default_value`.
+    """
+    name = {v: k for k, v in SITK_INTERPOLATORS.items()}.get(interpolator, interpolator)
+    f = _with_geometry(sitk.ResampleImageFilter(), geometry, "SetOutput")
+    f.SetSize([int(v) for v in size_xyz])
+    f.SetInterpolator(SITK_INTERPOLATORS[name])
+    f.SetDefaultPixelValue(float(default_value))
+    f.SetOutputPixelType(img.GetPixelID() if pixel_type is None else pixel_type)
+    pairs = [k for k, n in enumerate(img.GetSize()) if n == 2]
+    if name != "bspline" or not pairs:
+        return f.Execute(img)
+    arr = sitk.GetArrayFromImage(img)
+    for k in pairs:  # numpy axis of sitk axis k
+        axis = img.GetDimension() - 1 - k
+        arr = np.concatenate([arr, np.take(arr, [0], axis=axis)], axis=axis)
+    wide = _with_geometry(sitk.GetImageFromArray(arr, isVector=img.GetNumberOfComponentsPerPixel() > 1),
+                          geometry_of(img))
+    out = f.Execute(wide)
+    f.SetInterpolator(sitk.sitkNearestNeighbor)  # ITK's inside test is the interpolator's, the same for all
+    f.SetDefaultPixelValue(0.0)
+    f.SetOutputPixelType(sitk.sitkUInt8)
+    ones = sitk.Image(img.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(img)
+    covered = f.Execute(ones)  # kept in a name: a view does not keep its image alive
+    outside = sitk.GetArrayViewFromImage(covered) == 0
+    if not outside.any():
+        return out
+    res = sitk.GetArrayFromImage(out)
+    res[outside] = default_value
+    fixed = sitk.GetImageFromArray(res, isVector=out.GetNumberOfComponentsPerPixel() > 1)
+    fixed.CopyInformation(out)
+    return fixed
 
 
 def _centered_grid(img: sitk.Image, size_xyz, spacing_xyz) -> tuple[np.ndarray, dict]:
@@ -215,13 +264,11 @@ def resample_centered_array(img: sitk.Image, size_xyz: Sequence[int], spacing_xy
     """`resample_centered` to float32 through the separable path, without building the output image.
 
     Returns (float32 [D', H', W'], a uint8 image with the output grid's geometry, its voxels unused), or None when
-    the separable path does not apply (interpolator not bspline/linear, non-scalar pixels, a 2-voxel axis for
-    B-spline, or an output grid whose edge rows ITK itself decides differently along the other axes). Integer
-    inputs are exact: ITK interpolates every pixel type in double precision.
+    the separable path does not apply (interpolator not bspline/linear, non-scalar pixels, or an output grid whose
+    edge rows ITK itself decides differently along the other axes). Integer inputs are exact: ITK interpolates
+    every pixel type in double precision. Axes of 1 or 2 voxels are well defined (see `axis_operator`).
     """
     if interpolator not in SEPARABLE_KINDS or img.GetPixelID() not in REAL_PIXELS:
-        return None
-    if interpolator == "bspline" and 2 in img.GetSize():  # ITK's B-spline mirror then reads outside the axis
         return None
     offset, geometry = _centered_grid(img, size_xyz, spacing_xyz)
     n1, s0, s1 = np.array(size_xyz, float), np.array(img.GetSpacing()), np.array(spacing_xyz, float)
@@ -240,8 +287,9 @@ def resample_centered(img: sitk.Image, size_xyz: Sequence[int], spacing_xyz: Seq
     """Resample onto a grid of `size_xyz` x `spacing_xyz` (same direction) centred on the volume's physical box.
 
     When size * spacing equals the input's extent, the physical box (voxel corners) is exactly preserved.
-    The result is SimpleITK's ResampleImageFilter's (identity transform); "bspline" and "linear" to a float32
-    output run through `resample_separable` (see `resample_centered_array`), everything else through SimpleITK.
+    The result is SimpleITK's ResampleImageFilter's (identity transform, through `resample_sitk`); "bspline" and
+    "linear" to a float32 output run through `resample_separable` (see `resample_centered_array`), everything else
+    through SimpleITK.
 
     Args:
         img: 3D input image; size_xyz, spacing_xyz: output size and spacing (mm), sitk order x, y, z.
@@ -264,9 +312,4 @@ def resample_centered(img: sitk.Image, size_xyz: Sequence[int], spacing_xyz: Seq
             out = sitk.GetImageFromArray(done[0])
             out.CopyInformation(done[1])
             return out
-    f = _with_geometry(sitk.ResampleImageFilter(), _centered_grid(img, size_xyz, spacing_xyz)[1], "SetOutput")
-    f.SetSize([int(v) for v in size_xyz])
-    f.SetInterpolator(SITK_INTERPOLATORS[name])
-    f.SetDefaultPixelValue(float(default_value))
-    f.SetOutputPixelType(out_type)
-    return f.Execute(img)
+    return resample_sitk(img, size_xyz, _centered_grid(img, size_xyz, spacing_xyz)[1], name, default_value, out_type)
