@@ -21,9 +21,10 @@ import torch.distributed as dist
 
 from util.distributed import is_dist, is_main_process
 from util.run_folder import LAST
-from util.exit_status import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted  # noqa: F401 - re-exported
+from util.exit_status import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, under_torchrun  # noqa: F401 - re-exported
 
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGUSR1": signal.SIGUSR1, "SIGINT": signal.SIGINT}
+AGENT_GONE = "agent-gone"  # StepControl.signal when the torchrun agent died (a signal it does not forward)
 
 
 class StepControl:
@@ -47,6 +48,7 @@ class StepControl:
             except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they were
                 pass
         self._ack = Acknowledger() if self._old else None
+        self._agent = os.getppid() if under_torchrun() else None  # the torchrun agent (see _check_agent)
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
@@ -57,8 +59,19 @@ class StepControl:
             if self._ack is None or not self._ack.active:  # else its thread has said it already
                 print(ack_line(name), flush=True)
 
+    def _check_agent(self) -> None:
+        """Under torchrun: the agent that started this worker is gone (this process has another parent now). A
+        signal the agent does not forward kills it (SIGUSR1, which SLURM sends before preemption, unless torchrun
+        runs with --signals_to_handle ...,SIGUSR1), and its workers would train on with nobody waiting for them:
+        stop at the next step with a checkpoint, like a preemption."""
+        if self.signal is None and self._agent is not None and os.getppid() != self._agent:
+            self.signal = AGENT_GONE
+            print(f"The torchrun agent (pid {self._agent}) is gone: the run stops after the current step and "
+                  f"writes a checkpoint.", flush=True)
+
     def _local_flags(self) -> tuple[bool, bool]:
         """(a signal arrived, a timed save is due): the timer runs on rank 0, whose decision all ranks follow."""
+        self._check_agent()
         due = bool(self.minutes) and is_main_process() and time.monotonic() - self.last_save >= 60 * self.minutes
         return self.signal is not None, due
 
@@ -90,6 +103,7 @@ class StepControl:
 
     def stop_requested(self) -> bool:
         """A stop agreed by every rank (a collective in distributed runs: call it on all ranks)."""
+        self._check_agent()
         if not is_dist():
             return self.signal is not None
         self._drain()  # the last step's flags: a signal they carry is also in this one
@@ -102,7 +116,8 @@ class StepControl:
         name = self.signal or "SIGTERM"
         where = (f"epoch {epoch + 1}/{self.epochs}, step {steps_done}" if steps_done
                  else f"the end of epoch {epoch + 1}/{self.epochs}")
-        raise Preempted(f"Stopped by {'Ctrl-C' if name == 'SIGINT' else name} at {where}; checkpoint written to "
+        what = {"SIGINT": "Ctrl-C", AGENT_GONE: "the exit of the torchrun agent"}.get(name, name)
+        raise Preempted(f"Stopped by {what} at {where}; checkpoint written to "
                         f"{self.checkpoint_path}; rerun the same command to resume.",
                         EXIT_INTERRUPTED if name == "SIGINT" else EXIT_PREEMPTED)
 
