@@ -109,10 +109,11 @@ def _box_separable(img: sitk.Image, ref: sitk.Image, start: list[int], extent: l
     """The box `ref` from the region (start, extent) of `img` through `resample_separable`: float32 [D, H, W], or None
     where it does not apply (interpolator, pixel type, box axes not along the scan's, a box voxel on the scan's face).
 
-    Box axis j runs along scan axis perm[j] (either sign), so box voxel i sits at the scan's continuous index
-    x0 + i * step on that axis: one 1-D operator per axis on the region, whose edges bound the B-spline prefilter
-    exactly as SimpleITK's resampling of the region does. The region is a strided view of the scan (no copy, no
-    reorientation); outside the scan (not the region) is `fill`.
+    Box axis j runs along scan axis perm[j]; the region (a view of the scan) is transposed and, where that axis runs
+    the other way, flipped, so box voxel i sits at index g + i * step of it, step > 0: one 1-D operator per axis,
+    the region's edges bounding the B-spline prefilter exactly as SimpleITK's resampling of the region alone. g is
+    rounded to 2^-20 voxel, so copies of a scan stored in other orientations (whose origins differ in the last
+    bits) give the same operators and the same bytes. Outside the scan (not the region) is `fill`.
     """
     if interpolator not in SEPARABLE_KINDS or img.GetPixelID() not in REAL_PIXELS or img.GetDimension() != 3:
         return None
@@ -120,17 +121,23 @@ def _box_separable(img: sitk.Image, ref: sitk.Image, start: list[int], extent: l
     perm = np.abs(cosines).argmax(1)  # cosines[j, k]: box axis j against scan axis k
     if sorted(perm) != [0, 1, 2] or np.abs(np.abs(cosines) - np.eye(3)[perm]).max() > _ALIGNED:
         return None
+    flip = [cosines[j, k] < 0 for j, k in enumerate(perm)]
     n0, s0, n1 = np.array(img.GetSize()), np.array(img.GetSpacing()), np.array(ref.GetSize())
     first = np.array(img.TransformPhysicalPointToContinuousIndex(ref.GetOrigin()))  # box voxel 0 in the scan
-    x = [first[k] + np.arange(n1[j]) * np.sign(cosines[j, k]) * ref.GetSpacing()[j] / s0[k]
-         for j, k in enumerate(perm)]
-    if any(np.any((np.abs(xj + 0.5) < _EDGE) | (np.abs(xj - n0[k] + 0.5) < _EDGE)) for xj, k in zip(x, perm)):
-        return None
+    x, lo = [], []  # per box axis: indices along the (flipped) scan axis, and where the region starts on it
+    for j, k in enumerate(perm):
+        g = np.round(((n0[k] - 1) - first[k] if flip[j] else first[k]) * 2.0 ** 20) / 2.0 ** 20
+        x.append(g + np.arange(n1[j]) * (ref.GetSpacing()[j] / s0[k]))
+        lo.append(n0[k] - start[k] - extent[k] if flip[j] else start[k])
+        if np.any((np.abs(x[j] + 0.5) < _EDGE) | (np.abs(x[j] - n0[k] + 0.5) < _EDGE)):
+            return None
     inside = [(xj >= -0.5) & (xj < n0[k] - 0.5) for xj, k in zip(x, perm)]
     region = sitk.GetArrayViewFromImage(img)[tuple(slice(start[k], start[k] + extent[k]) for k in (2, 1, 0))]
     region = region.transpose([2 - perm[2 - a] for a in range(3)])  # numpy axis a <- box axis 2 - a
-    offsets = [x[j][0] - start[perm[j]] for j in (2, 1, 0)]
-    steps = [(x[j][1] - x[j][0]) if n1[j] > 1 else 1.0 for j in (2, 1, 0)]
+    if any(flip):
+        region = np.ascontiguousarray(region[tuple(slice(None, None, -1 if flip[2 - a] else 1) for a in range(3))])
+    offsets = [x[j][0] - lo[j] for j in (2, 1, 0)]
+    steps = [x[j][1] - x[j][0] if n1[j] > 1 else 1.0 for j in (2, 1, 0)]
     return resample_separable(region, (1.0, 1.0, 1.0), n1[::-1], steps, offsets, interpolator, fill, inside[::-1])
 
 
