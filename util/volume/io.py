@@ -3,25 +3,29 @@
 Formats: NIfTI (.nii, .nii.gz), NRRD, MetaImage (.mha/.mhd) and DICOM series folders. Headers are checked
 before pixels are read, so an absurd size is refused before anything is allocated. What ITK reads without a
 word is checked here: a gzip stream's CRC and length, a MetaImage's zlib data, a detached data file, the spacing
-in the header, and a DICOM series' slice positions (a missing or unreadable slice).
+in the header, and a DICOM series' slice positions (a missing or unreadable slice). A .nii.gz is decompressed once
+(ISA-L, checked on the way) and the image made from those bytes, so the check costs no second decompression.
 """
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import struct
+import tempfile
 import warnings
-import zlib
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from isal import igzip_lib
 
 from util.errors import UserError
 
 MAX_VOXELS = 1.5e9
-CHUNK = 1 << 22  # bytes read at a time when a compressed stream is checked
+NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
+SITK_DTYPES = {sitk.sitkUInt8: "u1", sitk.sitkInt8: "i1", sitk.sitkUInt16: "u2", sitk.sitkInt16: "i2",
+               sitk.sitkUInt32: "u4", sitk.sitkInt32: "i4", sitk.sitkUInt64: "u8", sitk.sitkInt64: "i8",
+               sitk.sitkFloat32: "f4", sitk.sitkFloat64: "f8"}
 MET_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
              "MET_FLOAT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_DOUBLE": 8}  # MetaImage voxel sizes
 SLICE_GAP_TOLERANCE = 0.05  # DICOM: a gap between slice positions may differ this much (relative) from the median
@@ -59,32 +63,27 @@ def _check_spacing(path: str, spacing: Sequence[float]) -> None:
                           f"on every axis.")
 
 
-def _gunzip_chunks(path: str, offset: int = 0, wbits: int = 31):
-    """Decompressed chunks of the gzip (wbits 31) or zlib (15) stream of `path` from `offset`, every member's
-    checksum and length verified by zlib; a damaged or cut stream raises VolumeError (ITK may read it silently)."""
-    kind = "gzip" if wbits == 31 else "zlib"
-    d, started = zlib.decompressobj(wbits), False
+def _inflate(path: str, offset: int = 0, kind: str = "gzip") -> bytes:
+    """The decompressed bytes of the gzip (every member) or zlib stream of `path` from `offset`, decompressed once by
+    ISA-L, which verifies each gzip member's CRC-32 and length (the zlib stream's Adler-32); a damaged or cut stream
+    raises VolumeError (ITK reads such files silently, with about half of their voxels wrong)."""
     with open(path, "rb") as f:
         f.seek(offset)
-        while block := f.read(CHUNK):
-            while block:
-                try:
-                    out = d.decompress(block)
-                except zlib.error as e:
-                    why = str(e).rsplit(": ", 1)[-1]  # "incorrect data check" (CRC), "invalid block type", ...
-                    raise VolumeError(f"{path}: is corrupt (its {kind} data fails its check: {why}); copy the file "
-                                      f"again.") from None
-                started = True
-                if out:
-                    yield out
-                block = b""
-                if d.eof:  # another gzip member may follow (zero padding after the last one is ignored)
-                    rest = d.unused_data
-                    if wbits != 31 or not rest.strip(b"\0"):
-                        return
-                    d, block = zlib.decompressobj(wbits), rest
-    if started and not d.eof:
-        raise VolumeError(f"{path}: is truncated (its {kind} stream ends early); copy the file again.")
+        data = f.read()
+    flag, parts = igzip_lib.DECOMP_GZIP if kind == "gzip" else igzip_lib.DECOMP_ZLIB, []
+    while True:
+        d = igzip_lib.IgzipDecompressor(flag=flag)
+        try:
+            parts.append(d.decompress(data))
+        except igzip_lib.IsalError as e:  # "Error -6 Incorrect checksum found", "... Invalid block ..."
+            why = str(e).split(" ", 2)[-1] if str(e).startswith("Error ") else str(e)
+            raise VolumeError(f"{path}: is corrupt (its {kind} data fails its check: {why.lower()}); copy the file "
+                              f"again.") from None
+        if not d.eof:
+            raise VolumeError(f"{path}: is truncated (its {kind} stream ends early); copy the file again.")
+        data = d.unused_data
+        if kind != "gzip" or not data.strip(b"\0"):  # another gzip member may follow; zero padding is ignored
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _nifti_layout(hdr: bytes) -> tuple[int, int, np.dtype | None, tuple] | None:
@@ -106,37 +105,75 @@ def _nifti_layout(hdr: bytes) -> tuple[int, int, np.dtype | None, tuple] | None:
     return None
 
 
-def _check_nifti(path: str) -> None:
-    """What ITK reads silently from a NIfTI: a damaged gzip stream, a cut file (zeros), NaN voxels (turned into 0),
-    a zero or NaN pixdim (replaced by 1 mm). A .nii.gz is decompressed once here to verify its CRC and length."""
-    with open(path, "rb") as f:
-        gz = f.read(2) == b"\x1f\x8b"  # a .nii.gz that is not compressed is read as it is (ITK does the same)
-    try:
-        with (gzip.open if gz else open)(path, "rb") as f:
-            layout = _nifti_layout(f.read(540))
-    except (OSError, EOFError):  # a header that does not decompress: the stream check below names it
-        layout = None
-    if gz:
-        data = [] if layout is not None and layout[2] is not None else None  # keep the voxels only when floats
-        size = 0
-        for chunk in _gunzip_chunks(path):
-            size += len(chunk)
-            if data is not None:
-                data.append(chunk)
-        data = b"".join(data)[layout[0]:layout[0] + layout[1]] if data is not None else None
-    if layout is None:
-        return
+def _check_nifti(path: str, layout: tuple, size: int, voxels) -> None:
+    """What ITK reads silently from a NIfTI of `size` bytes: a zero or NaN pixdim (replaced by 1 mm), a cut file
+    (read as zeros), NaN voxels (turned into 0). voxels(dtype) returns the voxels as that dtype (float files)."""
     offset, nbytes, fdtype, pixdim = layout
     _check_spacing(path, [abs(p) for p in pixdim])  # a negative pixdim is read as its magnitude by ITK
-    if not gz:
-        size = os.path.getsize(path)
-        if fdtype is not None and size >= offset + nbytes:
-            data = np.fromfile(path, np.uint8, count=nbytes, offset=offset).tobytes()
     if size < offset + nbytes:
         raise VolumeError(f"{path}: is truncated (its header promises {offset + nbytes:,} bytes, it holds {size:,}); "
                           f"copy the file again.")
-    if fdtype is not None and not np.isfinite(np.frombuffer(data, fdtype)).all():
+    if fdtype is not None and not np.isfinite(voxels(fdtype)).all():
         raise VolumeError(f"{path}: contains NaN or infinite voxels; expected finite HU values.")
+
+
+def _itk_keeps_voxels(hdr: bytes, reader: sitk.ImageFileReader) -> np.dtype | None:
+    """The stored dtype of a NIfTI-1 file's voxels when ITK returns them unchanged (3D, no intensity scaling,
+    the pixel type ITK reports for the header); None when ITK would convert them."""
+    for e in "<>":
+        if len(hdr) >= 348 and struct.unpack(e + "i", hdr[:4])[0] == 348 and hdr[344:348] == b"n+1\0":
+            kind = NIFTI_DTYPES.get(struct.unpack(e + "h", hdr[70:72])[0])
+            slope, inter = struct.unpack(e + "2f", hdr[112:120])  # ITK applies inter even with slope 0
+            if (reader.GetDimension() == 3 and kind is not None and kind == SITK_DTYPES.get(reader.GetPixelID())
+                    and slope in (0.0, 1.0) and inter == 0.0):
+                return np.dtype(e + kind)
+    return None
+
+
+def _read_nifti(path: str, reader: sitk.ImageFileReader) -> sitk.Image | None:
+    """Check a NIfTI (`_check_nifti`); a .nii.gz is decompressed once (`_inflate`) and the image is made from those
+    checked bytes with the geometry and pixel type ITK's reader took from the header (ReadImageInformation), so it
+    equals reader.Execute()'s without ITK decompressing the file again; where ITK would convert the voxels (scaling,
+    4D) ITK reads an uncompressed temporary copy. A .nii is left to ITK (None)."""
+    if not _gzipped(path):  # a .nii.gz that is not compressed is read as it is (ITK does the same)
+        with open(path, "rb") as f:
+            layout = _nifti_layout(f.read(540))
+        if layout is not None:
+            _check_nifti(path, layout, os.path.getsize(path),
+                         lambda dt: np.fromfile(path, dt, count=layout[1] // dt.itemsize, offset=layout[0]))
+        return None
+    raw = _inflate(path)
+    layout = _nifti_layout(raw[:540])
+    if layout is not None:
+        _check_nifti(path, layout, len(raw),
+                     lambda dt: np.frombuffer(raw, dt, count=layout[1] // dt.itemsize, offset=layout[0]))
+    dtype = None if layout is None else _itk_keeps_voxels(raw[:348], reader)
+    if dtype is None:
+        return _read_uncompressed_copy(path, raw)
+    arr = np.frombuffer(raw, dtype, count=layout[1] // dtype.itemsize, offset=layout[0])
+    img = sitk.GetImageFromArray(arr.astype(dtype.newbyteorder("="), copy=False).reshape(reader.GetSize()[::-1]))
+    img.SetSpacing(reader.GetSpacing())
+    img.SetOrigin(reader.GetOrigin())
+    img.SetDirection(reader.GetDirection())
+    return img
+
+
+def _gzipped(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _read_uncompressed_copy(path: str, raw: bytes) -> sitk.Image:
+    """ITK's reading of the decompressed bytes `raw` of the NIfTI `path`, from a temporary .nii."""
+    fd, tmp = tempfile.mkstemp(suffix=".nii")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+        return sitk.ReadImage(tmp)
+    except RuntimeError as e:
+        raise VolumeError(f"{path}: is truncated or corrupt ({str(e).strip().splitlines()[-1][:200]}).") from None
+    finally:
+        os.unlink(tmp)
 
 
 def _text_header(path: str, stop) -> tuple[dict[str, str], int]:
@@ -177,8 +214,7 @@ def _check_detached(path: str) -> None:
     elif skip != "0":
         return
     if compressed:  # MetaIO prints "Uncompress failed" and returns the damaged voxels
-        for _ in _gunzip_chunks(data_path, offset, wbits=15):
-            pass
+        _inflate(data_path, offset, kind="zlib")
         return
     try:
         itemsize = MET_BYTES.get(fields.get("elementtype", ""), 0) * int(fields.get("elementnumberofchannels", 1))
@@ -279,17 +315,21 @@ def _read_file(path: str) -> sitk.Image:
     try:
         reader.ReadImageInformation()
     except RuntimeError:
+        if _gzipped(path):  # a damaged or cut stream is named as such (ITK only fails to read the header)
+            _inflate(path)
         raise VolumeError(f"{path}: is not a readable image; expected NIfTI, NRRD, MetaImage or a DICOM folder.") \
             from None
     size = reader.GetSize()
     _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
     _check_spacing(path, reader.GetSpacing())
+    img = None
     if path.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti(path)
+        img = _read_nifti(path, reader)
     elif path.lower().endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
         _check_detached(path)
-    try:
-        img = reader.Execute()
-    except RuntimeError as e:
-        raise VolumeError(f"{path}: is truncated or corrupt ({str(e).strip().splitlines()[-1][:200]}).") from None
+    if img is None:
+        try:
+            img = reader.Execute()
+        except RuntimeError as e:
+            raise VolumeError(f"{path}: is truncated or corrupt ({str(e).strip().splitlines()[-1][:200]}).") from None
     return img[:, :, :, 0] if img.GetDimension() == 4 else img
