@@ -3,12 +3,17 @@
     python main_cache.py --csv scans.csv --cache_dir /scratch/cache --input_size 256
     torchrun --nnodes=4 --nproc_per_node=1 --rdzv_backend c10d --rdzv_endpoint=$HOST:29500 \
         main_cache.py --csv scans.csv --cache_dir /shared/cache      # rank r takes rows r, r + W, ...
+    python main_cache.py --csv scans.csv --cache_dir /shared/cache --shard $SLURM_ARRAY_TASK_ID/64   # array 1-64
+    python main_cache.py --csv scans.csv --cache_dir /shared/cache --report    # last pass: what is missing
 
 The preprocessing flags and their defaults are the training scripts' own, so every entry written here is a cache
 hit for main_pretrain.py / main_finetune.py / main_predict.py run with the same flags and --cache_dir
 (--from_checkpoint takes the settings a checkpoint saved instead). Label maps of a `Mask` column are cached too.
 Rows already cached are skipped, so a killed run is simply started again. Failed rows are listed with their
 reason in <cache_dir>/failures.csv; the exit status is 2 when any row failed (torchrun then reports a failure).
+--shard I/N (1-based) caches the I-th of N parts of the tables, with no coordination between the N jobs
+(util.data.cache_rows); --report lists the rows still missing or failed (missing.csv) and exits 2 when any is.
+SIGTERM / SIGUSR1 (preemption) end the workers, write `exit_status.json` (75) and exit 75: rerun to resume.
 """
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ EXAMPLES = """  python main_cache.py --csv scans.csv --cache_dir /scratch/cache 
   python main_cache.py --csv scans.csv --cache_dir /scratch/cache --from_checkpoint mae_pretrained.pth
   torchrun --standalone --nproc_per_node=2 main_cache.py --csv scans.csv --cache_dir /scratch/cache
   python main_cache.py --csv nodules.csv --cache_dir /scratch/cache --input_size 64 --roi_mm 50 50 50
+  python main_cache.py --csv scans.csv --cache_dir /shared/cache --shard 3/64     # one job of 64, no coordination
+  python main_cache.py --csv scans.csv --cache_dir /shared/cache --report         # which rows are still missing
 """
 
 
@@ -39,19 +46,44 @@ def get_args_parser():
                                                            "(preprocessing flags you type override it)")
     p.add_argument("--workers", type=cli_args.bounded(int, min=1), default=None,
                    help="worker processes per torchrun process (default: min(CPUs, 16) / processes per machine)")
+    p.add_argument("--shard", type=shard_flag, default=None, metavar="I/N",
+                   help="cache only the I-th of N parts of the tables (1 <= I <= N; rows of one scan stay together); "
+                        "N independent jobs, e.g. a SLURM array 1-N, cover every row once")
+    p.add_argument("--report", action="store_true", help="cache nothing: list the rows still missing or failed "
+                   "in <cache_dir>/missing.csv; exit status 2 when any is (the last pass after the shards)")
+    p.add_argument("--cache_codec", choices=("zstd", "lz4"), default=None,
+                   help="entry compression of a new --cache_dir (default zstd: smallest; lz4: faster to read, "
+                        "about 1.5x larger); an existing folder keeps its own")
+    p.add_argument("--cache_step", type=cli_args.bounded(float, min=0), default=None, metavar="HU",
+                   help="quantisation step of cached images in HU for a new --cache_dir (default 1: max error "
+                        "0.5 HU; 0: 65535 levels per window)")
     cli_args.add_preprocess_args(p, "the same flags and defaults as training, so the cache keys match",
                                  cache_dir_help="required: the folder the preprocessed volumes are written to")
     cli_args.add_roi_args(p, "the same flags as training: one box per row is cached")
     return p
 
 
+def shard_flag(text: str) -> tuple[int, int]:
+    """argparse type of --shard: 'I/N' -> (I, N) with 1 <= I <= N."""
+    import argparse
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        i = n = 0
+    if not 1 <= i <= n:
+        raise argparse.ArgumentTypeError(f"must be I/N with 1 <= I <= N (1-based: the first of 8 is 1/8), got {text!r}")
+    return i, n
+
+
 cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
 
 # below the parser on purpose: `--help` answers without importing torch or SimpleITK
-from util.data import cache_fill  # noqa: E402
+from util.data import cache_fill, cache_rows  # noqa: E402
 from util.atomic import ensure_writable_dir, remove_stale_tmp  # noqa: E402
 from util.distributed import cleanup, init_distributed_mode, is_main_process, on_main_then_share  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
+from util.exit_status import EXIT_PREEMPTED, Preempted  # noqa: E402
 from util.volume.preprocess import PreprocessConfig  # noqa: E402
 
 
@@ -73,15 +105,29 @@ def preprocess_settings(args) -> PreprocessConfig:
     return PreprocessConfig.from_dict(saved).with_overrides(**changes)
 
 
-def check_cache_dir(cache_dir: str) -> None:
-    """A writable folder whose failures.csv, if any, is readable (checked before any work is done)."""
-    ensure_writable_dir(cache_dir, "--cache_dir")
-    cache_fill.read_failures(os.path.join(cache_dir, cache_fill.FAILURES_NAME))
+def cache_settings(args):
+    """The CacheSettings the flags ask for, or None (the folder's own, or the defaults for a new folder)."""
+    from util.volume.cache import CacheSettings
+
+    if args.cache_codec is None and args.cache_step is None:
+        return None
+    return CacheSettings(args.cache_codec or "zstd", 1.0 if args.cache_step is None else args.cache_step)
+
+
+def check_cache_dir(args) -> None:
+    """A writable folder of this cache format whose failures.csv, if any, is readable (before any work is done)."""
+    from util.volume.cache import VolumeCache
+
+    ensure_writable_dir(args.cache_dir, "--cache_dir")
+    VolumeCache(args.cache_dir, cache_settings(args))  # refuses another format or other settings in one sentence
+    cache_fill.read_failures(os.path.join(args.cache_dir, cache_fill.FAILURES_NAME))
+    if args.shard:
+        os.makedirs(os.path.dirname(args.output_dir), exist_ok=True)  # this shard's exit_status.json goes there
 
 
 def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:
     """Rank 0: failures.csv, leftovers of killed writers, and the one-line summary."""
-    listed = cache_fill.update_failures(args.cache_dir, cfg.key(), rows, result.failed)
+    listed = cache_fill.update_failures(args.cache_dir, cfg.key(), rows, result.failed, result.finished)
     removed = remove_stale_tmp(args.cache_dir, recursive=True, older_than=started)  # killed writers' files
     if removed:
         print(f"Removed {removed} temporary files left by an interrupted run.")
@@ -89,6 +135,10 @@ def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:
     print(f"Cache {args.cache_dir}: {result.done} done (newly cached), {result.cached} already cached, "
           f"{len(result.failed)} failed, {result.bytes / 2 ** 30:.3f} GiB ({result.bytes:,} bytes) written, {time.time() - started:.1f} s "
           f"({args.world_size} process{'es' if args.world_size > 1 else ''} x {args.workers} workers{per_volume}).")
+    if result.stopped:
+        left = len(rows) - len(result.finished)
+        print(f"Stopped by {result.stopped}: {left} of {len(rows)} rows not done yet; rerun the same command to "
+              f"resume.", file=sys.stderr)
     if result.failed:
         first = result.failed[min(result.failed)][0]
         print(f"{len(result.failed)} of {len(rows)} rows failed (first: {first}); all are listed with their "
@@ -102,20 +152,55 @@ def main(args) -> int:
     args.workers = args.workers or cache_fill.default_workers()
     cfg = preprocess_settings(args)
     rows = cache_fill.read_rows(args.csv, masks=not args.no_masks, cfg=cfg)
-    on_main_then_share(lambda: check_cache_dir(args.cache_dir))
-    print(f"Caching {len(rows)} rows of {', '.join(args.csv)} into {args.cache_dir} with {args.world_size} "
+    part = ""
+    if args.shard:
+        part = f" (shard {args.shard[0]} of {args.shard[1]}: {{}} of {len(rows)} rows)"
+        rows = cache_rows.shard_rows(rows, *args.shard)
+        part = part.format(len(rows))
+    on_main_then_share(lambda: check_cache_dir(args))
+    if args.report:
+        code = report_missing(args, cfg, rows) if is_main_process() else 0
+        cleanup()
+        return code
+    print(f"Caching {len(rows)} rows{part} of {', '.join(args.csv)} into {args.cache_dir} with {args.world_size} "
           f"process{'es' if args.world_size > 1 else ''} x {args.workers} workers; preprocessing "
           f"{cfg.to_dict()} (key {cfg.key()}).")
     result = cache_fill.fill_cache(rows, cfg, args.cache_dir, args.workers, args.rank, args.world_size)
     if is_main_process():
         report(args, cfg, rows, result, started)
     cleanup()
+    if result.stopped:
+        raise Preempted(f"Cache fill stopped by {result.stopped} after {len(result.finished)} of {len(rows)} rows; "
+                        f"rerun the same command to resume.", EXIT_PREEMPTED)
     return 2 if result.failed and is_main_process() else 0
+
+
+def report_missing(args, cfg: PreprocessConfig, rows) -> int:
+    """--report: one line of totals, the first missing rows, <cache_dir>/missing.csv; 2 when any row is missing."""
+    from util.volume.cache import VolumeCache
+
+    missing = cache_rows.report_missing(rows, cfg, VolumeCache(args.cache_dir))
+    failed = sum(m["state"] == "failed" for m in missing)
+    print(f"Cache {args.cache_dir}: {len(rows) - len(missing)} of {len(rows)} rows cached, {failed} failed, "
+          f"{len(missing) - failed} missing (preprocessing {cfg.key()}).")
+    if not missing:
+        return 0
+    for m in missing[:10]:
+        why = m["error"] or f"{m['Path']}: not cached yet (its shard has not run, or was stopped)"
+        print(f"  {m['state']}: {m['where']}: {why}", file=sys.stderr)
+    more = f" ({len(missing) - 10} more)" if len(missing) > 10 else ""
+    print(f"{len(missing)} of {len(rows)} rows are not cached{more}; all are listed in "
+          f"{os.path.join(args.cache_dir, cache_rows.MISSING_NAME)}; rerun their shards (failed rows: fix or drop "
+          f"the files).", file=sys.stderr)
+    return 2
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: the command line), fill the cache, return the exit status (0, or 2: rows failed)."""
-    return run_main(main, cli_args.parse(get_args_parser(), argv))
+    args = cli_args.parse(get_args_parser(), argv)
+    if args.shard:  # each shard job has its own exit_status.json (util.exit_status writes it into output_dir)
+        args.output_dir = os.path.join(os.path.abspath(args.cache_dir), "shards", "{}-of-{}".format(*args.shard))
+    return run_main(main, args)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,14 @@ def counts(r) -> tuple[int, int, int, int]:
 
 
 def entries(cache: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*.npy"))}
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*.vol"))}
+
+
+def stored(cache: Path, key) -> np.ndarray:
+    """The stored form of an entry (uint16 levels for images), read and checked as training reads it."""
+    got = VolumeCache(cache).get(key, decoded=False)
+    assert got is not None, key
+    return got
 
 
 def failures(cache: Path) -> list[dict]:
@@ -102,11 +109,11 @@ def test_one_worker_fill_caches_the_good_rows_and_lists_the_bad(corpus, referenc
     assert known_failures(cache, "another-key") == set()
     assert len(reference["entries"]) == len(corpus["good"]) + 1  # 4 images + the liver mask
     store = VolumeCache(cache)
-    img = np.load(store.path(cache_keys(str(sm), CFG)[0]))  # real values: the stored volume is the preprocessing's
-    assert img.dtype == np.uint16 and np.array_equal(img, encode(load_volume(str(sm), CFG)))
+    img = stored(cache, cache_keys(str(sm), CFG)[0])  # real values: the stored volume is the preprocessing's
+    assert img.dtype == np.uint16 and np.array_equal(img, encode(load_volume(str(sm), CFG), store.levels(CFG.window)))
     ircad, liver = corpus["good"][0]
-    stored = [np.load(store.path(k)) for k in cache_keys(str(ircad), CFG, str(liver))]
-    assert stored[0].shape == stored[1].shape == (SIZE,) * 3 and set(np.unique(stored[1])) == {0, 1}
+    pair = [stored(cache, k) for k in cache_keys(str(ircad), CFG, str(liver))]
+    assert pair[0].shape == pair[1].shape == (SIZE,) * 3 and set(np.unique(pair[1])) == {0, 1}
 
 
 def test_two_workers_and_two_torchrun_ranks_write_the_same_cache(corpus, reference, tmp_path):
@@ -124,10 +131,10 @@ def test_two_workers_and_two_torchrun_ranks_write_the_same_cache(corpus, referen
 def test_rerun_reports_everything_cached_and_writes_nothing(corpus, reference, tmp_path):
     cache = tmp_path / "copy"
     shutil.copytree(reference["cache"], cache)
-    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")}
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.vol")}
     r = fill(corpus, cache, "--workers", 2, here=True)
     assert r.returncode == 2 and counts(r) == (0, len(corpus["good"]), len(corpus["bad"]) + 1, 0), r.stdout
-    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.npy")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.vol")} == stamps
     assert entries(cache) == reference["entries"] and failures(cache) == reference["failures"]
 
 
@@ -138,14 +145,13 @@ def test_killed_fill_restarted_completes_the_same_cache(corpus, reference, tmp_p
     partial = entries(cache)
     assert 0 < len(partial) < len(reference["entries"])
     assert all(reference["entries"][k] == v for k, v in partial.items())  # what is there is complete
-    stale = cache / "00" / ".tmp-abc123-dead.npy"  # what a writer killed mid-file leaves
+    stale = cache / "00" / ".tmp-abc123-dead.vol"  # what a writer killed mid-file leaves
     stale.parent.mkdir(exist_ok=True)
-    stale.write_bytes(b"\x93NUMPY half")
+    stale.write_bytes(b"MAE3DVC\x02 half")
     os.utime(stale, (time.time() - 60, time.time() - 60))
     r = fill(corpus, cache, "--workers", 2, here=True)
     assert r.returncode == 2 and counts(r)[1] >= 1 and re.search(r"Removed \d+ temporary files", r.stdout), r.stdout
     assert entries(cache) == reference["entries"] and failures(cache) == reference["failures"]
-    assert all(np.load(p).shape == (SIZE,) * 3 for p in cache.rglob("*.npy"))
     assert not list(cache.rglob(".tmp-*"))
 
 
@@ -192,8 +198,9 @@ def test_checkpoint_preprocessing_is_used(corpus, tmp_path):
     r = run_in_process("main_cache.py", "--csv", tmp_path / "sm.csv", "--cache_dir", tmp_path / "c",
                        "--from_checkpoint", tmp_path / "ckpt.pth")
     assert r.returncode == 0 and saved.key() in r.stdout, r.stdout + r.stderr
-    stored = np.load(VolumeCache(tmp_path / "c").path(cache_keys(sm, saved)[0]))
-    assert stored.shape == (16, 24, 24) and np.array_equal(stored, encode(load_volume(sm, saved)))
+    img = stored(tmp_path / "c", cache_keys(sm, saved)[0])
+    levels = VolumeCache(tmp_path / "c").levels(saved.window)
+    assert img.shape == (16, 24, 24) and np.array_equal(img, encode(load_volume(sm, saved), levels))
 
 
 @pytest.mark.parametrize("case", ["missing_csv", "no_path_column", "no_cache_dir", "no_preprocess_in_ckpt"])

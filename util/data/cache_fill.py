@@ -1,55 +1,45 @@
 """Filling the preprocessed-volume cache as a step of its own (main_cache.py): parallel, resumable, several ranks.
 
-Rows (an image and, optionally, its label map) come from one or more CSVs. Under torchrun rank r takes rows
-r, r + W, ...; every rank feeds its rows lazily to its own pool of worker processes (at most two rows per worker in
-flight, each worker holding one volume at a time, SimpleITK and torch on one thread so the bytes written do not
-depend on the number of workers). A row whose entries are already cached and readable is skipped, and entries are
-written atomically (util.atomic), so a killed run restarted later completes the cache. A worker killed by the
-system (out of memory) fails its row only. Failed rows are listed with a one-sentence reason, which starts with
-the file that failed, in `<cache_dir>/failures.csv` (Path, Mask, key, error); `known_failures` reads it back for
-pretraining's --skip_bad.
+Rows (an image and, optionally, its label map) come from one or more CSVs (with --shard, util.data.cache_rows
+keeps this job's part). Under torchrun rank r takes rows r, r + W, ...; every rank feeds its rows lazily to its own
+pool of worker processes (at most two rows per worker in flight, each worker holding one volume at a time,
+SimpleITK and torch on one thread so the bytes written do not depend on the number of workers). A row whose entries
+are already cached with an intact checksum is skipped, and entries are written atomically (util.atomic), so a
+killed run restarted later completes the cache. A worker killed by the system (out of memory) fails its row only.
+SIGTERM / SIGUSR1 (preemption) and Ctrl-C stop the fill: no new row starts, the workers are ended before this
+process goes on (a worker also never writes an entry once its parent is gone), and the caller reports a stop.
+Failed rows are listed with a one-sentence reason, which starts with the file that failed, in
+`<cache_dir>/failures.csv` (Path, Mask, key, error; updated under a lock, so shards of one table can share it);
+`known_failures` reads it back for pretraining's --skip_bad.
 """
 from __future__ import annotations
 
-import csv
 import datetime
-import io
 import multiprocessing as mp
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
-import pandas as pd
 import SimpleITK as sitk
 import torch
 import torch.distributed as dist
 
-from util.atomic import write_text
-from util.volume.cache import VolumeCache
+from util.data.cache_rows import (FAILURES_NAME, Row, drop_known_failures, known_failures,  # noqa: F401 - re-exported
+                                  read_failures, read_rows, update_failures)
 from util.distributed import all_gather_objects
-from util.errors import UserError, user_message
+from util.errors import user_message
 from util.faults import fault_point
-from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points, where
-from util.volume.preprocess import PreprocessConfig, cache_keys, load_cached
 from util.runtime import available_cpus
+from util.volume.cache import VolumeCache
 from util.volume.io import VolumeError
+from util.volume.preprocess import PreprocessConfig, cache_keys, load_cached
 
-FAILURES_NAME = "failures.csv"
-FAILURE_COLUMNS = ("Path", "Mask", "key", "error")
 ROW_ERRORS = (VolumeError, OSError, ValueError, RuntimeError, MemoryError)  # a bad row, never a stopped run
 WORKER_DIED = "the worker process preprocessing it was killed (out of memory?); rerun with fewer --workers"
-
-
-class Row(NamedTuple):
-    """One volume to cache: absolute image path ("" when the cell was empty), label-map path or "", and where."""
-
-    path: str
-    mask: str
-    where: str
-    roi: object = None  # ROI settings: the row's point (x, y, z) or its Mask path (the box's centre)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass
@@ -62,9 +52,12 @@ class Summary:
     seconds: float = 0.0
     work_seconds: float = 0.0
     failed: dict[int, tuple[str, str]] = field(default_factory=dict)
+    finished: list[int] = field(default_factory=list)  # rows whose outcome is known (done, cached or failed)
+    stopped: str | None = None  # the signal that stopped the fill early ('SIGTERM', ...), else None
 
     def add(self, rec: dict) -> None:
         """Count one row's record (from `fill_row`)."""
+        self.finished.append(rec["i"])
         if rec["status"] == "failed":
             self.failed[rec["i"]] = (rec["error"], rec["part"])
         else:
@@ -77,42 +70,6 @@ def default_workers() -> int:
     """min(CPUs available, 16) worker processes, shared among torchrun's processes on this machine."""
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, min(available_cpus(), 16) // local)
-
-
-def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfig | None = None) -> list[Row]:
-    """The rows of every table, paths resolved but not checked (a missing file fails its row only).
-
-    Duplicated (Path, Mask) pairs are kept once (with ROI settings: duplicated boxes, each row's point or its Mask
-    being its centre). Raises UserError naming the table when it cannot be read, has no Path column, no data rows
-    or, with ROI settings, no coordX/Y/Z (or Mask) column (FileNotFoundError when it does not exist).
-    """
-    roi = cfg is not None and cfg.roi
-    masks = masks or (roi and cfg.roi_label is not None)
-    rows, seen = [], set()
-    for csv_path in csv_paths:
-        csv_path = os.path.abspath(os.fspath(csv_path))
-        df = read_csv_table(csv_path)
-        col, mcol = find_column(df, "Path"), find_column(df, "Mask") if masks else None
-        if col is None:
-            raise UserError(f"{csv_path}: has no 'Path' column (columns: {', '.join(map(str, df.columns))}); "
-                             f"expected a header row with Path (and optionally Mask).")
-        if len(df) == 0:
-            raise UserError(f"{csv_path}: has no data rows; expected one row per volume.")
-        paths = resolve_paths(df, col, csv_path, check_exists=False)
-        if roi and cfg.roi_label is not None and mcol is None:
-            raise UserError(f"{csv_path}: has no 'Mask' column; --roi_label centres each box on a label of the row's "
-                            f"Mask.")
-        mask_paths = resolve_paths(df, mcol, csv_path, check_exists=False) if mcol else [""] * len(paths)
-        if roi:  # the centre of each row's box: its Mask (roi_label) or its point
-            centres = mask_paths if cfg.roi_label is not None else roi_points(df, csv_path, check=False)
-            mask_paths = mask_paths if cfg.roi_label is not None else [""] * len(paths)
-        else:
-            centres = [None] * len(paths)
-        for line, p, m, c in zip(df.index, paths, mask_paths, centres):
-            if (p, m, c) not in seen:
-                seen.add((p, m, c))
-                rows.append(Row(p, m, f"{csv_path} {where(int(line))}", c))
-    return rows
 
 
 def _reason(e: BaseException, row: Row) -> str:
@@ -144,7 +101,7 @@ def fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
         return {"status": "failed", "part": "image", "error": f"{row.where}: has an empty 'Path' value; expected "
                                                               f"a file path."}
     keys = cache_keys(row.path, cfg, row.mask or None, row.roi)
-    missing = [k for k in keys if cache.get(k, decoded=False) is None]
+    missing = [k for k in keys if not cache.verify(k)]
     if not missing:
         return {"status": "cached"}
     try:
@@ -191,12 +148,28 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(1)
 
 
+class _WorkerCache(VolumeCache):
+    """A worker's cache: it writes no entry once its parent is gone (the check comes after the entry's bytes are
+    written and before the rename that makes it an entry); the worker then exits at once, without a traceback."""
+
+    def __init__(self, cache_dir: str, parent: int) -> None:
+        super().__init__(cache_dir)
+        self.parent = parent
+
+    def may_commit(self) -> None:
+        if os.getppid() != self.parent:
+            os._exit(1)
+
+
 def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, parent: int) -> None:
-    """Pool initializer: one thread, ignore Ctrl-C (the parent stops the pool), exit with the parent, claim a slot
-    of `busy` ([pid, row] pairs through which the parent learns which row a killed worker was on)."""
+    """Pool initializer: one thread, ignore Ctrl-C (the parent stops the pool), die at SIGTERM / SIGUSR1 (how the
+    parent stops the pool; not the parent's handlers, inherited through fork), exit with the parent, claim a slot of
+    `busy` ([pid, row] pairs through which the parent learns which row a killed worker was on)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     slot = -1
     with busy.get_lock():
@@ -204,7 +177,7 @@ def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, p
             if busy[2 * s] == 0 or (busy[2 * s + 1] < 0 and not _alive(busy[2 * s])):
                 busy[2 * s], busy[2 * s + 1], slot = os.getpid(), -1, s
                 break
-    _WORKER.update(cache=VolumeCache(cache_dir), cfg=cfg, rows=rows, busy=busy, slot=slot)
+    _WORKER.update(cache=_WorkerCache(cache_dir, parent), cfg=cfg, rows=rows, busy=busy, slot=slot)
 
 
 def _fill_task(i: int) -> dict:
@@ -242,24 +215,54 @@ def _feed(share: Sequence[int], slots: threading.Semaphore, stop: threading.Even
         yield i
 
 
+class StopSignals:
+    """While a fill runs: SIGTERM / SIGUSR1 (what SLURM sends before it preempts a job) are remembered (the first
+    one's name in `signal`), said in one line, and set `event`; the previous handlers come back at exit."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.event = threading.Event()
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in STOP_SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals keep their default action
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            print(f"{self.signal}: stopping the cache fill; rows in progress are left to the next run.", flush=True)
+        self.event.set()
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cache_dir: str, workers: int,
                bar=None) -> Summary:
-    """Cache rows `share` of `rows` with a pool of `workers` processes; returns this process's Summary."""
+    """Cache rows `share` of `rows` with a pool of `workers` processes; returns this process's Summary. A stop
+    signal ends the loop: the pool's workers are ended and joined before this returns (`Summary.stopped`)."""
     out, t0 = Summary(), time.perf_counter()
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     busy = ctx.Array("q", [0, -1] * (2 * workers))
-    slots, stop = threading.Semaphore(2 * workers), threading.Event()
-    with ctx.Pool(workers, _init_worker, (cache_dir, cfg, rows, busy, os.getpid())) as pool:
-        results = pool.imap_unordered(_fill_task, _feed(share, slots, stop))
+    slots = threading.Semaphore(2 * workers)
+    with StopSignals() as stop, ctx.Pool(workers, _init_worker, (cache_dir, cfg, rows, busy, os.getpid())) as pool:
+        results = pool.imap_unordered(_fill_task, _feed(share, slots, stop.event))
         pending = len(share)
         try:
-            while pending:
+            while pending and stop.signal is None:
                 try:
                     recs = [results.next(timeout=1.0)]
                 except mp.TimeoutError:
                     recs = []
-                recs += [{"i": i, "status": "failed", "part": "image", "error": f"{rows[i].path}: {WORKER_DIED}."}
-                         for i in _dead_rows(busy)]
+                if stop.signal is None:  # workers killed with the stop signal (a job's process group) failed nothing
+                    recs += [{"i": i, "status": "failed", "part": "image",
+                              "error": f"{rows[i].path}: {WORKER_DIED}."} for i in _dead_rows(busy)]
                 for rec in recs:
                     out.add(rec)
                     slots.release()
@@ -268,8 +271,9 @@ def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cac
                         bar.update(1)
                         bar.set_postfix(failed=len(out.failed), refresh=False)
         finally:
-            stop.set()
-    out.seconds = time.perf_counter() - t0
+            stop.event.set()
+    # Pool.__exit__ terminated (SIGTERM) and joined every worker: none is left to write an entry
+    out.seconds, out.stopped = time.perf_counter() - t0, stop.signal
     return out
 
 
@@ -289,6 +293,8 @@ def merge(parts: list[Summary]) -> Summary:
     out = Summary()
     for p in parts:
         out.done, out.cached, out.bytes = out.done + p.done, out.cached + p.cached, out.bytes + p.bytes
+        out.finished += p.finished
+        out.stopped = out.stopped or p.stopped
         out.work_seconds += p.work_seconds
         out.seconds = max(out.seconds, p.seconds)
         out.failed.update(p.failed)
@@ -307,53 +313,3 @@ def fill_cache(rows: list[Row], cfg: PreprocessConfig, cache_dir: str, workers: 
         mine = fill_share(rows, share, cfg, os.path.abspath(cache_dir), workers, bar)
     _wait_for_all_ranks()
     return merge(all_gather_objects(mine))
-
-
-def read_failures(path: str) -> list[dict]:
-    """The rows of a failures.csv ([] when it does not exist)."""
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not set(FAILURE_COLUMNS) <= set(reader.fieldnames or ()):
-            raise UserError(f"{path}: is not a failures list written by main_cache.py (columns "
-                             f"{reader.fieldnames}, expected {', '.join(FAILURE_COLUMNS)}); move it away.")
-        return [{c: r.get(c) or "" for c in FAILURE_COLUMNS} for r in reader]
-
-
-def update_failures(cache_dir: str, cfg_key: str, rows: list[Row], failed: dict[int, tuple[str, str]]) -> str:
-    """Rewrite `<cache_dir>/failures.csv` atomically: rows of other keys and rows not attempted now are kept, the
-    attempted rows of this key are replaced by this run's failures (a row that now succeeds disappears)."""
-    path = os.path.join(os.path.abspath(cache_dir), FAILURES_NAME)
-    attempted = {(r.path, r.mask) for r in rows}
-    kept = [r for r in read_failures(path) if r["key"] != cfg_key or (r["Path"], r["Mask"]) not in attempted]
-    new = [{"Path": rows[i].path, "Mask": rows[i].mask, "key": cfg_key, "error": err}
-           for i, (err, _) in sorted(failed.items())]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, FAILURE_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(kept + new)
-    write_text(path, buf.getvalue())
-    return path
-
-
-def known_failures(cache_dir: str, cfg_key: str) -> set[str]:
-    """Image paths listed in `<cache_dir>/failures.csv` as failed for settings `cfg_key` (rows where only the
-    label map failed are not included: their image is cached)."""
-    return {r["Path"] for r in read_failures(os.path.join(os.fspath(cache_dir), FAILURES_NAME))
-            if r["key"] == cfg_key and r["Path"] and not (r["Mask"] and r["error"].startswith(r["Mask"] + ":"))}
-
-
-def drop_known_failures(table: pd.DataFrame, data_path: str, cache_dir: str, cfg_key: str) -> pd.DataFrame:
-    """`table` without the rows whose Path main_cache.py listed as failed for `cfg_key`; prints one line when
-    any were dropped. Raises UserError when every row is listed."""
-    failed = known_failures(cache_dir, cfg_key)
-    bad = table["Path"].isin(failed).to_numpy() if failed else None
-    if bad is None or not bad.any():
-        return table
-    listed = os.path.join(os.path.abspath(cache_dir), FAILURES_NAME)
-    if bad.all():
-        raise UserError(f"{data_path}: every row is listed as failed in {listed}; fix or replace those volumes.")
-    print(f"Skipping {int(bad.sum())} of {len(table)} volumes of {data_path} that main_cache.py could not "
-          f"preprocess (listed with their reasons in {listed}).")
-    return table[~bad]

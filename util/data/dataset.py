@@ -2,9 +2,10 @@
 crops and flips, K crops per volume read, and the compact transport of cached volumes to the training device.
 
 Transport: by default items are float32 [1, D, H, W] in [0, 1]. The training scripts switch on
-`transport = "uint16"`: cached volumes then travel as their stored uint16 values (bit-cast to int16, which every
-device supports; half the bytes of float32) plus a flag for a flip of the innermost axis still to be done, and
-`util.data.transport.to_device` scales and flips them on the device, giving exactly the float32 numbers of the default.
+`transport = "uint16"`: cached volumes then travel as their stored uint16 levels (bit-cast to int16, which every
+device supports; half the bytes of float32) plus a flag for a flip of the innermost axis still to be done and the
+float32 factor of their levels, and `util.data.transport.to_device` scales and flips them on the device, giving
+exactly the float32 numbers of the default.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.data.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
-from util.volume.cache import VolumeCache, decode
+from util.volume.cache import QMAX, VolumeCache, decode, scale_of
 from util.errors import UserError
 from util.volume.preprocess import PreprocessConfig, load_cached
 from util.runtime import available_cpus
@@ -43,6 +44,7 @@ class VolumeDataset(Dataset):
         self.train, self.seed, self.epoch = train, seed, 0
         self.crops_per_volume = max(1, int(crops_per_volume)) if train else 1
         self.cache = VolumeCache(cache_dir) if cache_dir else None
+        self.levels = self.cache.levels(self.cfg.window) if self.cache is not None else QMAX  # of uint16 volumes
         self.augment = Augment3D(intensity_jitter=intensity_jitter)
         self.transport, self.fg_prob = "float32", 0.0
         self.paths: list[str] = []
@@ -95,7 +97,8 @@ class VolumeDataset(Dataset):
         misses = self.cache.misses if self.cache is not None else 0
         roi = self.rois[v] if self.rois is not None else None
         try:
-            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi)
+            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi,
+                                    scratch=True)  # a hit's image: reused memory, copied once by `sample`
         except UserError as e:
             if roi is None or self.row_names is None:
                 raise
@@ -125,22 +128,22 @@ class VolumeDataset(Dataset):
                                  fg_prob=self.fg_prob if mask is not None else 0.0, fg=self._foreground(mask))
             crop = arrays[0]
             if self.augment.intensity_jitter > 0:  # jitter works on float images: decode the crop (not the volume)
-                crop = decode(crop)
+                crop = decode(crop, self.levels)
             defer = 2 if self.transport == "uint16" and crop.dtype == np.uint16 else None
             img, mask, deferred = self.augment.apply(crop, arrays[1] if mask is not None else None, rng, defer)
         elif not whole:
             img = center_crop_or_pad(img, self.input_size, 0.0)
             mask = None if mask is None else np.ascontiguousarray(center_crop_or_pad(mask, self.input_size, 0))
-        if img.dtype == np.uint16 and self.transport == "uint16":  # own, writable memory (not the read-only map)
+        if img.dtype == np.uint16 and self.transport == "uint16":  # contiguous, writable: copied only if not yet
             x = torch.from_numpy(np.require(img, requirements=["C", "W"]).view(np.int16))
         else:
-            x = torch.from_numpy(np.ascontiguousarray(decode(img), dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(decode(img, self.levels), dtype=np.float32))
         return x[None], mask, deferred
 
     def pack(self, x: torch.Tensor, target, deferred: bool) -> tuple:
-        """The item: (image, target), plus the deferred-flip flag in uint16 transport."""
+        """The item: (image, target), plus the deferred-flip flag and the levels' factor in uint16 transport."""
         if self.transport == "uint16":
-            return x, target, torch.tensor(deferred)
+            return x, target, torch.tensor(deferred), torch.tensor(scale_of(self.levels), dtype=torch.float32)
         return x, target
 
 

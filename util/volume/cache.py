@@ -1,24 +1,69 @@
-"""On-disk cache of preprocessed volumes: each volume stored once as .npy and read back memory-mapped.
+"""On-disk cache of preprocessed volumes: one compressed, checksummed file per volume (format 2).
 
-Images (float in [0, 1]) are stored as uint16 (q = round(x * 65535)): max error 0.5 / 65535 plus float32
-rounding, measured 7.7e-6, i.e. 0.015 HU for the default 2000 HU window; half the disk of float32 (32 MiB
-per 256^3 volume), and float16 would be 30x less precise near 1. Label maps are stored as uint8 (int16/int32
-when needed). Other float arrays are stored as float32. Writes are atomic (util.atomic), so many DataLoader
-workers and ranks can fill one cache at the same time; the last writer of a key wins and every reader sees a
-complete file.
+Images (floats in [0, 1]: a HU window scaled) are stored as uint16 levels q = round(x * levels), decoded as
+q * float32(1 / levels). `levels` follows from the window and the folder's quantisation step (default 1 HU: 2000
+levels for the default 2000-HU window; max error half a step, 0.5 HU, far below CT noise). Steps of 1 HU leave the
+low bits free of resampling noise, so the bit-shuffled payload compresses (util.volume.cache_format): a 256^3 CT
+takes about 0.3-0.4x the 32 MiB of the earlier uint16 .npy (`bench/bench_cache_format.py`). Storing windowed levels
+rather than HU was chosen on purpose: the window clips metal and padding, and a window's levels are what the
+loader sends to the device; a second window is a second fill (minutes per 1,000 scans).
+
+Label maps are stored as uint8 (int16/int32 when needed), other float arrays as float32, both exactly. Every entry
+carries a CRC-32 that every read verifies: a damaged entry (flipped bytes, a torn copy) is removed and reported as a
+miss, so the caller preprocesses the source again; it is never returned. Writes are atomic (util.atomic), so many
+loader workers and ranks can fill one cache at the same time.
+
+The folder's settings (codec, step) are in `cache_format.json`, written by the first process that uses the folder
+(main_cache.py --cache_codec / --cache_step choose them); later readers and writers follow them. A folder of the
+earlier format (.npy entries, no checksums) is refused with one sentence saying how to rebuild it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from util.atomic import atomic_write
+from util.atomic import atomic_write, write_text
+from util.errors import UserError
+from util.volume import cache_format
+from util.volume.cache_format import CODECS, DamagedEntry
 
-QMAX = 65535
+QMAX = 65535  # levels of a [0, 1] array stored without a window (the earlier format's precision)
+SETTINGS_NAME = "cache_format.json"
+FORMAT_NAME, FORMAT_VERSION = "mae3d-volume-cache", 2
+SUFFIX = ".vol"
+log = logging.getLogger(__name__)
+
+
+class CacheFormatError(UserError):
+    """A --cache_dir of another format or other settings; the message says how to rebuild or what to pass."""
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """codec: 'zstd' (smallest; slice differences + bit-shuffle) or 'lz4' (faster to decompress, larger);
+    step_hu: quantisation step of images in HU (0: 65535 levels per window, the earlier precision)."""
+
+    codec: str = "zstd"
+    step_hu: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise UserError(f"--cache_codec must be one of {', '.join(CODECS)}, got {self.codec!r}.")
+        if not (np.isfinite(self.step_hu) and self.step_hu >= 0):
+            raise UserError(f"--cache_step must be a number of HU >= 0 (0: finest), got {self.step_hu}.")
+
+    def levels(self, window: Sequence[float]) -> int:
+        """uint16 levels of a [0, 1] image of HU window (lo, hi): round((hi - lo) / step_hu), 1..65535."""
+        if self.step_hu == 0:
+            return QMAX
+        return int(min(QMAX, max(1, round((float(window[1]) - float(window[0])) / self.step_hu))))
 
 
 def file_stamp(path: str | os.PathLike) -> str:
@@ -32,15 +77,16 @@ def file_stamp(path: str | os.PathLike) -> str:
     return p + "|" + hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-def encode(array: np.ndarray, unit_range: bool = False) -> np.ndarray:
-    """Array -> stored form: [0, 1] floats -> uint16, integers -> smallest fitting int type, other floats -> f32.
-
-    unit_range=True: the caller guarantees floats in [0, 1] (a windowed image), so the range is not checked.
-    """
+def encode(array: np.ndarray, levels: int | None = None) -> np.ndarray:
+    """Array -> stored form. levels given: an image in [0, 1] -> uint16 round(x * levels) (not range-checked).
+    Otherwise integers -> the smallest fitting int type, floats in [0, 1] -> uint16 at QMAX levels, other floats
+    -> float32."""
     a = np.asarray(array)
     if a.dtype.kind == "f":
-        if unit_range or (a.size and 0.0 <= float(a.min()) and float(a.max()) <= 1.0):
-            scaled = np.multiply(a, np.float32(QMAX), dtype=np.float32)
+        if levels is None and a.size and 0.0 <= float(a.min()) and float(a.max()) <= 1.0:
+            levels = QMAX
+        if levels is not None:
+            scaled = np.multiply(a, np.float32(levels), dtype=np.float32)
             return np.rint(scaled, out=scaled).astype(np.uint16)
         return a.astype(np.float32)
     if a.dtype == np.bool_ or a.size == 0:
@@ -52,64 +98,175 @@ def encode(array: np.ndarray, unit_range: bool = False) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def decode(stored: np.ndarray) -> np.ndarray:
-    """Stored form -> float32 [0, 1] (uint16 images) or the stored array itself (memory-mapped labels)."""
+def decode(stored: np.ndarray, levels: int = QMAX) -> np.ndarray:
+    """Stored form -> float32 [0, 1] (uint16 images: q * float32(1 / levels)) or the stored array itself."""
     if stored.dtype == np.uint16:
-        return np.multiply(stored, np.float32(1.0 / QMAX), dtype=np.float32)
+        return np.multiply(stored, np.float32(1.0 / levels), dtype=np.float32)
     return stored
 
 
+def scale_of(levels: int) -> float:
+    """The float32 factor `decode` multiplies levels by, as a Python float (exactly representable in float32)."""
+    return float(np.float32(1.0 / levels))
+
+
 class VolumeCache:
-    """Preprocessed volumes under `cache_dir`, keyed by the source file, its mtime/size and the settings.
+    """Preprocessed volumes under `cache_dir`, keyed by the source file, its mtime/size, the settings and the
+    folder's quantisation step.
 
     key_parts: the first item is the source path (stamped with abs path, mtime_ns and size, so editing or
     touching the file invalidates the entry); later items are hashed as text, except `pathlib.Path` items,
     which are stamped like the first (e.g. the image a mask was resampled onto). Pass `cfg.key()` among them.
+    settings: what main_cache.py was asked for (None: the folder's, or the defaults for a new folder).
     """
 
-    def __init__(self, cache_dir: str | os.PathLike) -> None:
+    def __init__(self, cache_dir: str | os.PathLike, settings: CacheSettings | None = None) -> None:
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         os.makedirs(self.cache_dir, exist_ok=True)
-        self.hits = self.misses = 0
+        self.settings = open_settings(self.cache_dir, settings)
+        self._tag = f"format {FORMAT_VERSION} step {self.settings.step_hu:g}"
+        self.hits = self.misses = self.damaged = 0
+
+    def levels(self, window: Sequence[float]) -> int:
+        """uint16 levels of images of this HU window in this folder."""
+        return self.settings.levels(window)
 
     def key(self, key_parts: Sequence) -> str:
-        """sha1 hex digest of the stamped parts."""
+        """sha1 hex digest of the stamped parts and of the folder's format and step."""
         first, *rest = key_parts
         items = [file_stamp(first)] + [file_stamp(p) if isinstance(p, Path) else str(p) for p in rest]
-        return hashlib.sha1("\x1f".join(items).encode()).hexdigest()
+        return hashlib.sha1("\x1f".join(items + [self._tag]).encode()).hexdigest()
 
     def path(self, key_parts: Sequence) -> str:
         k = self.key(key_parts)
-        return os.path.join(self.cache_dir, k[:2], k + ".npy")
+        return os.path.join(self.cache_dir, k[:2], k + SUFFIX)
 
-    def get(self, key_parts: Sequence, decoded: bool = True) -> np.ndarray | None:
-        """Cached array (images decoded to float32, labels memory-mapped) or None on a miss."""
+    def _entry(self, key_parts: Sequence) -> str | None:
         try:
-            p = self.path(key_parts)
+            return self.path(key_parts)
+        except FileNotFoundError:  # the source is gone: no key, no entry
+            return None
+
+    def _drop(self, p: str, source, why: str) -> None:
+        """Remove a damaged entry and say so; the caller preprocesses the source again."""
+        try:
+            os.remove(p)
+        except OSError:
+            pass
+        self.damaged += 1
+        log.warning("%s: damaged cache entry (%s); removed, %s is preprocessed again.", p, why, source)
+
+    def get(self, key_parts: Sequence, decoded: bool = True, scratch: bool = False) -> np.ndarray | None:
+        """Cached array (images decoded to float32 unless decoded=False: uint16 levels) or None on a miss; a
+        damaged entry is removed and is a miss. scratch=True (with decoded=False): a read-only array on memory this
+        thread reuses at its next scratch read (util.volume.cache_format.unpack); copy what you keep."""
+        p = self._entry(key_parts)
+        try:
+            if p is None:
+                raise FileNotFoundError
+            stored, levels = cache_format.unpack(cache_format.read(p), scratch=scratch and not decoded)
         except FileNotFoundError:
             self.misses += 1
             return None
-        try:
-            stored = np.load(p, mmap_mode="r")
-        except FileNotFoundError:
-            self.misses += 1
-            return None
-        except (ValueError, OSError, EOFError):  # unreadable entry (disk full, killed writer): drop it
-            try:
-                os.remove(p)
-            except OSError:
-                pass
+        except (DamagedEntry, OSError) as e:
+            self._drop(p, key_parts[0], str(e) or type(e).__name__)
             self.misses += 1
             return None
         self.hits += 1
-        return decode(stored) if decoded else stored
+        return decode(stored, levels) if decoded and levels else stored
 
-    def put(self, key_parts: Sequence, array: np.ndarray, encoded: bool = False) -> str:
-        """Store `array` atomically (`encoded=True`: it is already in stored form); returns the entry's path."""
-        stored = array if encoded else encode(array)
+    def verify(self, key_parts: Sequence) -> bool:
+        """True when the entry exists and its checksum holds (read, not decompressed); a damaged one is removed."""
+        p = self._entry(key_parts)
+        if p is None:
+            return False
+        try:
+            cache_format.check(cache_format.read(p))
+            return True
+        except FileNotFoundError:
+            return False
+        except (DamagedEntry, OSError) as e:
+            self._drop(p, key_parts[0], str(e) or type(e).__name__)
+            return False
+
+    def put(self, key_parts: Sequence, array: np.ndarray, levels: int | None = None) -> str:
+        """Store `array` (`encode(array, levels)`) atomically; returns the entry's path."""
+        stored = encode(array, levels)
+        return self.put_stored(key_parts, stored, (levels or QMAX) if stored.dtype == np.uint16 else 0)
+
+    def put_stored(self, key_parts: Sequence, stored: np.ndarray, levels: int = 0) -> str:
+        """Store an array already in stored form (`levels`: its uint16 levels, 0 for label maps)."""
+        data = cache_format.pack(stored, levels, self.settings.codec)
 
         def save(tmp: str) -> None:
             with open(tmp, "wb") as f:
-                np.save(f, stored)
+                f.write(data)
+            self.may_commit()
 
         return atomic_write(self.path(key_parts), save)
+
+    def may_commit(self) -> None:
+        """Called after an entry's bytes are written, before they become the entry (a subclass may refuse)."""
+
+
+def open_settings(cache_dir: str, wanted: CacheSettings | None) -> CacheSettings:
+    """The folder's CacheSettings, recorded in `cache_format.json` on first use (`wanted` or the defaults).
+    Raises CacheFormatError for a folder of the earlier format or one recorded with other settings than `wanted`."""
+    path = os.path.join(cache_dir, SETTINGS_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not an object")
+    except FileNotFoundError:
+        saved = None
+    except (OSError, ValueError) as e:
+        raise CacheFormatError(f"{path}: is unreadable ({e}); delete it and rerun main_cache.py with the same "
+                               f"flags to rebuild the cache's settings.") from None
+    if saved is None:
+        legacy = _legacy_entry(cache_dir)
+        if legacy:
+            raise CacheFormatError(
+                f"--cache_dir {cache_dir}: holds volumes cached in the earlier uncompressed format (e.g. {legacy}: "
+                f".npy, no checksums), which this version no longer reads; delete that folder (or give a new "
+                f"--cache_dir) and fill it again with main_cache.py and the same preprocessing flags.")
+        settings = wanted or CacheSettings()
+        try:
+            write_text(path, json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(settings)},
+                                        indent=1) + "\n")
+        except OSError:
+            pass  # a read-only folder: reading needs no settings file, writing entries fails on its own
+        return settings
+    if saved.get("format") != FORMAT_NAME or saved.get("version") != FORMAT_VERSION:
+        raise CacheFormatError(f"--cache_dir {cache_dir}: was written by another cache format ({path} says "
+                               f"{saved.get('format')!r} version {saved.get('version')!r}, this code writes version "
+                               f"{FORMAT_VERSION}); delete that folder (or give a new --cache_dir) and fill it again "
+                               f"with main_cache.py.")
+    try:
+        settings = CacheSettings(str(saved["codec"]), float(saved["step_hu"]))
+    except (KeyError, TypeError, ValueError, UserError):
+        raise CacheFormatError(f"{path}: has no valid codec and step_hu; delete it and rerun main_cache.py with "
+                               f"the same flags.") from None
+    if wanted is not None and wanted != settings:
+        raise CacheFormatError(f"--cache_dir {cache_dir}: was filled with --cache_codec {settings.codec} "
+                               f"--cache_step {settings.step_hu:g} (see {path}), not --cache_codec {wanted.codec} "
+                               f"--cache_step {wanted.step_hu:g}; pass those values or give another --cache_dir.")
+    return settings
+
+
+def _legacy_entry(cache_dir: str) -> str | None:
+    """An entry of the earlier format (two-letter subfolder, .npy file) in `cache_dir`, or None."""
+    try:
+        subs = [e for e in os.scandir(cache_dir) if e.is_dir() and len(e.name) == 2]
+    except OSError:
+        return None
+    for sub in subs:
+        try:
+            for e in os.scandir(sub.path):
+                if e.name.endswith(".npy"):
+                    return e.path
+                if e.name.endswith(SUFFIX):
+                    return None  # entries of this format: the settings file was removed, not an old cache
+        except OSError:
+            continue
+    return None

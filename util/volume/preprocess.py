@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from util.volume.cache import VolumeCache, encode, file_stamp
+from util.volume.cache import VolumeCache, decode, encode, file_stamp
 from util.errors import UserError
 from util.volume.resample import (SITK_INTERPOLATORS, geometry_of, resample_centered, resample_centered_array,
                                   resample_sitk)
@@ -252,12 +252,14 @@ def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None, r
 
 
 def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
-                decoded: bool = True, roi=None) -> tuple[np.ndarray, np.ndarray | None]:
+                decoded: bool = True, roi=None, scratch: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """`load_volume` / `load_volume_and_mask` (or, with ROI settings, `load_roi` of the row's `roi`) through an
     optional VolumeCache: (image, mask or None).
 
-    decoded=False (with a cache) returns the stored form (uint16 image, memory-mapped on a hit) so that crops and
-    flips are views and `util.volume.cache.decode` (or the training device) makes the one float copy at the end.
+    decoded=False (with a cache) returns the stored form (uint16 levels, `cache.levels(cfg.window)` of them) so that
+    crops and flips work on 2 bytes a voxel and `util.volume.cache.decode` (or the training device) makes the one float
+    copy at the end. With a cache, a miss returns the numbers a later hit returns (the stored, quantised image).
+    scratch=True: a hit's image is read-only on reused memory (VolumeCache.get), valid until the next such call.
     """
     if cfg.roi:
         if roi is None:
@@ -265,7 +267,7 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
         mask_path = None
     keys = cache_keys(path, cfg, mask_path, roi)
     if cache is not None:
-        got = [cache.get(k, decoded) for k in keys]
+        got = [cache.get(k, decoded, scratch=scratch and i == 0) for i, k in enumerate(keys)]
         if all(g is not None for g in got):
             return got[0], (got[1] if mask_path else None)
     if cfg.roi:
@@ -274,11 +276,12 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
         out = load_volume_and_mask(path, mask_path, cfg) if mask_path else (load_volume(path, cfg), None)
     if cache is None:
         return out
-    stored = [encode(a, unit_range=k == 0) for k, a in enumerate(out[:len(keys)])]  # image in [0, 1], then mask
-    for k, a in zip(keys, stored):
-        cache.put(k, a, encoded=True)
-    if decoded:
-        return out
+    levels = cache.levels(cfg.window)
+    stored = [encode(a, levels if k == 0 else None) for k, a in enumerate(out[:len(keys)])]  # image, then mask
+    for k, (key, a) in enumerate(zip(keys, stored)):
+        cache.put_stored(key, a, levels if k == 0 else 0)
+    if decoded:  # the numbers a later hit gives
+        return decode(stored[0], levels), (out[1] if mask_path else None)
     return stored[0], (stored[1] if mask_path else None)
 
 
