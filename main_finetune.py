@@ -110,8 +110,9 @@ import torch  # noqa: E402
 import models_vit3d  # noqa: E402
 from datasets_three_d_fine import Custom3DDataset  # noqa: E402
 from engine_finetune import EvalSettings, Supervised, build_optimizer, evaluate  # noqa: E402
-from models_build import adopt_encoder_sizes, build_model_from_meta, model_from_checkpoint, training_meta  # noqa: E402
-from util.train import trainer  # noqa: E402
+from models_build import (adopt_encoder_sizes, build_model_from_meta, finetune_workload,  # noqa: E402
+                          model_from_checkpoint, training_meta)
+from util.train import budget, trainer  # noqa: E402
 from util.atomic import ensure_writable_dir, write_text  # noqa: E402
 from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of  # noqa: E402
 from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
@@ -348,6 +349,9 @@ def main(args) -> None:
     if args.finetune:  # the encoder's size and patch from its weights, unless typed (models_build)
         adopt_encoder_sizes(args)
         check_sizes(args)
+    work, what = finetune_workload(args, from_flags(args.task).dense)  # the step's cost, refused if it cannot fit
+    budget.check_run(args, work, what, "--batch_size, --input_size or --model (a smaller one), or add "
+                                       "--grad_checkpointing")
     args.output_dir = args.output_dir or os.path.join("output_dir", "finetune")
     args.log_dir = args.log_dir or args.output_dir
     print(describe_outputs(args.output_dir, args.log_dir, demo=DEMO_DIR if args.demo else None))

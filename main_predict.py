@@ -68,6 +68,9 @@ def get_args_parser():
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--label_column", default="Label", help="classifiers: score the predictions against this "
                                                             "input column when it holds class indices")
+    p.add_argument("--save_inputs", default=None, metavar="DIR",
+                   help="also write what the model is fed, per row: rowNNNN_<scan>.nii.gz (the preprocessed input on "
+                        "its own geometry: it overlays the scan) and rowNNNN_<scan>.png (its three mid-slices)")
     p.add_argument("--strict", action="store_true", help="stop at the first row that fails, write nothing")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     cli_args.add_preprocess_args(p, "default: what the checkpoint stored; a flag you type overrides it")
@@ -99,6 +102,7 @@ from models_build import load_for_inference  # noqa: E402
 from models_vit3d import pool_tokens  # noqa: E402
 from util.task import predict_io as io  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process  # noqa: E402
+from util.atomic import ensure_writable_dir  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
 from util.task.predict_io import PredictDataset, collate_rows, row_error  # noqa: E402
 from util.volume.preprocess import PreprocessConfig, to_input_grid  # noqa: E402
@@ -161,6 +165,8 @@ def check_flags(args) -> None:
         io.check_embedding_path(args.embeddings)
     io.check_outputs(io.output_files(args.output_csv, args.embeddings), args.overwrite,
                      inputs={"--input_csv": args.input_csv, "--finetune": args.finetune})
+    if args.save_inputs and is_main_process():
+        ensure_writable_dir(args.save_inputs, "--save_inputs folder")
 
 
 def check_task(args, meta, paths: list[str]) -> list[str]:
@@ -189,7 +195,7 @@ def check_task(args, meta, paths: list[str]) -> list[str]:
 def build_loader(paths: list[str], rows: list[int], cfg, meta, args, rois: list | None = None) -> DataLoader:
     seg = meta.task.dense
     ds = PredictDataset(paths, rows, cfg, meta.input_size, keep_grid=seg, cache_dir=args.cache_dir,
-                        rois=rois)
+                        rois=rois, save_inputs=args.save_inputs)
     return DataLoader(ds, batch_size=1 if seg else args.batch_size, shuffle=False, num_workers=args.num_workers,
                       collate_fn=collate_rows, pin_memory=args.device.startswith("cuda"),
                       prefetch_factor=2 if args.num_workers else None, worker_init_fn=worker_init)
@@ -334,6 +340,8 @@ def main(args) -> int:
     masks = io.mask_paths(df, args.input_csv) if meta.task.dense else None
     results = gather_results(run_shard(model, loader, meta, args, seg_paths, masks))
     code = finish(args, df, paths, results, meta, getattr(model, "embed_dim", 0))
+    if args.save_inputs:
+        print(f"Inputs as fed to the model: {args.save_inputs}/rowNNNN_<scan>.nii.gz and .png (rows from 1)")
     cleanup()
     return code
 

@@ -74,7 +74,8 @@ import torch  # noqa: E402
 import models_mae3d  # noqa: E402
 from datasets_three_d import Custom3DDataset  # noqa: E402
 from engine_pretrain import MaskedReconstruction, evaluate_reconstruction, reconstruction_picture  # noqa: E402
-from util.train import trainer  # noqa: E402
+from models_build import pretrain_workload  # noqa: E402
+from util.train import budget, trainer  # noqa: E402
 from util.atomic import atomic_write, write_text  # noqa: E402
 from util.checkpoint import CheckpointNotFoundError, load_checkpoint, save_atomic  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, is_main_process  # noqa: E402
@@ -119,6 +120,17 @@ def build_model(args):
         for blk in list(model.blocks) + list(model.decoder_blocks):
             blk.compile(dynamic=False)  # static shapes: one graph per (block, sequence length)
     return model
+
+
+def step_cost(args) -> None:
+    """Say what a step costs (memory; on CPU also time) and refuse a run that cannot fit (util.train.budget)."""
+    if not args.demo and "model" not in args.explicit and not args.device.startswith("cuda"):
+        print(f"WARNING: no --model typed, so this is the TANGERINE recipe: {args.model} at "
+              f"{'x'.join(map(str, args.input_size))}, made for GPUs. For a first run on a CPU try --model "
+              f"mae_vit_tiny_patch16 --input_size 64 --patch_size 8 (the demo's model).", flush=True)
+    workload, what = pretrain_workload(args)
+    budget.check_run(args, workload, what, "--batch_size, --input_size or --model (a smaller one), or add "
+                                           "--grad_checkpointing")
 
 
 class PretrainEpochs:
@@ -230,6 +242,7 @@ def main(args) -> None:
 
 def pretrain(args) -> None:
     """Data, model, optimizer, resume, then the epochs (util.train.fit); rank 0 writes every file."""
+    step_cost(args)
     preprocess = cli_args.preprocess_config(args)
     dataset, sampler, loader, shown, val = build_data(args, preprocess)
     model = build_model(args)

@@ -8,14 +8,18 @@ outputs are read from the head (1 output: binary sigmoid; K outputs: softmax ove
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+import models_mae3d
 import models_vit3d
 from models_mae3d import ENCODER_SIZES
 from util.checkpoint import encoder_weights, load_checkpoint, state_dict_of
 from util.errors import UserError
 from util.task.meta import RunMeta
 from util.task.tasks import EmbeddingTask, Task, head_task
+from util.train.budget import Workload, workload_of
 from util.triple import to_3tuple
 
 _SIZES = {(e, d): name for name, (e, d, _) in ENCODER_SIZES.items()}  # (width, depth) -> size name
@@ -252,3 +256,43 @@ def load_mae_init(model, ckpt: dict, name: str) -> dict[str, list[str]]:
     print(f"  missing, freshly initialised ({len(initialised) + (len(decoder) if unfit else 0)}): {initialised}"
           + (f" + the decoder's {len(decoder)} tensors" if unfit else ""))
     return {"loaded": list(to_load), "dropped": dropped, "missing": initialised + (decoder if unfit else [])}
+
+
+def _what(args, extra: str = "") -> str:
+    return (f"{args.model}{extra}, {'x'.join(map(str, args.input_size))} in {'x'.join(map(str, args.patch_size))} "
+            f"patches, batch {args.batch_size}, {args.precision}"
+            f"{', grad checkpointing' if args.grad_checkpointing else ''}")
+
+
+def pretrain_workload(args) -> tuple[Workload, str]:
+    """What a pretraining step of args.model runs (util.train.budget), from the model built on the meta device
+    (shapes only, no memory): the encoder on the kept tokens, the decoder on all of them."""
+    with torch.device("meta"):
+        mae = models_mae3d.MODEL_FACTORIES[args.model](img_size=tuple(args.input_size),
+                                                        patch_size=tuple(args.patch_size))
+    n = mae.patch_embed.num_patches
+    kept = max(int(n * (1 - args.mask_ratio)), 1) + 1
+    blocks = [(kept, mae.cls_token.shape[-1], True)] * len(mae.blocks) + \
+        [(n + 1, mae.mask_token.shape[-1], True)] * len(mae.decoder_blocks)
+    return workload_of(mae, blocks, math.prod(args.input_size)), _what(args)
+
+
+def finetune_workload(args, dense: bool) -> tuple[Workload, str]:
+    """What a finetuning step runs: the ViT on every token (frozen for --linprobe: no activations kept, LARS),
+    and for segmentation UNETR's full-resolution feature maps."""
+    with torch.device("meta"):
+        if dense:
+            model = models_vit3d.build_segmentation_model(args.model, num_classes=2, img_size=args.input_size,
+                                                          patch_size=args.patch_size, feature_size=args.feature_size)
+        else:
+            model = models_vit3d.VIT_FACTORIES[args.model](img_size=args.input_size, patch_size=args.patch_size,
+                                                           num_classes=2)
+    vit = models_vit3d.backbone(model)
+    if args.linprobe:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+    tokens = vit.patch_embed.num_patches + 1
+    blocks = [(tokens, vit.cls_token.shape[-1], not args.linprobe)] * len(vit.blocks)
+    work = workload_of(model, blocks, math.prod(args.input_size), dense_maps=4 * args.feature_size if dense else 0,
+                       optimizer="lars" if args.linprobe else "adamw")
+    return work, _what(args, ", linear probe" if args.linprobe else "")

@@ -132,3 +132,77 @@ def test_finetuning_adopts_the_input_size_and_preprocessing_of_the_pretrained_en
     r = run_in_process("main_finetune.py", *common, tmp_path / "typed", "--input_size", 32, "--window", -1200, 800)
     assert r.returncode == 0 and "--input_size 16" not in r.stdout and "--window -1000" not in r.stdout
     assert load(tmp_path / "typed" / "checkpoint-last.pth")["preprocess"]["size"] == [32, 32, 32]
+
+
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_read_or_written(demo, tmp_path, monkeypatch):
+    """Your own CSV on a CPU machine: the TANGERINE recipe (ViT-L, 256^3, batch 8) needs far more than a laptop's
+    8 GiB; it is refused in one sentence naming the flags, before a volume is read or cached."""
+    import util.train.budget as budget
+
+    monkeypatch.setattr(budget, "available_memory", lambda device: (8.0 * 2 ** 30, "available (MemAvailable)"))
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    r = run_in_process("main_pretrain.py", "--data_path", demo["pretrain"], "--output_dir", out, "--cache_dir", cache,
+                       "--device", "cpu", "--num_workers", 0)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "WARNING: no --model typed, so this is the TANGERINE recipe: mae_vit_large_patch16 at 256x256x256" \
+        in r.stdout
+    assert "Estimated cost of one step (mae_vit_large_patch16, 256x256x256 in 16x16x16 patches, batch 8, fp32)" \
+        in r.stdout and "per step on this CPU" in r.stdout, r.stdout
+    err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "but only 8.0 GiB are available (MemAvailable)" in err[0], r.stderr
+    for flag in ("--batch_size", "--input_size", "--model", "--grad_checkpointing", "--no_memory_check"):
+        assert flag in err[0], err[0]
+    assert not out.exists() and not cache.exists()
+    # the same machine, a run that fits: it says its cost and trains; --no_memory_check starts one that does not
+    monkeypatch.setattr(budget, "available_memory", lambda device: (0.01 * 2 ** 30, "available (MemAvailable)"))
+    r = pretrain(demo["pretrain"], out, epochs=1)
+    assert r.returncode == 1 and "--no_memory_check" in r.stderr
+    r = pretrain(demo["pretrain"], out, epochs=1, no_memory_check=True)
+    assert r.returncode == 0 and "Estimated cost of one step (mae_vit_tiny_patch16, 16x16x16" in r.stdout
+    r = run_in_process("main_finetune.py", "--train_csv", demo["train"], "--finetune", out / "checkpoint-last.pth",
+                       "--epochs", 1, "--batch_size", 2, "--num_workers", 0, "--device", "cpu", "--output_dir",
+                       tmp_path / "ft")
+    assert r.returncode == 1 and "Estimated cost of one step (vit_tiny_patch16" in r.stdout, r.stdout[-2000:]
+    assert "--no_memory_check" in r.stderr and not (tmp_path / "ft").exists()
+
+
+def test_the_memory_available_is_read_from_this_machine():
+    from util.train.budget import available_memory
+
+    avail, where = available_memory("cpu")
+    assert 0 < avail < float("inf") and where.startswith("available") or where == "left under the cgroup limit"
+
+
+def test_save_inputs_writes_what_the_model_was_fed_on_its_geometry_named_by_row(demo, tmp_path):
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from util.volume.preprocess import PreprocessConfig, preprocess_image, read_image
+
+    ckpt = save_tiny_mae(tmp_path / "mae.pth", size=32)
+    table = absolute(demo["predict"]).iloc[:2]
+    scan = table["Path"][0]
+    img = read_image(scan)
+    centre = img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 + 3 for n in img.GetSize()])
+    points = table.assign(coordX=centre[0], coordY=centre[1], coordZ=centre[2])
+    points.to_csv(tmp_path / "points.csv", index=False)
+    common = ["--finetune", ckpt, "--num_workers", 0, "--device", "cpu"]
+    r = run_in_process("main_predict.py", "--input_csv", tmp_path / "points.csv", "--embeddings", tmp_path / "w.npy",
+                       "--save_inputs", tmp_path / "whole", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    stem = Path(scan).name.removesuffix(".nii.gz")
+    fed = sitk.ReadImage(str(tmp_path / "whole" / f"row0001_{stem}.nii.gz"))
+    arr, ref = preprocess_image(img, PreprocessConfig(size=(32, 32, 32)))
+    assert np.array_equal(sitk.GetArrayFromImage(fed), arr)             # the very numbers the model saw
+    assert np.allclose(fed.GetOrigin(), ref.GetOrigin(), atol=1e-6) and np.allclose(fed.GetSpacing(), ref.GetSpacing())
+    assert np.allclose(fed.GetDirection(), ref.GetDirection())          # it overlays the scan in a viewer
+    png = Image.open(next((tmp_path / "whole").glob("row0002_*.png")))
+    assert png.size[0] > 3 * 150 and np.asarray(png).std() > 10        # three slices, not a blank picture
+    # lesion-level rows: the box sits on the point (its physical centre is the point)
+    r = run_in_process("main_predict.py", "--input_csv", tmp_path / "points.csv", "--embeddings", tmp_path / "b.npy",
+                       "--roi_mm", 40, 40, 40, "--save_inputs", tmp_path / "boxes", *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    box = sitk.ReadImage(str(tmp_path / "boxes" / f"row0001_{stem}.nii.gz"))
+    mid = box.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in box.GetSize()])
+    assert np.allclose(mid, centre, atol=1e-6) and np.allclose(box.GetSpacing(), 40 / 32)
+    assert len(list((tmp_path / "boxes").glob("row0002_*.png"))) == 1

@@ -136,6 +136,8 @@ def add_training_args(parser: argparse.ArgumentParser, model_choices, model: str
                    help="patch size, one int or D H W; --input_size must be a multiple of it")
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
+    g.add_argument("--no_memory_check", action="store_true",
+                   help="start even when the memory estimate said before the first step exceeds what is available")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=positive, default=8,
                    help="per GPU (effective = batch_size x accum_iter x GPUs)")

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from util.atomic import atomic_write, ensure_writable_dir
 from util.data.augment import center_crop_or_pad
+from util.data.input_dump import save_input
 from util.volume.cache import VolumeCache
 from util.errors import UserError
 from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points
@@ -76,9 +77,10 @@ class PredictDataset(Dataset):
     """
 
     def __init__(self, paths: list[str], rows: list[int], cfg, crop_size: tuple[int, int, int] | None,
-                 keep_grid: bool = False, cache_dir: str | None = None, rois: list | None = None):
+                 keep_grid: bool = False, cache_dir: str | None = None, rois: list | None = None,
+                 save_inputs: str | None = None):
         self.paths, self.rows, self.cfg, self.rois = paths, rows, cfg, rois
-        self.crop_size, self.keep_grid = crop_size, keep_grid
+        self.crop_size, self.keep_grid, self.save_inputs = crop_size, keep_grid, save_inputs
         self.cache = VolumeCache(cache_dir) if cache_dir and not keep_grid else None
 
     def __len__(self) -> int:
@@ -88,7 +90,12 @@ class PredictDataset(Dataset):
         row = self.rows[j]
         path = self.paths[row]
         try:
-            return {"row": row, "error": None, **self._load(path, None if self.rois is None else self.rois[row])}
+            roi = None if self.rois is None else self.rois[row]
+            item = {"row": row, "error": None, **self._load(path, roi)}
+            if self.save_inputs:  # what the model is fed, for a person to look at (util.data.input_dump)
+                save_input(self.save_inputs, row + 1, path, item["image"][0].numpy(), self.cfg, roi,
+                           image_on_grid(item["ref"]) if "ref" in item else None)
+            return item
         except Exception as e:  # a bad row must never stop the batch or kill a worker
             return {"row": row, "error": row_error(path, e), "image": None}
 

@@ -1,0 +1,119 @@
+"""How close the memory and time estimate said before the first step (util/train/budget.py) comes to what a run
+really uses: real `main_pretrain.py` runs on the demo phantoms, on CPU, for several models, input and patch sizes.
+
+Memory: the proportional set size (PSS: shared pages split between the processes sharing them) of the whole
+process tree (the trainer and its loader workers), sampled every 50 ms; the estimate predicts what the run adds
+to its process after start-up, so the table compares it with the peak minus the tree's PSS at the moment the
+estimate is printed. Time: the estimate's seconds per step against the mean step time of the second epoch (read
+from the cache filled by the first, so the loader keeps up).
+
+    python bench/bench_memory_estimate.py            # about 5 minutes on 2 cores; writes bench/memory_estimate.json
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CONFIGS = [  # (model, input size, patch, batch)
+    ("mae_vit_tiny_patch16", 64, 8, 4), ("mae_vit_tiny_patch16", 96, 8, 2), ("mae_vit_tiny_patch16", 128, 16, 4),
+    ("mae_vit_small_patch16", 64, 8, 4), ("mae_vit_small_patch16", 96, 16, 4), ("mae_vit_small_patch16", 128, 16, 2),
+    ("mae_vit_small_patch16", 128, 8, 1),
+]
+
+
+def tree_pss(pid: int) -> float:
+    """PSS in bytes of `pid` and all its descendants."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(d))
+            except (OSError, ValueError, IndexError):
+                pass
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += float(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def run(model: str, size: int, patch: int, batch: int, data: str, out: str, steps: int = 4) -> dict:
+    cmd = [sys.executable, os.path.join(ROOT, "main_pretrain.py"), "--data_path", data, "--output_dir", out,
+           "--model", model, "--input_size", str(size), "--patch_size", str(patch), "--batch_size", str(batch),
+           "--epochs", "2", "--warmup_epochs", "0", "--cache_dir", out + "_cache", "--num_workers", "1", "--print_freq", "1", "--vis_every", "0",
+           "--save_every", "0", "--device", "cpu", "--resume", "none"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
+    peak, stop = [0.0], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], tree_pss(p.pid))
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    base, est, secs, stamps = None, None, None, []
+    for line in p.stdout:
+        if line.startswith("Estimated cost"):
+            base = tree_pss(p.pid)
+            est = float(re.search(r"about ([\d.]+) GiB per process", line).group(1))
+            m = re.search(r"about ([\d.e+-]+) s per step", line)
+            secs = float(m.group(1)) if m else None
+        if re.match(r"epoch 2/2 \[\d+/", line):  # the second epoch reads the cache: the loader keeps up
+            stamps.append(time.monotonic())
+    p.wait()
+    stop.set()
+    measured_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
+    used = (peak[0] - base) / 2 ** 30 if base else None
+    return dict(model=model, size=size, patch=patch, batch=batch, estimate_gib=est, measured_gib=used,
+                ratio=est / used if used else None, estimate_s=secs, measured_s=measured_step, base_gib=base / 2 ** 30 if base else None,
+                time_ratio=secs / measured_step if secs and measured_step else None, status=p.returncode)
+
+
+def main() -> None:
+    import tempfile
+
+    import pandas as pd
+
+    from util.data.demo import make_demo_data
+
+    work = tempfile.mkdtemp(prefix="bench_mem_")
+    paths = make_demo_data(os.path.join(work, "demo_data"), n_pretrain=8, n_labeled=8, seed=1)
+    rows = []
+    for model, size, patch, batch in CONFIGS:
+        table = os.path.join(work, f"data_{batch}.csv")
+        df = pd.read_csv(paths["pretrain"])
+        df["Path"] = [os.path.join(os.path.dirname(paths["pretrain"]), x) for x in df["Path"]]
+        df.iloc[:batch * 4].to_csv(table, index=False)  # 4 steps
+        r = run(model, size, patch, batch, table, os.path.join(work, f"{model}_{size}_{patch}"))
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    with open(os.path.join(ROOT, "bench", "memory_estimate.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    ok = [r for r in rows if r["ratio"]]
+    print(f"memory estimate / measured: {min(r['ratio'] for r in ok):.2f} .. {max(r['ratio'] for r in ok):.2f}")
+    t = [r for r in rows if r["time_ratio"]]
+    if t:
+        print(f"time estimate / measured: {min(r['time_ratio'] for r in t):.2f} .. {max(r['time_ratio'] for r in t):.2f}")
+
+
+if __name__ == "__main__":
+    main()
