@@ -1,4 +1,5 @@
-"""VolumeCache: precision, hits, invalidation, atomic concurrent writes; the loader benchmark smoke run."""
+"""VolumeCache: precision, hits, invalidation, atomic concurrent writes; the loader benchmark smoke run.
+The entry format, its checksum and the folder settings: tests/test_cache_entries.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 import datasets_three_d_fine as fine
 import util.volume.preprocess
 from datasets_three_d import Custom3DDataset, PreprocessConfig
-from util.volume.cache import QMAX, VolumeCache, decode, encode
+from util.volume.cache import QMAX, SUFFIX, VolumeCache, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,15 @@ def reads(monkeypatch) -> list[str]:
     return seen
 
 
+def test_quantisation_error_is_half_a_level():
+    x = np.random.default_rng(0).random((64, 64, 64), dtype=np.float32)
+    x[0, 0, :3] = [0.0, 1.0, 0.5]
+    for levels in (2000, 1000, 1):  # 1 HU and 2 HU in the default 2000-HU window, and a degenerate step
+        stored = encode(x, levels)
+        assert stored.dtype == np.uint16 and stored.max() == levels
+        assert np.abs(decode(stored, levels) - x).max() <= 0.5 / levels + 1e-7
+
+
 def test_uint16_quantisation_error_is_below_8e_6():
     x = np.random.default_rng(0).random((64, 64, 64), dtype=np.float32)
     x[0, 0, :3] = [0.0, 1.0, 0.5]
@@ -64,7 +75,7 @@ def test_uint16_quantisation_error_is_below_8e_6():
     assert encode(np.array([-2.0, 3.5])).dtype == np.float32
 
 
-def test_put_get_round_trip_is_memory_mapped_and_leaves_no_temporary_files(tmp_path):
+def test_put_get_round_trip_leaves_no_temporary_files(tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("x")
     cache = VolumeCache(tmp_path / "cache")
@@ -72,8 +83,8 @@ def test_put_get_round_trip_is_memory_mapped_and_leaves_no_temporary_files(tmp_p
     assert cache.get((str(src), "cfg", "mask")) is None and cache.misses == 1
     where = cache.put((str(src), "cfg", "mask"), mask)
     got = cache.get((str(src), "cfg", "mask"))
-    assert isinstance(got, np.memmap) and got.dtype == np.uint8 and np.array_equal(got, mask) and cache.hits == 1
-    assert [p.name for p in Path(where).parent.iterdir()] == [Path(where).name]
+    assert got.dtype == np.uint8 and np.array_equal(got, mask) and cache.hits == 1
+    assert [p.name for p in Path(where).parent.iterdir()] == [Path(where).name] and where.endswith(SUFFIX)
     Path(where).write_bytes(b"garbage")  # a broken entry is a miss, and is removed
     assert cache.get((str(src), "cfg", "mask")) is None and not Path(where).exists()
 
@@ -85,9 +96,10 @@ def test_second_load_reads_from_the_cache_not_the_file(csv, tmp_path, reads):
     assert len(reads) == 1
     again = Custom3DDataset(str(csv), input_size=8, preprocess=cfg, cache_dir=str(tmp_path / "cache"), train=False)
     cached = again[0][0]
-    assert len(reads) == 1 and np.abs(cached - first).max() <= 0.5 / QMAX + 1e-7
+    assert len(reads) == 1 and torch.equal(cached, first)  # a miss gives the numbers a later hit gives
     nocache = Custom3DDataset(str(csv), input_size=8, preprocess=cfg, train=False)
-    assert np.abs(nocache[0][0] - cached).max() <= 0.5 / QMAX + 1e-7 and len(reads) == 2
+    levels = VolumeCache(tmp_path / "cache").levels(cfg.window)  # 1 HU of the 2000-HU window
+    assert levels == 2000 and np.abs(nocache[0][0] - cached).max() <= 0.5 / levels + 1e-7 and len(reads) == 2
 
 
 def test_touching_the_file_or_changing_the_config_invalidates(csv, tmp_path, reads):
@@ -133,11 +145,11 @@ def test_many_processes_fill_one_entry_without_torn_files(tmp_path):
     src.write_text("x")
     with mp.get_context("fork").Pool(4) as pool:
         assert all(pool.map(_writer, [(str(tmp_path / "c"), str(src), k) for k in range(4)]))
-    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file()]
-    assert len(files) == 1 and files[0].suffix == ".npy"
+    files = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != "cache_format.json"]
+    assert len(files) == 1 and files[0].suffix == SUFFIX
 
 
-def test_bench_loader_quick_compares_both_resamplers_and_both_transports(capsys):
+def test_bench_loader_quick_compares_the_resamplers_and_the_cache_formats(capsys):
     spec = importlib.util.spec_from_file_location("bench_loader", ROOT / "bench" / "bench_loader.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -146,5 +158,8 @@ def test_bench_loader_quick_compares_both_resamplers_and_both_transports(capsys)
     assert "first pass, one thread: SimpleITK" in out and "worker cores" in out
     fp, cached = result["first_pass"], result["cached"]
     assert all(t > 0 for t in fp["sitk_s"] + fp["separable_s"]) and fp["ratio"] > 0
-    assert all(v > 0 for v in cached["float32_vol_s"] + cached["uint16_vol_s"])
-    assert cached["workers_needed_uint16"] == pytest.approx(110 / np.median(cached["uint16_vol_s"]))
+    assert set(cached) == {"zstd", "lz4"} and cached["zstd"]["ratio_per_core"] == 1.0
+    for c in cached.values():
+        assert len(c["vol_s"]) == 2 and all(v > 0 for v in c["vol_s"] + c["vol_s_per_core"])
+        per_core = np.median(c["vol_s_per_core"] or c["vol_s"])
+        assert c["workers_needed"] == pytest.approx(110 / per_core) and list(c["entry_bytes"].values())[0] > 0

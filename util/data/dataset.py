@@ -3,9 +3,9 @@ crops and flips, K crops per volume read, and the compact transport of cached vo
 
 Transport: by default items are float32 [1, D, H, W] in [0, 1]. The training scripts switch on
 `transport = "uint16"`: cached volumes then travel as their stored uint16 levels (bit-cast to int16, which every
-device supports; half the bytes of float32) plus a flag for a flip of the innermost axis still to be done and the
-float32 factor of their levels, and `util.data.transport.to_device` scales and flips them on the device, giving
-exactly the float32 numbers of the default.
+device supports; half the bytes of float32) plus the flips still to be done (one bit per axis: the worker copies
+nothing) and the float32 factor of their levels, and `util.data.transport.to_device` flips and scales them on the
+device, giving exactly the float32 numbers of the default.
 """
 from __future__ import annotations
 
@@ -97,8 +97,7 @@ class VolumeDataset(Dataset):
         misses = self.cache.misses if self.cache is not None else 0
         roi = self.rois[v] if self.rois is not None else None
         try:
-            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi,
-                                    scratch=True)  # a hit's image: reused memory, copied once by `sample`
+            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi)
         except UserError as e:
             if roi is None or self.row_names is None:
                 raise
@@ -118,10 +117,11 @@ class VolumeDataset(Dataset):
         return self._last[3]
 
     def sample(self, index: int, img: np.ndarray, mask: np.ndarray | None = None, whole: bool = False
-               ) -> tuple[torch.Tensor, np.ndarray | None, bool]:
+               ) -> tuple[torch.Tensor, np.ndarray | None, int]:
         """Training: random crop + flips from np.random.default_rng([seed, epoch, index]); eval: centre crop/pad
-        (or the whole volume). Returns (image tensor [1, D, H, W], mask array or None, innermost flip deferred)."""
-        deferred = False
+        (or the whole volume). Returns (image tensor [1, D, H, W], mask array or None, flips deferred to the device:
+        bit 0 the innermost axis, bit 1 the middle one, bit 2 the first)."""
+        deferred = 0
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             arrays = random_crop([img] if mask is None else [img, mask], self.input_size, rng, fg_mask=mask,
@@ -129,21 +129,27 @@ class VolumeDataset(Dataset):
             crop = arrays[0]
             if self.augment.intensity_jitter > 0:  # jitter works on float images: decode the crop (not the volume)
                 crop = decode(crop, self.levels)
-            defer = 2 if self.transport == "uint16" and crop.dtype == np.uint16 else None
-            img, mask, deferred = self.augment.apply(crop, arrays[1] if mask is not None else None, rng, defer)
+            if self.transport == "uint16" and crop.dtype == np.uint16:  # the device flips: no copy here
+                axes, _ = self.augment.draw(rng)  # the draws Augment3D.apply makes
+                deferred = sum(1 << (crop.ndim - 1 - a) for a in axes)
+                img, mask = crop, None if mask is None else np.ascontiguousarray(arrays[1])
+            else:
+                img, mask, _ = self.augment.apply(crop, arrays[1] if mask is not None else None, rng)
         elif not whole:
             img = center_crop_or_pad(img, self.input_size, 0.0)
             mask = None if mask is None else np.ascontiguousarray(center_crop_or_pad(mask, self.input_size, 0))
-        if img.dtype == np.uint16 and self.transport == "uint16":  # contiguous, writable: copied only if not yet
+        if img.dtype == np.uint16 and self.transport == "uint16":  # a whole fresh volume is not copied
             x = torch.from_numpy(np.require(img, requirements=["C", "W"]).view(np.int16))
         else:
             x = torch.from_numpy(np.ascontiguousarray(decode(img, self.levels), dtype=np.float32))
         return x[None], mask, deferred
 
-    def pack(self, x: torch.Tensor, target, deferred: bool) -> tuple:
-        """The item: (image, target), plus the deferred-flip flag and the levels' factor in uint16 transport."""
+    def pack(self, x: torch.Tensor, target, deferred: int) -> tuple:
+        """The item: (image, target), plus the deferred flips (bits, see `sample`) and the levels' factor in uint16
+        transport."""
         if self.transport == "uint16":
-            return x, target, torch.tensor(deferred), torch.tensor(scale_of(self.levels), dtype=torch.float32)
+            return (x, target, torch.tensor(int(deferred), dtype=torch.uint8),
+                    torch.tensor(scale_of(self.levels), dtype=torch.float32))
         return x, target
 
 

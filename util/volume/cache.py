@@ -156,15 +156,14 @@ class VolumeCache:
         self.damaged += 1
         log.warning("%s: damaged cache entry (%s); removed, %s is preprocessed again.", p, why, source)
 
-    def get(self, key_parts: Sequence, decoded: bool = True, scratch: bool = False) -> np.ndarray | None:
+    def get(self, key_parts: Sequence, decoded: bool = True) -> np.ndarray | None:
         """Cached array (images decoded to float32 unless decoded=False: uint16 levels) or None on a miss; a
-        damaged entry is removed and is a miss. scratch=True (with decoded=False): a read-only array on memory this
-        thread reuses at its next scratch read (util.volume.cache_format.unpack); copy what you keep."""
+        damaged entry is removed and is a miss."""
         p = self._entry(key_parts)
         try:
             if p is None:
                 raise FileNotFoundError
-            stored, levels = cache_format.unpack(cache_format.read(p), scratch=scratch and not decoded)
+            stored, levels = cache_format.unpack(cache_format.read(p))
         except FileNotFoundError:
             self.misses += 1
             return None

@@ -23,7 +23,7 @@ from isal import isal_zlib
 MAGIC = b"MAE3DVC\x02"
 _HEAD = struct.Struct("<8sI")
 _CRC = struct.Struct("<I")
-BLOCKSIZE = 1 << 22  # 4 MiB blocks: better ratios than blosc2's default, the same decompression speed
+BLOCKSIZE = 1 << 20  # 1 MiB blocks: smaller and faster to decompress than blosc2's default (bench_cache_format.py)
 DTYPES = ("uint8", "int16", "uint16", "int32", "int64", "float32")
 
 # name -> (blosc2 codec, level, delta along axis 0 for uint16 images); bit-shuffle always (typesize = itemsize)
@@ -104,12 +104,11 @@ def check(data: memoryview) -> tuple[dict, memoryview]:
     return header, data[_HEAD.size + hlen:n - _CRC.size]
 
 
-def unpack(data: memoryview, scratch: bool = False) -> tuple[np.ndarray, int]:
-    """(array, levels) of an entry's bytes: checked (`check`), decompressed into a new array (scratch=True: into
-    memory this thread reuses, returned read-only and valid until its next scratch unpack, so no page faults of a
-    fresh allocation: the caller copies what it keeps), the slice differences undone. Raises DamagedEntry."""
+def unpack(data: memoryview) -> tuple[np.ndarray, int]:
+    """(array, levels) of an entry's bytes: checked (`check`), decompressed into a new array, the slice
+    differences undone. Raises DamagedEntry."""
     header, payload = check(data)
-    out = _scratch(header["shape"], header["dtype"]) if scratch else np.empty(header["shape"], header["dtype"])
+    out = np.empty(header["shape"], header["dtype"])
     try:
         nbytes, cbytes, _ = blosc2.get_cbuffer_sizes(payload)
         if nbytes != out.nbytes or cbytes != len(payload):
@@ -121,15 +120,4 @@ def unpack(data: memoryview, scratch: bool = False) -> tuple[np.ndarray, int]:
     if header["delta"]:
         for d in range(1, out.shape[0]):  # one addition per slice: in-cache work, about 2 ms at 256^3
             np.add(out[d], out[d - 1], out=out[d])
-    if scratch:
-        out.flags.writeable = False
     return out, header["levels"]
-
-
-def _scratch(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """A writable array of `shape` on this thread's reused scratch memory (grown when too small)."""
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = getattr(_BUFFER, "scratch", None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = _BUFFER.scratch = np.empty(max(nbytes, 1), np.uint8)
-    return buf[:nbytes].view(dtype).reshape(shape)

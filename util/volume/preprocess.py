@@ -252,14 +252,13 @@ def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None, r
 
 
 def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
-                decoded: bool = True, roi=None, scratch: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                decoded: bool = True, roi=None) -> tuple[np.ndarray, np.ndarray | None]:
     """`load_volume` / `load_volume_and_mask` (or, with ROI settings, `load_roi` of the row's `roi`) through an
     optional VolumeCache: (image, mask or None).
 
     decoded=False (with a cache) returns the stored form (uint16 levels, `cache.levels(cfg.window)` of them) so that
     crops and flips work on 2 bytes a voxel and `util.volume.cache.decode` (or the training device) makes the one float
     copy at the end. With a cache, a miss returns the numbers a later hit returns (the stored, quantised image).
-    scratch=True: a hit's image is read-only on reused memory (VolumeCache.get), valid until the next such call.
     """
     if cfg.roi:
         if roi is None:
@@ -267,7 +266,7 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
         mask_path = None
     keys = cache_keys(path, cfg, mask_path, roi)
     if cache is not None:
-        got = [cache.get(k, decoded, scratch=scratch and i == 0) for i, k in enumerate(keys)]
+        got = [cache.get(k, decoded) for k in keys]
         if all(g is not None for g in got):
             return got[0], (got[1] if mask_path else None)
     if cfg.roi:
