@@ -115,7 +115,8 @@ def lesion_points(quick: bool) -> list[tuple[str, object, object]]:
     if quick:
         return out
     ts = os.path.join(DATA, "totalseg")
-    tct, seg = sitk.ReadImage(os.path.join(ts, "example_ct.nii.gz")), sitk.ReadImage(os.path.join(ts, "example_seg.nii.gz"))
+    tct = sitk.ReadImage(os.path.join(ts, "example_ct.nii.gz"))
+    seg = sitk.ReadImage(os.path.join(ts, "example_seg.nii.gz"))
     arr = sitk.GetArrayFromImage(seg)
     big = sorted(np.unique(arr)[1:], key=lambda v: -(arr == v).sum())[:3]
     out += [(f"totalseg_{v}", tct, label_centroid(seg, int(v))) for v in big]
