@@ -1,9 +1,12 @@
-"""Checkpoint I/O: atomic writes, the one safe (weights_only) reader, weights in any container, resume discovery.
+"""Checkpoint I/O: atomic checksummed writes, the one safe (weights_only) and verified reader, weights in any
+container, resume discovery.
 
 Readable: our checkpoints, TANGERINE / upstream files ({'model': ...}, {'state_dict': ...}, {'model_state': ...}
 or a raw state dict, `module.` / `_orig_mod.` prefixes, encoder-only or with the decoder) and the original
 project's training dicts whose 'args' is an argparse.Namespace. Everything loads with weights_only=True; the only
 classes allowed beyond plain data are argparse.Namespace and pathlib paths, which build data and run no code.
+Every file is checked against its checksums before it is unpickled (util/checkpoint_verify.py): ours carry a CRC32
+of the whole file, a zip from elsewhere is checked record by record.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from pathlib import Path
 import torch
 
 from util.atomic import atomic_write
+from util.checkpoint_verify import ChecksummedFile, CorruptCheckpointError, verify
+from util.checkpoint_verify import DamagedCheckpointError  # noqa: F401 - raised by load_checkpoint, caught by callers
 from util.errors import UserError
 from util.faults import fault_point
 from util.run_folder import RunFolder
@@ -34,10 +39,6 @@ PREFIXES = ("module.", "_orig_mod.")
 
 class UnsafeCheckpointError(UserError):
     """The file needs a Python class that could run code to load; it is refused."""
-
-
-class CorruptCheckpointError(UserError):
-    """The file is truncated or is not a torch checkpoint."""
 
 
 class NonFiniteCheckpointError(CorruptCheckpointError):
@@ -66,7 +67,8 @@ def plain(obj):
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    """torch.save to `path` via a temporary file in the same folder, fsync, then rename.
+    """torch.save to `path` via a temporary file in the same folder, fsync, then rename; the file ends with the
+    CRC32 of its bytes (util/checkpoint_verify.py), computed as they are written.
 
     A crash or a full disk leaves the previous file at `path` untouched.
     """
@@ -74,7 +76,9 @@ def save_atomic(obj: dict, path: str | os.PathLike) -> None:
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            checksummed = ChecksummedFile(f)
+            torch.save(obj, checksummed)
+            checksummed.add_comment()
             f.flush()
             fault_point(f"save_mid:{path.name}")
 
@@ -183,27 +187,20 @@ def _os_error_in_chain(e: BaseException) -> OSError | None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True. A raw state dict comes back as is; an `args` Namespace becomes
-    a dict. Refuses, naming the class, files that need code to load, and, naming the first key, files whose
-    floating tensors hold NaN or Inf (NonFiniteCheckpointError, which find_resume skips like a corrupt file)."""
+    """Load a checkpoint with weights_only=True after checking its checksums. A raw state dict comes back as is; an
+    `args` Namespace becomes a dict. Refuses with one sentence: a file whose checksum or zip structure shows damage
+    (naming the record), files that need code to load (naming the class), and files whose floating tensors hold NaN
+    or Inf (naming the first key; find_resume skips those like a corrupt file)."""
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"Checkpoint {path} does not exist.")
-    try:
-        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found or "Unsupported global" in str(e):
-            cls = found.group(1) if found else "a Python object"
-            raise UnsafeCheckpointError(
-                f"Checkpoint {path} needs {cls} to load, which could run arbitrary code (unsafe pickle); it was "
-                f"refused. Re-save its tensors as plain data: torch.save({{'model': model.state_dict()}}, path).") \
-                from None
-        raise CorruptCheckpointError(f"Checkpoint {path} is corrupt or not a torch checkpoint ({e}).") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
-        raise CorruptCheckpointError(
-            f"Checkpoint {path} is truncated, corrupt or not a torch checkpoint ({type(e).__name__}).") from None
+    ckpt, kind = _load_verified(path, map_location)
+    if kind == "not a zip":
+        print(f"WARNING: Checkpoint {path} is in torch's legacy (non-zip) format, which carries no checksum: damage "
+              f"inside it cannot be detected.")
+    elif kind == "zip without CRCs":
+        print(f"WARNING: Checkpoint {path} was saved without CRC32s (torch.serialization.config.save.compute_crc32="
+              f"False): its zip structure was checked, its data cannot be.")
     if not isinstance(ckpt, dict):
         raise CorruptCheckpointError(f"Checkpoint {path} holds a {type(ckpt).__name__}, expected a dict.")
     bad = first_non_finite(ckpt)
@@ -216,18 +213,71 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return ckpt
 
 
+def _load_verified(path: str, map_location) -> tuple[object, str]:
+    """torch.load(path) of the very file whose checksums were checked (a run may replace it meanwhile: atomic
+    renames give the path a new inode, so the load is retried on the new file); and verify()'s kind of file."""
+    for _ in range(3):
+        with open(path, "rb") as f:
+            kind = verify(f, path)
+            try:
+                ckpt = _torch_load(path, map_location)
+            except CorruptCheckpointError:
+                if _same_file(os.fstat(f.fileno()), path):
+                    raise
+                continue
+            if _same_file(os.fstat(f.fileno()), path):
+                return ckpt, kind
+    raise CorruptCheckpointError(f"Checkpoint {path} was replaced three times while being read; try again.")
+
+
+def _same_file(st: os.stat_result, path: str) -> bool:
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _torch_load(path: str, map_location):
+    try:
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found or "Unsupported global" in str(e):
+            cls = found.group(1) if found else "a Python object"
+            raise UnsafeCheckpointError(
+                f"Checkpoint {path} needs {cls} to load, which could run arbitrary code (unsafe pickle); it was "
+                f"refused. Re-save its tensors as plain data: torch.save({{'model': model.state_dict()}}, path).") \
+                from None
+        raise CorruptCheckpointError(f"Checkpoint {path} is corrupt or not a torch checkpoint ({e}).") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
+        raise CorruptCheckpointError(
+            f"Checkpoint {path} is truncated, corrupt or not a torch checkpoint ({type(e).__name__}).") from None
+
+
 def first_non_finite(obj, key: str = "") -> str | None:
     """The dotted key of the first floating (or complex) tensor in `obj` (nested dicts/lists) holding NaN or Inf."""
     if isinstance(obj, torch.Tensor):
-        if (obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all()):
-            return key
-        return None
+        return key if (obj.is_floating_point() or obj.is_complex()) and not _all_finite(obj) else None
     items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
     for k, v in items:
         bad = first_non_finite(v, f"{key}.{k}" if key else str(k))
         if bad is not None:
             return bad
     return None
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. aminmax reads it once without a temporary (NaN propagates to both ends): 25x faster
+    than isfinite(t).all() on a CPU, which matters for a 3.76 GiB checkpoint."""
+    if t.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(t)
+    except (RuntimeError, NotImplementedError):  # complex and float8 tensors have no aminmax (float8 no isfinite)
+        return bool(torch.isfinite(t if t.is_complex() else t.float()).all())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def strip_prefixes(sd: dict) -> dict:
@@ -259,19 +309,24 @@ def encoder_weights(ckpt: dict) -> dict:
 
 
 def find_resume(output_dir: str | os.PathLike) -> tuple[str | None, dict | None]:
-    """The newest loadable checkpoint in `output_dir`: checkpoint-last.pth, else the newest numbered one.
-
-    A corrupt file is skipped with a warning; an unsafe one raises (it was not written by us).
+    """The newest intact checkpoint in `output_dir`: checkpoint-last.pth, else the newest numbered one; (None, None)
+    when there is none. A damaged, cut or non-finite file is skipped with a warning naming it and what failed; when
+    every file is so, UserError (starting over would overwrite them). An unsafe one raises (it was not written by us).
     """
     folder = RunFolder(str(output_dir))
+    refused = []
     for path in ([folder.last] if os.path.isfile(folder.last) else []) + folder.numbered_checkpoints():
         try:
             ckpt = load_checkpoint(path)
         except CorruptCheckpointError as e:
             print(f"WARNING: {e} Trying an older checkpoint.")
+            refused.append(os.path.basename(path))
             continue
         if "epoch" in ckpt and "model" in ckpt:
             return path, ckpt
+    if refused:
+        raise UserError(f"No intact checkpoint to resume in {output_dir}: {', '.join(refused)} refused (see the "
+                        f"warnings above); pass --resume none to start over, which overwrites them.")
     return None, None
 
 
