@@ -122,7 +122,7 @@ def check_cache_dir(args) -> None:
     VolumeCache(args.cache_dir, cache_settings(args))  # refuses another format or other settings in one sentence
     cache_fill.read_failures(os.path.join(args.cache_dir, cache_fill.FAILURES_NAME))
     if args.shard:
-        os.makedirs(os.path.dirname(args.output_dir), exist_ok=True)  # this shard's exit_status.json goes there
+        os.makedirs(args.output_dir, exist_ok=True)  # this shard's exit_status.json goes there
 
 
 def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:

@@ -156,9 +156,12 @@ class _WorkerCache(VolumeCache):
         super().__init__(cache_dir)
         self.parent = parent
 
-    def may_commit(self) -> None:
+    def may_commit(self, tmp: str) -> None:
         if os.getppid() != self.parent:
-            os._exit(1)
+            try:
+                os.remove(tmp)
+            finally:
+                os._exit(1)
 
 
 def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, parent: int) -> None:

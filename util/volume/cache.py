@@ -200,12 +200,13 @@ class VolumeCache:
         def save(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
-            self.may_commit()
+            self.may_commit(tmp)
 
         return atomic_write(self.path(key_parts), save)
 
-    def may_commit(self) -> None:
-        """Called after an entry's bytes are written, before they become the entry (a subclass may refuse)."""
+    def may_commit(self, tmp: str) -> None:
+        """Called after an entry's bytes are written to `tmp`, before the rename that makes them the entry (a
+        subclass may refuse)."""
 
 
 def open_settings(cache_dir: str, wanted: CacheSettings | None) -> CacheSettings:
