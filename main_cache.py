@@ -51,12 +51,9 @@ def get_args_parser():
                         "N independent jobs, e.g. a SLURM array 1-N, cover every row once")
     p.add_argument("--report", action="store_true", help="cache nothing: list the rows still missing or failed "
                    "in <cache_dir>/missing.csv; exit status 2 when any is (the last pass after the shards)")
-    p.add_argument("--cache_codec", choices=("zstd", "lz4"), default=None,
-                   help="entry compression of a new --cache_dir (default zstd: smallest; lz4: faster to read, "
-                        "about 1.5x larger); an existing folder keeps its own")
-    p.add_argument("--cache_step", type=cli_args.bounded(float, min=0), default=None, metavar="HU",
+    p.add_argument("--cache_step", type=cli_args.bounded(float, min=0, min_open=True), default=None, metavar="HU",
                    help="quantisation step of cached images in HU for a new --cache_dir (default 1: max error "
-                        "0.5 HU; 0: 65535 levels per window)")
+                        "0.5 HU, and -32768..32767 HU held; entries keep HU, so every --window reads them)")
     cli_args.add_preprocess_args(p, "the same flags and defaults as training, so the cache keys match",
                                  cache_dir_help="required: the folder the preprocessed volumes are written to")
     cli_args.add_roi_args(p, "the same flags as training: one box per row is cached")
@@ -109,9 +106,7 @@ def cache_settings(args):
     """The CacheSettings the flags ask for, or None (the folder's own, or the defaults for a new folder)."""
     from util.volume.cache import CacheSettings
 
-    if args.cache_codec is None and args.cache_step is None:
-        return None
-    return CacheSettings(args.cache_codec or "zstd", 1.0 if args.cache_step is None else args.cache_step)
+    return None if args.cache_step is None else CacheSettings(step_hu=args.cache_step)
 
 
 def check_cache_dir(args) -> None:

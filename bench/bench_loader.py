@@ -2,10 +2,10 @@
 
 1. First pass of one CT on ONE thread (read + reorient + resample + window + cache write), the SimpleITK
    resampler against the separable one (util.volume.resample), alternating, --repeats times each.
-2. Cached training loader, ONE worker process, uint16 transport (cached levels travel as stored, scaled and flipped
-   on the device), random crops and flips as in pretraining, for each cache format side by side: today's code
+2. Cached training loader, ONE worker process, uint16 transport (cached levels travel as stored, flipped and
+   windowed on the device), random crops and flips as in pretraining, for each cache format side by side: today's code
    (`--baseline`, a git revision with the uint16 .npy cache, extracted with `git archive` and run as it was) and this
-   tree with the zstd and lz4 formats. Each side runs in a process of its own that keeps its loader; the sides take
+   tree's format (HU levels, slice differences, bit-shuffle, zstd). Each side runs in a process of its own that keeps its loader; the sides take
    turns, one epoch each, --rounds times. Prints volumes/s from the wall clock and per worker core (the worker
    process's CPU time, /proc, which the other load of a shared machine disturbs far less), the ratios to today's,
    and the worker cores needed to feed --target_vol_s volumes/s.
@@ -35,7 +35,7 @@ DATA = os.path.join(ROOT, "..", "shared", "data")
 DEFAULT_SOURCES = [os.path.join(DATA, p) for p in ("ircadb01/ct.nii.gz", "totalseg/example_ct.nii.gz",
                                                    "totalseg/example_ct_sm.nii.gz", "totalseg/example_ct_dicom")]
 BASELINE_REV = "02a6224"  # the last commit whose cache is uint16 .npy read memory-mapped (today's code)
-NOW_FORMATS = ("zstd", "lz4")
+NOW_FORMATS = ("zstd",)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -153,9 +153,10 @@ def bench_first_pass(args, source: str, tmp: str) -> dict:
     for r in range(args.repeats):
         for backend in (("sitk", "auto") if r % 2 == 0 else ("auto", "sitk")):
             t = time.perf_counter()
-            arr, _ = preprocess_image(read_image(source), cfg, source, backend=backend)
             store = VolumeCache(os.path.join(tmp, f"fp_{backend}_{r}"))
-            store.put(cache_keys(source, cfg)[0], arr, store.levels(cfg.window))
+            hu_cfg = cfg.with_overrides(window=store.settings.hu_range())  # what load_cached stores: HU
+            arr, _ = preprocess_image(read_image(source), hu_cfg, source, backend=backend)
+            store.put(cache_keys(source, cfg)[0], arr)
             times[backend].append(time.perf_counter() - t)
             print(f"  first pass ({'SimpleITK' if backend == 'sitk' else 'separable'}): "
                   f"{times[backend][-1]:.2f} s", flush=True)

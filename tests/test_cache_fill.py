@@ -18,7 +18,7 @@ import util.volume.preprocess
 from bad_inputs import build_bad_files
 from datasets_three_d import Custom3DDataset
 from helpers import run_in_process, run_script
-from util.volume.cache import VolumeCache, encode
+from util.volume.cache import QMAX, VolumeCache, encode
 from util.data.cache_fill import known_failures
 from util.volume.preprocess import PreprocessConfig, cache_keys, load_volume
 
@@ -69,7 +69,7 @@ def entries(cache: Path) -> dict[str, bytes]:
 
 def stored(cache: Path, key) -> np.ndarray:
     """The stored form of an entry (uint16 levels for images), read and checked as training reads it."""
-    got = VolumeCache(cache).get(key, decoded=False)
+    got = VolumeCache(cache).get(key)
     assert got is not None, key
     return got
 
@@ -110,7 +110,8 @@ def test_one_worker_fill_caches_the_good_rows_and_lists_the_bad(corpus, referenc
     assert len(reference["entries"]) == len(corpus["good"]) + 1  # 4 images + the liver mask
     store = VolumeCache(cache)
     img = stored(cache, cache_keys(str(sm), CFG)[0])  # real values: the stored volume is the preprocessing's
-    assert img.dtype == np.uint16 and np.array_equal(img, encode(load_volume(str(sm), CFG), store.levels(CFG.window)))
+    hu_cfg = CFG.with_overrides(window=store.settings.hu_range())  # entries hold HU; the window is applied when read
+    assert img.dtype == np.uint16 and np.array_equal(img, encode(load_volume(str(sm), hu_cfg), QMAX))
     ircad, liver = corpus["good"][0]
     pair = [stored(cache, k) for k in cache_keys(str(ircad), CFG, str(liver))]
     assert pair[0].shape == pair[1].shape == (SIZE,) * 3 and set(np.unique(pair[1])) == {0, 1}
@@ -199,8 +200,8 @@ def test_checkpoint_preprocessing_is_used(corpus, tmp_path):
                        "--from_checkpoint", tmp_path / "ckpt.pth")
     assert r.returncode == 0 and saved.key() in r.stdout, r.stdout + r.stderr
     img = stored(tmp_path / "c", cache_keys(sm, saved)[0])
-    levels = VolumeCache(tmp_path / "c").levels(saved.window)
-    assert img.shape == (16, 24, 24) and np.array_equal(img, encode(load_volume(sm, saved), levels))
+    hu_cfg = saved.with_overrides(window=VolumeCache(tmp_path / "c").settings.hu_range())
+    assert img.shape == (16, 24, 24) and np.array_equal(img, encode(load_volume(sm, hu_cfg), QMAX))
 
 
 @pytest.mark.parametrize("case", ["missing_csv", "no_path_column", "no_cache_dir", "no_preprocess_in_ckpt"])

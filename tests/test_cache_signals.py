@@ -49,7 +49,8 @@ def processes_using(marker: str) -> list[int]:
     return pids
 
 
-def start(args: list, slow_rows: list[int], torchrun: int = 0) -> tuple[subprocess.Popen, list[str], threading.Event]:
+def start(args: list, slow_rows: list[int], torchrun: int = 0) -> tuple[subprocess.Popen, list[str], threading.Event,
+                                                                       threading.Thread]:
     """main_cache.py whose workers pause 3 s before each of `slow_rows` (a window for the signal); returns the
     process, its stderr lines as they come and an event set once a worker is in such a pause."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
@@ -66,17 +67,18 @@ def start(args: list, slow_rows: list[int], torchrun: int = 0) -> tuple[subproce
             if "fault: slow at cache:worker:" in line:
                 paused.set()
 
-    threading.Thread(target=read, daemon=True).start()
-    return p, lines, paused
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return p, lines, paused, reader
 
 
-def stop_and_check(p, lines, paused, cache: Path, sig_to: int | None = None) -> str:
+def stop_and_check(p, lines, paused, reader, cache: Path) -> str:
     """SIGTERM once a worker pauses; then: status 75 in exit_status.json, no traceback, no worker left, and no
     entry written in the 5 s after the process is gone (the paused worker would have written one within 3 s)."""
     assert paused.wait(120), "".join(lines)
-    os.kill(sig_to or p.pid, signal.SIGTERM)
+    os.kill(p.pid, signal.SIGTERM)
     out, _ = p.communicate(timeout=120)
-    time.sleep(0.5)  # the stderr reader thread drains the pipe
+    reader.join(60)  # stderr read to its end
     err = "".join(lines)
     at_exit = entries(cache)
     time.sleep(5)
@@ -100,8 +102,8 @@ def resume(table: Path, cache: Path, n: int, before: int, *flags) -> None:
 
 def test_sigterm_stops_the_workers_writes_status_75_and_a_rerun_resumes(tmp_path):
     table, cache = write_table(tmp_path, 5), tmp_path / "cache"
-    p, lines, paused = start(["--csv", table, "--cache_dir", cache, "--input_size", 8, "--workers", 1], [2, 3, 4])
-    text = stop_and_check(p, lines, paused, cache)
+    p, *watch = start(["--csv", table, "--cache_dir", cache, "--input_size", 8, "--workers", 1], [2, 3, 4])
+    text = stop_and_check(p, *watch, cache)
     assert p.returncode == 75, text
     assert "Stopped by SIGTERM: 3 of 5 rows not done yet" in text and "rerun the same command" in text
     done = len(entries(cache))
@@ -111,9 +113,8 @@ def test_sigterm_stops_the_workers_writes_status_75_and_a_rerun_resumes(tmp_path
 
 def test_sigterm_to_torchrun_stops_both_ranks_and_a_rerun_resumes(tmp_path):
     table, cache = write_table(tmp_path, 6), tmp_path / "cache"
-    p, lines, paused = start(["--csv", table, "--cache_dir", cache, "--input_size", 8, "--workers", 1], [4, 5],
-                             torchrun=2)
-    text = stop_and_check(p, lines, paused, cache)  # the agent forwards SIGTERM to both ranks
+    p, *watch = start(["--csv", table, "--cache_dir", cache, "--input_size", 8, "--workers", 1], [4, 5], torchrun=2)
+    text = stop_and_check(p, *watch, cache)  # the agent forwards SIGTERM to both ranks
     assert "Cache fill stopped by SIGTERM" in text, text
     done = len(entries(cache))
     assert 2 <= done <= 4  # rows 0-3 (two per rank) at most; rows 4 and 5 were paused

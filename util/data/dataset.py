@@ -2,10 +2,10 @@
 crops and flips, K crops per volume read, and the compact transport of cached volumes to the training device.
 
 Transport: by default items are float32 [1, D, H, W] in [0, 1]. The training scripts switch on
-`transport = "uint16"`: cached volumes then travel as their stored uint16 levels (bit-cast to int16, which every
-device supports; half the bytes of float32) plus the flips still to be done (one bit per axis: the worker copies
-nothing) and the float32 factor of their levels, and `util.data.transport.to_device` flips and scales them on the
-device, giving exactly the float32 numbers of the default.
+`transport = "uint16"`: cached volumes then travel as their stored uint16 levels of HU (bit-cast to int16, which
+every device supports; half the bytes of float32) plus the flips still to be done (one bit per axis: the worker
+copies nothing) and the (offset, factor) of the HU window, and `util.data.transport.to_device` flips them and
+applies the window on the device, giving exactly the float32 numbers of the default.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.data.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
-from util.volume.cache import QMAX, VolumeCache, decode, scale_of
+from util.volume.cache import IDENTITY, VolumeCache, decode
 from util.errors import UserError
 from util.volume.preprocess import PreprocessConfig, load_cached
 from util.runtime import available_cpus
@@ -44,7 +44,8 @@ class VolumeDataset(Dataset):
         self.train, self.seed, self.epoch = train, seed, 0
         self.crops_per_volume = max(1, int(crops_per_volume)) if train else 1
         self.cache = VolumeCache(cache_dir) if cache_dir else None
-        self.levels = self.cache.levels(self.cfg.window) if self.cache is not None else QMAX  # of uint16 volumes
+        # uint16 volumes -> [0, 1]: the window applied to the cache's HU levels (a window it cannot hold: refused)
+        self.window_map = self.cache.window_map(self.cfg.window) if self.cache is not None else IDENTITY
         self.augment = Augment3D(intensity_jitter=intensity_jitter)
         self.transport, self.fg_prob = "float32", 0.0
         self.paths: list[str] = []
@@ -128,7 +129,7 @@ class VolumeDataset(Dataset):
                                  fg_prob=self.fg_prob if mask is not None else 0.0, fg=self._foreground(mask))
             crop = arrays[0]
             if self.augment.intensity_jitter > 0:  # jitter works on float images: decode the crop (not the volume)
-                crop = decode(crop, self.levels)
+                crop = decode(crop, self.window_map)
             if self.transport == "uint16" and crop.dtype == np.uint16:  # the device flips: no copy here
                 axes, _ = self.augment.draw(rng)  # the draws Augment3D.apply makes
                 deferred = sum(1 << (crop.ndim - 1 - a) for a in axes)
@@ -141,15 +142,15 @@ class VolumeDataset(Dataset):
         if img.dtype == np.uint16 and self.transport == "uint16":  # a whole fresh volume is not copied
             x = torch.from_numpy(np.require(img, requirements=["C", "W"]).view(np.int16))
         else:
-            x = torch.from_numpy(np.ascontiguousarray(decode(img, self.levels), dtype=np.float32))
+            x = torch.from_numpy(np.ascontiguousarray(decode(img, self.window_map), dtype=np.float32))
         return x[None], mask, deferred
 
     def pack(self, x: torch.Tensor, target, deferred: int) -> tuple:
-        """The item: (image, target), plus the deferred flips (bits, see `sample`) and the levels' factor in uint16
-        transport."""
+        """The item: (image, target), plus the deferred flips (bits, see `sample`) and the window's (offset, factor)
+        in uint16 transport."""
         if self.transport == "uint16":
             return (x, target, torch.tensor(int(deferred), dtype=torch.uint8),
-                    torch.tensor(scale_of(self.levels), dtype=torch.float32))
+                    torch.tensor(self.window_map, dtype=torch.float32))
         return x, target
 
 

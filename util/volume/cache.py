@@ -1,12 +1,12 @@
 """On-disk cache of preprocessed volumes: one compressed, checksummed file per volume (format 2).
 
-Images (floats in [0, 1]: a HU window scaled) are stored as uint16 levels q = round(x * levels), decoded as
-q * float32(1 / levels). `levels` follows from the window and the folder's quantisation step (default 1 HU: 2000
-levels for the default 2000-HU window; max error half a step, 0.5 HU, far below CT noise). Steps of 1 HU leave the
-low bits free of resampling noise, so the bit-shuffled payload compresses (util.volume.cache_format): a 256^3 CT
-takes about 0.3-0.4x the 32 MiB of the earlier uint16 .npy (`bench/bench_cache_format.py`). Storing windowed levels
-rather than HU was chosen on purpose: the window clips metal and padding, and a window's levels are what the
-loader sends to the device; a second window is a second fill (minutes per 1,000 scans).
+Images are stored in HU, before the window: uint16 level q holds (q - 32768) * step_hu HU (default step 1 HU: the
+whole int16 range, max error 0.5 HU, far below CT noise), so one entry serves every HU window; a window is applied
+when the entry is read: x = clip((q - offset) * factor, 0, 1) (`CacheSettings.window_map`, `decode`; the training
+device does the same in float32 for cached batches, util.data.transport). Rounding to whole HU leaves the low bits
+free of resampling noise, so the bit-shuffled payload compresses (util.volume.cache_format): a 256^3 CT takes
+0.15-0.38x the 32 MiB of the earlier uint16 .npy (`bench/bench_cache_format.py`), and keeping HU instead of a
+window's levels cost 0.1% more bytes there (the clipped tails are a small part of a CT).
 
 Label maps are stored as uint8 (int16/int32 when needed), other float arrays as float32, both exactly. Every entry
 carries a CRC-32 that every read verifies: a damaged entry (flipped bytes, a torn copy) is removed and reported as a
@@ -14,7 +14,7 @@ miss, so the caller preprocesses the source again; it is never returned. Writes 
 loader workers and ranks can fill one cache at the same time.
 
 The folder's settings (codec, step) are in `cache_format.json`, written by the first process that uses the folder
-(main_cache.py --cache_codec / --cache_step choose them); later readers and writers follow them. A folder of the
+(main_cache.py --cache_step chooses the step); later readers and writers follow them. A folder of the
 earlier format (.npy entries, no checksums) is refused with one sentence saying how to rebuild it.
 """
 from __future__ import annotations
@@ -34,7 +34,8 @@ from util.errors import UserError
 from util.volume import cache_format
 from util.volume.cache_format import CODECS, DamagedEntry
 
-QMAX = 65535  # levels of a [0, 1] array stored without a window (the earlier format's precision)
+QMAX = 65535  # the largest level; also the levels of a [0, 1] array stored without a window
+HU_ZERO = 32768  # the level of 0 HU
 SETTINGS_NAME = "cache_format.json"
 FORMAT_NAME, FORMAT_VERSION = "mae3d-volume-cache", 2
 SUFFIX = ".vol"
@@ -47,23 +48,34 @@ class CacheFormatError(UserError):
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """codec: 'zstd' (smallest; slice differences + bit-shuffle) or 'lz4' (faster to decompress, larger);
-    step_hu: quantisation step of images in HU (0: 65535 levels per window, the earlier precision)."""
+    """codec: 'zstd' (slice differences + bit-shuffle + zstd; util.volume.cache_format);
+    step_hu: quantisation step of images in HU (level q holds (q - 32768) * step_hu HU)."""
 
     codec: str = "zstd"
     step_hu: float = 1.0
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
-            raise UserError(f"--cache_codec must be one of {', '.join(CODECS)}, got {self.codec!r}.")
-        if not (np.isfinite(self.step_hu) and self.step_hu >= 0):
-            raise UserError(f"--cache_step must be a number of HU >= 0 (0: finest), got {self.step_hu}.")
+            raise UserError(f"A cache codec must be one of {', '.join(CODECS)}, got {self.codec!r}.")
+        if not (np.isfinite(self.step_hu) and self.step_hu > 0):
+            raise UserError(f"--cache_step must be a number of HU > 0, got {self.step_hu}.")
 
-    def levels(self, window: Sequence[float]) -> int:
-        """uint16 levels of a [0, 1] image of HU window (lo, hi): round((hi - lo) / step_hu), 1..65535."""
-        if self.step_hu == 0:
-            return QMAX
-        return int(min(QMAX, max(1, round((float(window[1]) - float(window[0])) / self.step_hu))))
+    def hu_range(self) -> tuple[float, float]:
+        """The HU the levels 0..65535 hold: (-32768, 32767) at 1 HU."""
+        return -HU_ZERO * self.step_hu, (QMAX - HU_ZERO) * self.step_hu
+
+    def window_map(self, window: Sequence[float]) -> tuple[float, float]:
+        """(offset, factor) turning a level q into the [0, 1] value of HU window (lo, hi): clip((q - offset) *
+        factor, 0, 1), offset = 32768 + lo / step, factor = step / (hi - lo), both float32 numbers."""
+        lo, hi = float(window[0]), float(window[1])
+        rlo, rhi = self.hu_range()
+        if lo < rlo or hi > rhi:
+            raise UserError(f"The HU window {lo:g} {hi:g} reaches beyond what a cache of --cache_step "
+                            f"{self.step_hu:g} holds ({rlo:g} to {rhi:g} HU); use a larger --cache_step.")
+        return float(np.float32(HU_ZERO + lo / self.step_hu)), float(np.float32(self.step_hu / (hi - lo)))
+
+
+IDENTITY = (0.0, float(np.float32(1.0 / QMAX)))  # window_map of a [0, 1] array stored at QMAX levels
 
 
 def file_stamp(path: str | os.PathLike) -> str:
@@ -98,16 +110,15 @@ def encode(array: np.ndarray, levels: int | None = None) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def decode(stored: np.ndarray, levels: int = QMAX) -> np.ndarray:
-    """Stored form -> float32 [0, 1] (uint16 images: q * float32(1 / levels)) or the stored array itself."""
-    if stored.dtype == np.uint16:
-        return np.multiply(stored, np.float32(1.0 / levels), dtype=np.float32)
-    return stored
-
-
-def scale_of(levels: int) -> float:
-    """The float32 factor `decode` multiplies levels by, as a Python float (exactly representable in float32)."""
-    return float(np.float32(1.0 / levels))
+def decode(stored: np.ndarray, window_map: tuple[float, float] = IDENTITY) -> np.ndarray:
+    """Stored form -> float32 [0, 1] (uint16 levels: clip((q - offset) * factor, 0, 1) in float32, the numbers
+    util.data.transport computes on the device) or the stored array itself (label maps, other arrays)."""
+    if stored.dtype != np.uint16:
+        return stored
+    offset, factor = window_map
+    v = np.subtract(stored, np.float32(offset), dtype=np.float32)
+    v *= np.float32(factor)
+    return np.clip(v, 0.0, 1.0, out=v)
 
 
 class VolumeCache:
@@ -127,9 +138,9 @@ class VolumeCache:
         self._tag = f"format {FORMAT_VERSION} step {self.settings.step_hu:g}"
         self.hits = self.misses = self.damaged = 0
 
-    def levels(self, window: Sequence[float]) -> int:
-        """uint16 levels of images of this HU window in this folder."""
-        return self.settings.levels(window)
+    def window_map(self, window: Sequence[float]) -> tuple[float, float]:
+        """`CacheSettings.window_map` of this folder: how its levels become the [0, 1] values of `window`."""
+        return self.settings.window_map(window)
 
     def key(self, key_parts: Sequence) -> str:
         """sha1 hex digest of the stamped parts and of the folder's format and step."""
@@ -156,14 +167,14 @@ class VolumeCache:
         self.damaged += 1
         log.warning("%s: damaged cache entry (%s); removed, %s is preprocessed again.", p, why, source)
 
-    def get(self, key_parts: Sequence, decoded: bool = True) -> np.ndarray | None:
-        """Cached array (images decoded to float32 unless decoded=False: uint16 levels) or None on a miss; a
-        damaged entry is removed and is a miss."""
+    def get(self, key_parts: Sequence) -> np.ndarray | None:
+        """The cached array in stored form (images: uint16 levels, see `decode`) or None on a miss; a damaged
+        entry is removed and is a miss."""
         p = self._entry(key_parts)
         try:
             if p is None:
                 raise FileNotFoundError
-            stored, levels = cache_format.unpack(cache_format.read(p))
+            stored, _ = cache_format.unpack(cache_format.read(p))
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -172,7 +183,7 @@ class VolumeCache:
             self.misses += 1
             return None
         self.hits += 1
-        return decode(stored, levels) if decoded and levels else stored
+        return stored
 
     def verify(self, key_parts: Sequence) -> bool:
         """True when the entry exists and its checksum holds (read, not decompressed); a damaged one is removed."""
@@ -188,13 +199,13 @@ class VolumeCache:
             self._drop(p, key_parts[0], str(e) or type(e).__name__)
             return False
 
-    def put(self, key_parts: Sequence, array: np.ndarray, levels: int | None = None) -> str:
-        """Store `array` (`encode(array, levels)`) atomically; returns the entry's path."""
-        stored = encode(array, levels)
-        return self.put_stored(key_parts, stored, (levels or QMAX) if stored.dtype == np.uint16 else 0)
+    def put(self, key_parts: Sequence, array: np.ndarray) -> str:
+        """Store `array` (`encode(array)`: floats in [0, 1] at QMAX levels) atomically; returns the entry's path."""
+        stored = encode(array)
+        return self.put_stored(key_parts, stored, QMAX if stored.dtype == np.uint16 else 0)
 
     def put_stored(self, key_parts: Sequence, stored: np.ndarray, levels: int = 0) -> str:
-        """Store an array already in stored form (`levels`: its uint16 levels, 0 for label maps)."""
+        """Store an array already in stored form (`levels`: QMAX for uint16 levels, 0 for label maps)."""
         data = cache_format.pack(stored, levels, self.settings.codec)
 
         def save(tmp: str) -> None:
@@ -248,9 +259,9 @@ def open_settings(cache_dir: str, wanted: CacheSettings | None) -> CacheSettings
         raise CacheFormatError(f"{path}: has no valid codec and step_hu; delete it and rerun main_cache.py with "
                                f"the same flags.") from None
     if wanted is not None and wanted != settings:
-        raise CacheFormatError(f"--cache_dir {cache_dir}: was filled with --cache_codec {settings.codec} "
-                               f"--cache_step {settings.step_hu:g} (see {path}), not --cache_codec {wanted.codec} "
-                               f"--cache_step {wanted.step_hu:g}; pass those values or give another --cache_dir.")
+        raise CacheFormatError(f"--cache_dir {cache_dir}: was filled with --cache_step {settings.step_hu:g} (codec "
+                               f"{settings.codec}, see {path}), not --cache_step {wanted.step_hu:g}; pass that value or "
+                               f"give another --cache_dir.")
     return settings
 
 

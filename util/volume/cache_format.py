@@ -26,8 +26,10 @@ _CRC = struct.Struct("<I")
 BLOCKSIZE = 1 << 20  # 1 MiB blocks: smaller and faster to decompress than blosc2's default (bench_cache_format.py)
 DTYPES = ("uint8", "int16", "uint16", "int32", "int64", "float32")
 
-# name -> (blosc2 codec, level, delta along axis 0 for uint16 images); bit-shuffle always (typesize = itemsize)
-CODECS = {"zstd": (blosc2.Codec.ZSTD, 1, True), "lz4": (blosc2.Codec.LZ4, 5, False)}
+# name -> (blosc2 codec, level, delta along axis 0 for uint16 images); bit-shuffle always (typesize = itemsize).
+# Measured on the real CTs (bench/bench_cache_format.py): lz4 without slice differences read no faster than this
+# from HU levels and took 0.44-0.73x today's bytes, so zstd is the one codec; the name is recorded per folder.
+CODECS = {"zstd": (blosc2.Codec.ZSTD, 1, True)}
 
 
 class DamagedEntry(Exception):

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from util.volume.cache import VolumeCache, decode, encode, file_stamp
+from util.volume.cache import QMAX, VolumeCache, decode, encode, file_stamp
 from util.errors import UserError
 from util.volume.resample import (SITK_INTERPOLATORS, geometry_of, resample_centered, resample_centered_array,
                                   resample_sitk)
@@ -28,6 +28,7 @@ from util.volume.io import VolumeError, read_image
 PREPROCESS_VERSION = 1  # bump when the preprocessing changes what it produces (invalidates caches)
 INTERPOLATORS = tuple(SITK_INTERPOLATORS)
 ROI_FIELDS = ("roi_mm", "roi_coords", "roi_label")
+CACHE_KEY_WINDOW = (0.0, 1.0)  # stands for "HU, the window applied when read" in cache keys
 
 
 @dataclass
@@ -243,12 +244,14 @@ def load_volume_and_mask(img_path: str, mask_path: str,
 
 def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None, roi=None) -> list[tuple]:
     """VolumeCache keys of an image (and of its label map, which depends on the image's grid too); with ROI
-    settings, the one key of the row's box, which names its centre (a point, or the mask file it comes from)."""
+    settings, the one key of the row's box, which names its centre (a point, or the mask file it comes from). The
+    HU window is not part of them: the cache stores HU and applies the window when read."""
+    key = dataclasses.replace(cfg, window=CACHE_KEY_WINDOW).key()
     if cfg.roi:
         where = Path(roi) if isinstance(roi, str) else ",".join(f"{float(v):.3f}" for v in roi)
-        return [(path, cfg.key(), "roi", where)]
-    keys = [(path, cfg.key(), "image")]
-    return keys + [(mask_path, cfg.key(), "mask", Path(path))] if mask_path else keys
+        return [(path, key, "roi", where)]
+    keys = [(path, key, "image")]
+    return keys + [(mask_path, key, "mask", Path(path))] if mask_path else keys
 
 
 def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
@@ -256,32 +259,33 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
     """`load_volume` / `load_volume_and_mask` (or, with ROI settings, `load_roi` of the row's `roi`) through an
     optional VolumeCache: (image, mask or None).
 
-    decoded=False (with a cache) returns the stored form (uint16 levels, `cache.levels(cfg.window)` of them) so that
-    crops and flips work on 2 bytes a voxel and `util.volume.cache.decode` (or the training device) makes the one float
-    copy at the end. With a cache, a miss returns the numbers a later hit returns (the stored, quantised image).
+    The cache holds the image in HU (preprocessed with the cache's HU range as window) and `cfg.window` is applied
+    when it is read, so one entry serves every window. decoded=False (with a cache) returns the stored form (uint16
+    levels; `util.volume.cache.decode` with `cache.window_map(cfg.window)`, or the training device, makes the one
+    float copy at the end). With a cache, a miss returns the numbers a later hit returns (the quantised image).
     """
     if cfg.roi:
         if roi is None:
             raise ValueError("load_cached: ROI preprocessing needs the row's point or mask (roi=...).")
         mask_path = None
     keys = cache_keys(path, cfg, mask_path, roi)
+    window_map = cache.window_map(cfg.window) if cache is not None else None  # a window the cache cannot hold: refused
     if cache is not None:
-        got = [cache.get(k, decoded) for k in keys]
+        got = [cache.get(k) for k in keys]
         if all(g is not None for g in got):
-            return got[0], (got[1] if mask_path else None)
+            return (decode(got[0], window_map) if decoded else got[0]), (got[1] if mask_path else None)
+    work = cfg if cache is None else dataclasses.replace(cfg, window=cache.settings.hu_range())  # HU, unclipped
     if cfg.roi:
-        out = (load_roi(path, roi, cfg), None)
+        out = (load_roi(path, roi, work), None)
     else:
-        out = load_volume_and_mask(path, mask_path, cfg) if mask_path else (load_volume(path, cfg), None)
+        out = load_volume_and_mask(path, mask_path, work) if mask_path else (load_volume(path, work), None)
     if cache is None:
         return out
-    levels = cache.levels(cfg.window)
-    stored = [encode(a, levels if k == 0 else None) for k, a in enumerate(out[:len(keys)])]  # image, then mask
+    stored = [encode(a, QMAX if k == 0 else None) for k, a in enumerate(out[:len(keys)])]  # image, then mask
     for k, (key, a) in enumerate(zip(keys, stored)):
-        cache.put_stored(key, a, levels if k == 0 else 0)
-    if decoded:  # the numbers a later hit gives
-        return decode(stored[0], levels), (out[1] if mask_path else None)
-    return stored[0], (stored[1] if mask_path else None)
+        cache.put_stored(key, a, QMAX if k == 0 else 0)
+    image = decode(stored[0], window_map) if decoded else stored[0]  # the numbers a later hit gives
+    return image, (out[1] if decoded and mask_path else stored[1] if mask_path else None)
 
 
 _SCANS: OrderedDict = OrderedDict()  # path -> (file stamp, image): the scans this process read last
