@@ -208,6 +208,7 @@ class FinetuneEpochs:
     record (checkpoint-best.pth when it improves; without validation there is no best), print one line with the
     training loss, the validation loss and the task's metrics. Every checkpoint holds the recipe, the RunMeta, the
     preprocessing, the loss weights, the best record and the last metrics."""
+    prints_epoch_line = True  # the epoch's line covers its last step: no progress line for it (util.train.loop)
 
     def __init__(self, args, model, criterion, val_loader, eval_settings, meta: RunMeta, fields: dict, best: dict):
         self.args, self.model, self.criterion, self.val_loader = args, model, criterion, val_loader

@@ -226,6 +226,11 @@ def start_weights(args, recipe: dict, parts: TrainParts):
         from models_build import load_mae_init
 
         load_mae_init(parts.model, load_checkpoint(args.init), args.init)
+        if not {"blr", "lr"} & args.explicit:
+            print(f"--init: this run warms up to the peak lr of a run from scratch ({args.lr:.3g}), which can undo "
+                  f"part of what {os.path.basename(args.init)} learned (the demo: held-out ratio 0.46 -> 0.59 in one "
+                  f"epoch); continued pretraining usually wants a quarter of it (--blr {args.blr / 4:.3g}) and "
+                  f"--warmup_epochs 1 (README, Continued pretraining).")
     return 0, None
 
 

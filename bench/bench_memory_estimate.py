@@ -1,11 +1,14 @@
 """How close the memory and time estimate said before the first step (util/train/budget.py) comes to what a run
 really uses: real `main_pretrain.py` runs on the demo phantoms, on CPU, for several models, input and patch sizes.
 
-Memory: the proportional set size (PSS: shared pages split between the processes sharing them) of the whole
-process tree (the trainer and its loader workers), sampled every 50 ms; the estimate predicts what the run adds
+Memory: the anonymous proportional set size (Pss_Anon: the run's own pages, those shared between the trainer and
+its forked workers split between them; shared libraries, whose share moves with whatever else runs, left out) of
+the whole process tree (the trainer and its loader workers), sampled every 50 ms; the estimate predicts what the run adds
 to its process after start-up, so the table compares it with the peak minus the tree's PSS at the moment the
-estimate is printed. Time: the estimate's seconds per step against the mean step time of the second epoch (read
-from the cache filled by the first, so the loader keeps up).
+estimate is printed; each run trains two epochs with one loader worker and --cache_dir (a worker is forked each
+epoch). Time: the estimate's seconds per step against a training step timed in this process (random batch,
+AdamW, no loader) against the estimate from the block rates measured just before, both in CPU seconds of the
+process (all its threads), so the other load of a shared machine does not count.
 
     python bench/bench_memory_estimate.py            # about 5 minutes on 2 cores; writes bench/memory_estimate.json
 """
@@ -47,7 +50,7 @@ def tree_pss(pid: int) -> float:
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("Pss:"):
+                    if line.startswith("Pss_Anon:"):  # the run's own memory (shared libraries left out)
                         total += float(line.split()[1]) * 1024
                         break
         except OSError:
@@ -55,11 +58,13 @@ def tree_pss(pid: int) -> float:
     return total
 
 
-def run(model: str, size: int, patch: int, batch: int, data: str, out: str, steps: int = 4) -> dict:
+def run(model: str, size: int, patch: int, batch: int, data: str, out: str, workers: int = 1, epochs: int = 2,
+        cache: bool = True) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, "main_pretrain.py"), "--data_path", data, "--output_dir", out,
            "--model", model, "--input_size", str(size), "--patch_size", str(patch), "--batch_size", str(batch),
-           "--epochs", "2", "--warmup_epochs", "0", "--cache_dir", out + "_cache", "--num_workers", "1", "--print_freq", "1", "--vis_every", "0",
-           "--save_every", "0", "--device", "cpu", "--resume", "none"]
+           "--epochs", str(epochs), "--warmup_epochs", "0", "--num_workers", str(workers), "--print_freq", "1",
+           "--vis_every", "0", "--save_every", "0", "--device", "cpu", "--resume", "none"]
+    cmd += ["--cache_dir", out + "_cache"] if cache else []
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
     peak, stop = [0.0], threading.Event()
@@ -77,7 +82,7 @@ def run(model: str, size: int, patch: int, batch: int, data: str, out: str, step
             est = float(re.search(r"about ([\d.]+) GiB per process", line).group(1))
             m = re.search(r"about ([\d.e+-]+) s per step", line)
             secs = float(m.group(1)) if m else None
-        if re.match(r"epoch 2/2 \[\d+/", line):  # the second epoch reads the cache: the loader keeps up
+        if re.match(rf"epoch {epochs}/{epochs} \[\d+/", line):  # the second epoch reads the cache: the loader keeps up
             stamps.append(time.monotonic())
     p.wait()
     stop.set()
@@ -86,6 +91,38 @@ def run(model: str, size: int, patch: int, batch: int, data: str, out: str, step
     return dict(model=model, size=size, patch=patch, batch=batch, estimate_gib=est, measured_gib=used,
                 ratio=est / used if used else None, estimate_s=secs, measured_s=measured_step, base_gib=base / 2 ** 30 if base else None,
                 time_ratio=secs / measured_step if secs and measured_step else None, status=p.returncode)
+
+
+def step_time(model: str, size: int, patch: int, batch: int) -> dict:
+    """Seconds of a training step computed in this process (random batch, AdamW; no loader) against the
+    estimate, with the matmul rate measured just before."""
+    import torch
+
+    import models_mae3d
+    from models_build import pretrain_workload
+    from util.train.budget import estimate
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    mae = models_mae3d.MODEL_FACTORIES[model](img_size=size, patch_size=patch)
+    opt = torch.optim.AdamW(mae.parameters(), lr=1e-4)
+    x = torch.rand(batch, 1, size, size, size)
+
+    def step():
+        loss = mae(x)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    t0, n = time.process_time(), 3  # CPU seconds of all threads: the machine's other load does not count
+    for _ in range(n):
+        step()
+    measured = (time.process_time() - t0) / n
+    args = SimpleNamespace(model=model, input_size=[size] * 3, patch_size=[patch] * 3, mask_ratio=0.75,
+                           batch_size=batch, precision="fp32", grad_checkpointing=False)
+    est = estimate(pretrain_workload(args)[0], batch, "fp32", False, "cpu", 0, clock=time.process_time)
+    return dict(estimate_s=est.seconds, measured_s=measured, time_ratio=est.seconds / measured)
 
 
 def main() -> None:
@@ -104,6 +141,7 @@ def main() -> None:
         df["Path"] = [os.path.join(os.path.dirname(paths["pretrain"]), x) for x in df["Path"]]
         df.iloc[:batch * 4].to_csv(table, index=False)  # 4 steps
         r = run(model, size, patch, batch, table, os.path.join(work, f"{model}_{size}_{patch}"))
+        r.update(step_time(model, size, patch, batch))  # the time of the compute alone, in this process
         rows.append(r)
         print(json.dumps(r), flush=True)
     with open(os.path.join(ROOT, "bench", "memory_estimate.json"), "w") as f:

@@ -76,11 +76,17 @@ def test_continued_pretraining_starts_from_the_demo_mae(demo_dir):
     scratch (fresh optimizer and schedule both times): the weights are really used."""
     mae = os.path.join("output_dir", "demo_pretrain", "mae_pretrained.pth")
     ratios = {}
-    for name, extra in (("scratch", ()), ("init", ("--init", mae))):
+    recipe = ("--init", mae, "--blr", 0.016, "--warmup_epochs", 1)  # README, Continued pretraining
+    for name, extra in (("scratch", ()), ("init", ("--init", mae)), ("recipe", recipe)):
         r = run_demo(demo_dir, "main_pretrain.py", "--epochs", 1, "--output_dir", f"output_dir/{name}", *extra)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         ratios[name] = log_lines(demo_dir / "output_dir" / name)[-1]["val_ratio"]
-    print("held-out ratio after one epoch", ratios)
+        if name == "init":  # the preset's peak lr was not typed: the run says what continued pretraining wants
+            assert "a quarter of it" in r.stdout, r.stdout[-2000:]
+    start = [x for x in log_lines(demo_dir / "output_dir" / "demo_pretrain") if "val_ratio" in x][-1]["val_ratio"]
+    print("held-out ratio after one epoch", ratios, "of the demo MAE itself", start)
     assert "loaded 204 tensors" in r.stdout and "regenerated for grid (8, 8, 8)" in r.stdout
-    # measured: scratch 1.33, init 0.70 (the demo MAE itself: 0.57; the fresh optimizer's warm-up moves it a little)
+    # measured: scratch 1.33, init 0.70 (the demo MAE itself: 0.57; the fresh optimizer at the preset's peak lr
+    # undoes part of it), the recipe (a quarter of the blr, 1 warmup epoch) keeps it
     assert ratios["scratch"] > 0.9 and ratios["init"] < 0.8, ratios
+    assert ratios["recipe"] <= start + 0.02 and ratios["recipe"] < ratios["init"] - 0.03, (ratios, start)

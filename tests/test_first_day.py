@@ -206,3 +206,18 @@ def test_save_inputs_writes_what_the_model_was_fed_on_its_geometry_named_by_row(
     mid = box.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in box.GetSize()])
     assert np.allclose(mid, centre, atol=1e-6) and np.allclose(box.GetSpacing(), 40 / 32)
     assert len(list((tmp_path / "boxes").glob("row0002_*.png"))) == 1
+
+
+def test_finetuning_prints_one_line_per_epoch_when_an_epoch_is_one_step(demo, tmp_path):
+    import re
+
+    mae = tmp_path / "mae"
+    assert pretrain(demo["pretrain"], mae, epochs=1).returncode == 0
+    n_train = len(pd.read_csv(demo["train"]))
+    r = run_in_process("main_finetune.py", "--train_csv", demo["train"], "--val_csv", demo["val"], "--finetune",
+                       mae / "checkpoint-last.pth", "--linprobe", "--epochs", 3, "--batch_size", n_train,
+                       "--num_workers", 0, "--device", "cpu", "--output_dir", tmp_path / "ft", "--print_freq", 5)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [x for x in r.stdout.splitlines() if re.match(r"epoch \d+/3", x)]
+    assert [x.split(":")[0] for x in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
+    assert all("train loss" in x and "val loss" in x for x in lines)

@@ -70,8 +70,9 @@ class Progress:
     Progress so the ETA uses the steady step and epoch times measured so far (see Pace)."""
 
     def __init__(self, total: int, epoch: int, epochs: int, print_freq: int = 10, batch_volumes: int = 1,
-                 start_step: int = 0, pace: Pace | None = None, clock=time.monotonic):
+                 start_step: int = 0, pace: Pace | None = None, clock=time.monotonic, quiet_last: bool = False):
         self.total, self.epoch, self.epochs, self.print_freq = total, epoch, epochs, max(1, print_freq)
+        self.quiet_last = quiet_last  # the epoch's last step is measured, not printed (the script's line follows)
         self.batch_volumes, self.clock = batch_volumes, clock
         self.pace = pace if pace is not None else Pace()
         self.start = self.last = clock()
@@ -94,8 +95,9 @@ class Progress:
         eta = self.pace.eta(self.total - it - 1, self.total, self.epochs - self.epoch - 1, now)
         eta_text = f"eta epoch {_hms(eta[0])} run {_hms(eta[1])}" if eta else "eta measuring"
         parts = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
-        print(f"epoch {self.epoch + 1}/{self.epochs} [{it + 1}/{self.total}] {parts} vol/s {vps:.2f} {eta_text}",
-              flush=True)
+        if not (self.quiet_last and it == self.total - 1):
+            print(f"epoch {self.epoch + 1}/{self.epochs} [{it + 1}/{self.total}] {parts} vol/s {vps:.2f} {eta_text}",
+                  flush=True)
         return vps
 
 

@@ -52,7 +52,7 @@ class Estimate:
     loader: float
     checkpoint_copy: float
     seconds: float | None = None
-    rate: float | None = None    # the measured matmul rate, FLOP/s
+    rate: float | None = None    # the FLOP/s the step's blocks reach (measured by block_rate)
 
     @property
     def total(self) -> float:
@@ -73,7 +73,8 @@ def workload_of(model: torch.nn.Module, blocks: list[tuple[int, int, bool]], vox
 
 
 def estimate(w: Workload, batch: int, precision: str, grad_checkpointing: bool, device: str, num_workers: int,
-             prefetch: int = 4, item_bytes: int = 2, distributed: bool = False, rate: float | None = None) -> Estimate:
+             prefetch: int = 4, item_bytes: int = 2, distributed: bool = False, rate: float | None = None,
+             clock=time.perf_counter) -> Estimate:
     """The peak bytes one process adds for a step of `batch` samples (see the module doc for the parts)."""
     act_bytes = 2 if precision in ("bf16", "fp16") else 4
     per_block = [t * e * (ACT_PER_TOKEN_WIDTH * act_bytes + (8 if act_bytes == 2 else 0)) for t, e, train in w.blocks]
@@ -88,13 +89,17 @@ def estimate(w: Workload, batch: int, precision: str, grad_checkpointing: bool, 
     if distributed:
         state += w.trainable * 4  # DDP's gradient buckets
     inputs = INPUT_COPIES * batch * w.voxels * 4
-    loader = num_workers * prefetch * batch * w.voxels * item_bytes
+    # each loader worker: its prefetched batches, and the step memory the trainer has freed by the time the worker
+    # is forked (every epoch): the worker's allocations land in those inherited pages and copy them
+    loader = num_workers * (prefetch * batch * w.voxels * item_bytes + act + inputs)
     on_cpu = not device.startswith("cuda")
     copy = (w.trainable * (12 if w.optimizer == "adamw" else 8) + w.frozen * 4) if on_cpu else 0.0
     est = Estimate(state, act, inputs, loader, copy)
     if on_cpu:
-        est.rate = rate or matmul_rate()
-        est.seconds = step_flops(w, batch, grad_checkpointing) / est.rate
+        rates = {e: rate or block_rate(e, clock=clock) for e in sorted({e for _, e, _ in w.blocks})}
+        est.seconds = sum(step_flops(Workload(0, blocks=[b]), batch, grad_checkpointing) / rates[b[1]]
+                          for b in w.blocks)
+        est.rate = step_flops(w, batch, grad_checkpointing) / max(est.seconds, 1e-12)
     return est
 
 
@@ -108,15 +113,32 @@ def step_flops(w: Workload, batch: int, grad_checkpointing: bool) -> float:
     return batch * total
 
 
-def matmul_rate(seconds: float = 0.25) -> float:
-    """FLOP/s of fp32 matrix products on this CPU with torch's threads, measured for about `seconds`."""
+def block_rate(width: int, tokens: int = 256, clock=time.perf_counter) -> float:
+    """FLOP/s a transformer block of `width` really reaches on this CPU in training (forward and backward of one
+    sample of `tokens` tokens, timm's Block as the models use it, with torch's threads): its matrix products and
+    the normalisations, activations and attention that small widths spend much of their time in. About 20 ms for
+    ViT-Tiny's width, 0.5 s for ViT-L's."""
+    from timm.models.vision_transformer import Block
+
+    blk = Block(width, max(1, width // 64), qkv_bias=True)
+    x = torch.randn(1, tokens, width, requires_grad=True)
+    blk(x[:, :16]).sum().backward()  # warm up (thread pools, allocator)
+    t0 = clock()
+    blk(x).sum().backward()
+    flops = step_flops(Workload(0, blocks=[(tokens, width, True)]), 1, False)
+    return flops / max(clock() - t0, 1e-9)
+
+
+def matmul_rate(seconds: float = 0.25, clock=time.perf_counter) -> float:
+    """FLOP/s of fp32 matrix products on this CPU with torch's threads, measured for about `seconds` of `clock`
+    (wall time; bench/bench_memory_estimate.py passes the process's CPU time)."""
     a, b = torch.randn(768, 768), torch.randn(768, 768 * 4)
     torch.mm(a, b)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    n, t0 = 0, clock()
+    while clock() - t0 < seconds:
         torch.mm(a, b)
         n += 1
-    return n * 2 * 768 * 768 * 768 * 4 / (time.perf_counter() - t0)
+    return n * 2 * 768 * 768 * 768 * 4 / (clock() - t0)
 
 
 def _read_int(path: str) -> int | None:
@@ -163,7 +185,7 @@ def report(est: Estimate, what: str, processes: int = 1) -> str:
     if processes > 1:
         line += f", x {processes} processes on this machine"
     if est.seconds is not None:
-        line += f"; about {_seconds(est.seconds)} per step on this CPU ({est.rate / 1e9:.0f} GFLOP/s measured)"
+        line += f"; about {_seconds(est.seconds)} per step on this CPU ({est.rate / 1e9:.0f} GFLOP/s measured on its blocks)"
     return line + "."
 
 

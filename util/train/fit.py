@@ -89,6 +89,7 @@ def fit(args, parts: TrainParts, data: TrainData, objective: Objective, script: 
     folder, control, pace = RunFolder(args.output_dir), step_control(args), Pace()
     checkpoints = Checkpoints(args, parts, script.checkpoint_fields)
     run_settings = settings(args)
+    run_settings.epoch_line = bool(getattr(script, "prints_epoch_line", False))
     try:
         for epoch in range(start_epoch, args.epochs):
             begin_epoch(epoch, data.sampler, data.dataset, progress, args)

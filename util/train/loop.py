@@ -38,6 +38,7 @@ class TrainSettings:
     distributed: bool = False
     seed: int = 0
     schedule: lr_sched.Schedule = field(default_factory=lambda: lr_sched.Schedule(lr=1e-3, epochs=1))
+    epoch_line: bool = False  # the script prints its own line at each epoch's end: no progress line for the last step
 
 
 @dataclass
@@ -121,7 +122,7 @@ def train_one_epoch(parts: TrainParts, loader, epoch: int, s: TrainSettings, obj
     device, n_steps = s.device, len(loader) + (start.step if start else 0)
     start = start or EpochProgress()
     progress = Progress(n_steps, epoch, s.schedule.epochs, s.print_freq, s.batch_size * s.world_size, start.step,
-                        pace)  # pace: the run's util.logger.Pace, for a steady ETA across epochs
+                        pace, quiet_last=s.epoch_line)  # pace: the run's util.logger.Pace, for a steady ETA
     loss_sum = torch.full((), start.loss_sum, device=device, dtype=torch.float64)
     gnorm = torch.zeros((), device=device)
     count, lr, t0, seen = start.count, 0.0, time.time(), list(start.seen)
