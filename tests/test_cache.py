@@ -179,3 +179,30 @@ def test_bench_loader_quick_compares_the_resamplers_and_the_cache_formats(capsys
         assert len(c["vol_s"]) == 2 and all(v > 0 for v in c["vol_s"] + c["vol_s_per_core"])
         per_core = np.median(c["vol_s_per_core"] or c["vol_s"])
         assert c["workers_needed"] == pytest.approx(110 / per_core) and list(c["entry_bytes"].values())[0] > 0
+
+
+def test_slice_differences_undone_on_the_device_give_the_float32_items_exactly(csv, tmp_path):
+    """A crop that keeps every slice travels as stored (slice differences, bit 3) and the device undoes them, flips
+    and windows: the numbers of the float32 items, also for a segmentation mask and a second window."""
+    from torch.utils.data import default_collate
+
+    from util.data.transport import to_device
+
+    for window in ((-1200.0, 800.0), (-160.0, 240.0)):
+        kw = dict(input_size=(10, 12, 16), preprocess=PreprocessConfig(size=(10, 20, 20), window=window),
+                  cache_dir=str(tmp_path / "c"), seed=5)
+        for ds in (Custom3DDataset(str(csv), **kw), fine.Custom3DDataset(str(csv), task="segmentation", **kw)):
+            for i in range(len(ds)):
+                ds[i]  # fills the cache: later reads are hits
+            undone = 0
+            for epoch in range(3):
+                ds.set_epoch(epoch)
+                for i in range(len(ds)):
+                    ds.set_transport("float32")
+                    want_x, want_y = ds[i]
+                    ds.set_transport("uint16")
+                    item = ds[i]
+                    undone += int(item[2]) >> 3
+                    x, y = to_device(default_collate([item]), "cpu", flip_target=ds.mask_paths is not None)
+                    assert torch.equal(x[0], want_x) and torch.equal(y[0], torch.as_tensor(want_y))
+            assert undone == 3 * len(ds)  # every item left its slice differences to the device

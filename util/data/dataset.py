@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from util.data.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
-from util.volume.cache import IDENTITY, VolumeCache, decode
+from util.volume.cache import IDENTITY, SliceDeltas, VolumeCache, decode
 from util.errors import UserError
 from util.volume.preprocess import PreprocessConfig, load_cached
 from util.runtime import available_cpus
@@ -98,7 +98,13 @@ class VolumeDataset(Dataset):
         misses = self.cache.misses if self.cache is not None else 0
         roi = self.rois[v] if self.rois is not None else None
         try:
-            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi)
+            # training in uint16 transport: a whole-depth crop of a hit keeps its slice differences for the device
+            deltas = self.train and self.transport == "uint16" and self.augment.intensity_jitter <= 0 and \
+                self.crops_per_volume == 1
+            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi,
+                                    deltas=deltas)
+            if isinstance(img, SliceDeltas) and img.array.shape[0] != self.input_size[0]:
+                img = img.undo()  # a crop or pad along the slices needs the values
         except UserError as e:
             if roi is None or self.row_names is None:
                 raise
@@ -120,9 +126,12 @@ class VolumeDataset(Dataset):
     def sample(self, index: int, img: np.ndarray, mask: np.ndarray | None = None, whole: bool = False
                ) -> tuple[torch.Tensor, np.ndarray | None, int]:
         """Training: random crop + flips from np.random.default_rng([seed, epoch, index]); eval: centre crop/pad
-        (or the whole volume). Returns (image tensor [1, D, H, W], mask array or None, flips deferred to the device:
-        bit 0 the innermost axis, bit 1 the middle one, bit 2 the first)."""
+        (or the whole volume). Returns (image tensor [1, D, H, W], mask array or None, work left to the device:
+        flips (bit 0 the innermost axis, bit 1 the middle one, bit 2 the first) and, bit 3, slice differences to undo
+        (a SliceDeltas image from `load`, whole along the slices))."""
         deferred = 0
+        if isinstance(img, SliceDeltas):  # only from `load` in uint16 training, where the crop keeps every slice
+            img, deferred = img.array, 8
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             arrays = random_crop([img] if mask is None else [img, mask], self.input_size, rng, fg_mask=mask,
@@ -132,7 +141,7 @@ class VolumeDataset(Dataset):
                 crop = decode(crop, self.window_map)
             if self.transport == "uint16" and crop.dtype == np.uint16:  # the device flips: no copy here
                 axes, _ = self.augment.draw(rng)  # the draws Augment3D.apply makes
-                deferred = sum(1 << (crop.ndim - 1 - a) for a in axes)
+                deferred += sum(1 << (crop.ndim - 1 - a) for a in axes)
                 img, mask = crop, None if mask is None else np.ascontiguousarray(arrays[1])
             else:
                 img, mask, _ = self.augment.apply(crop, arrays[1] if mask is not None else None, rng)

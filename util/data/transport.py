@@ -13,7 +13,8 @@ def decode_on_device(x: torch.Tensor, window_map: torch.Tensor | tuple[float, fl
     float32 steps util.volume.cache.decode takes, so the same numbers. window_map: (offset, factor), or one pair
     per sample ([N, 2] for x [N, ...])."""
     v = x.to(torch.float32)
-    v = torch.where(v < 0, v + 65536.0, v)
+    if x.dtype == torch.int16:  # bit patterns of uint16 (int32 levels are already 0..65535)
+        v = torch.where(v < 0, v + 65536.0, v)
     if isinstance(window_map, torch.Tensor):
         m = window_map.to(v.device, torch.float32).view(-1, 2, *([1] * (v.dim() - 1)))
         return v.sub_(m[:, 0]).mul_(m[:, 1]).clamp_(0.0, 1.0)
@@ -25,18 +26,24 @@ def to_device(batch, device, flip_target: bool = False) -> tuple[torch.Tensor, t
     """(images [N, 1, D, H, W] float32 on `device`, target on `device`) from a loader batch.
 
     Batches are (images, target) with float32 images, or (images, target, flip, window) in uint16 transport, where
-    flip [N] holds the flips still to be done per sample (bit 0 the innermost axis, bit 1 the middle, bit 2 the
-    first; True = bit 0), also of the target when flip_target (a segmentation mask [N, D, H, W]), and window [N, 2]
+    flip [N] holds the work still to be done per sample: bit 3 undo the slice differences along D (util.volume.
+    cache_format) first, then flips (bit 0 the innermost axis, bit 1 the middle, bit 2 the first; True = bit 0), also
+    of the target when flip_target (a segmentation mask [N, D, H, W]), and window [N, 2]
     is each sample's (offset, factor) from levels to [0, 1] (a batch without it has the earlier 65535 levels).
     """
     imgs, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-    if len(batch) > 2:  # flipped before scaling: on 2 bytes a voxel when the batch is uint16
+    levels = imgs.dtype == torch.int16
+    if len(batch) > 2:
         flip = batch[2].to(device, non_blocking=True).to(torch.int32)
+        if levels and imgs.dim() > 3:  # bit 3: slice differences (axis -3) to undo, modulo 2^16
+            v = imgs.to(torch.int32) & 0xFFFF
+            undone = torch.cumsum(v, dim=-3) & 0xFFFF
+            imgs = torch.where(((flip & 8) != 0).view(-1, *([1] * (v.dim() - 1))), undone, v)
         for bit, dim in ((1, -1), (2, -2), (4, -3)):
             on = (flip & bit) != 0
             imgs = torch.where(on.view(-1, *([1] * (imgs.dim() - 1))), imgs.flip(dim), imgs)
             if flip_target:
                 target = torch.where(on.view(-1, *([1] * (target.dim() - 1))), target.flip(dim), target)
-    if imgs.dtype == torch.int16:
+    if levels:
         imgs = decode_on_device(imgs, batch[3].to(device, non_blocking=True) if len(batch) > 3 else IDENTITY)
     return imgs, target

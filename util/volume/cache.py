@@ -42,6 +42,20 @@ SUFFIX = ".vol"
 log = logging.getLogger(__name__)
 
 
+class SliceDeltas:
+    """A cached uint16 volume still holding the differences of consecutive slices (axis 0) in `array`, as
+    `VolumeCache.get(..., deltas=True)` may return it: the training device undoes them (util.data.transport), or
+    `undo()` here (in place)."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def undo(self) -> np.ndarray:
+        return cache_format.undelta(self.array)
+
+
 class CacheFormatError(UserError):
     """A --cache_dir of another format or other settings; the message says how to rebuild or what to pass."""
 
@@ -167,14 +181,15 @@ class VolumeCache:
         self.damaged += 1
         log.warning("%s: damaged cache entry (%s); removed, %s is preprocessed again.", p, why, source)
 
-    def get(self, key_parts: Sequence) -> np.ndarray | None:
+    def get(self, key_parts: Sequence, deltas: bool = False) -> np.ndarray | SliceDeltas | None:
         """The cached array in stored form (images: uint16 levels, see `decode`) or None on a miss; a damaged
-        entry is removed and is a miss."""
+        entry is removed and is a miss. deltas=True: an image stored as slice differences comes back as
+        SliceDeltas, not undone (the training device undoes them)."""
         p = self._entry(key_parts)
         try:
             if p is None:
                 raise FileNotFoundError
-            stored, _ = cache_format.unpack(cache_format.read(p))
+            stored, _, left = cache_format.unpack(cache_format.read(p), keep_deltas=deltas)
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -183,7 +198,7 @@ class VolumeCache:
             self.misses += 1
             return None
         self.hits += 1
-        return stored
+        return SliceDeltas(stored) if left else stored
 
     def verify(self, key_parts: Sequence) -> bool:
         """True when the entry exists and its checksum holds (read, not decompressed); a damaged one is removed."""

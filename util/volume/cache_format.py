@@ -106,9 +106,10 @@ def check(data: memoryview) -> tuple[dict, memoryview]:
     return header, data[_HEAD.size + hlen:n - _CRC.size]
 
 
-def unpack(data: memoryview) -> tuple[np.ndarray, int]:
-    """(array, levels) of an entry's bytes: checked (`check`), decompressed into a new array, the slice
-    differences undone. Raises DamagedEntry."""
+def unpack(data: memoryview, keep_deltas: bool = False) -> tuple[np.ndarray, int, bool]:
+    """(array, levels, deltas) of an entry's bytes: checked (`check`), decompressed into a new array, the slice
+    differences undone unless keep_deltas (then `deltas` says whether the array still holds them: `undelta`).
+    Raises DamagedEntry."""
     header, payload = check(data)
     out = np.empty(header["shape"], header["dtype"])
     try:
@@ -119,7 +120,14 @@ def unpack(data: memoryview) -> tuple[np.ndarray, int]:
             blosc2.decompress2(payload, dst=out, nthreads=1)
     except (ValueError, RuntimeError) as e:
         raise DamagedEntry(f"undecodable payload ({e})") from None
-    if header["delta"]:
-        for d in range(1, out.shape[0]):  # one addition per slice: in-cache work, about 2 ms at 256^3
-            np.add(out[d], out[d - 1], out=out[d])
-    return out, header["levels"]
+    if header["delta"] and not keep_deltas:
+        undelta(out)
+    return out, header["levels"], header["delta"] and keep_deltas
+
+
+def undelta(a: np.ndarray) -> np.ndarray:
+    """Slice differences along axis 0 -> values, in place (uint16, modulo 2^16): one addition per slice, in-cache
+    work (about 2 ms at 256^3)."""
+    for d in range(1, a.shape[0]):
+        np.add(a[d], a[d - 1], out=a[d])
+    return a

@@ -255,7 +255,7 @@ def cache_keys(path: str, cfg: PreprocessConfig, mask_path: str | None = None, r
 
 
 def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
-                decoded: bool = True, roi=None) -> tuple[np.ndarray, np.ndarray | None]:
+                decoded: bool = True, roi=None, deltas: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """`load_volume` / `load_volume_and_mask` (or, with ROI settings, `load_roi` of the row's `roi`) through an
     optional VolumeCache: (image, mask or None).
 
@@ -263,6 +263,7 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
     when it is read, so one entry serves every window. decoded=False (with a cache) returns the stored form (uint16
     levels; `util.volume.cache.decode` with `cache.window_map(cfg.window)`, or the training device, makes the one
     float copy at the end). With a cache, a miss returns the numbers a later hit returns (the quantised image).
+    deltas=True (with decoded=False): a hit's image may be a `util.volume.cache.SliceDeltas` (VolumeCache.get).
     """
     if cfg.roi:
         if roi is None:
@@ -271,7 +272,7 @@ def load_cached(path: str, cfg: PreprocessConfig, cache: VolumeCache | None = No
     keys = cache_keys(path, cfg, mask_path, roi)
     window_map = cache.window_map(cfg.window) if cache is not None else None  # a window the cache cannot hold: refused
     if cache is not None:
-        got = [cache.get(k) for k in keys]
+        got = [cache.get(k, deltas=deltas and not decoded and i == 0) for i, k in enumerate(keys)]
         if all(g is not None for g in got):
             return (decode(got[0], window_map) if decoded else got[0]), (got[1] if mask_path else None)
     work = cfg if cache is None else dataclasses.replace(cfg, window=cache.settings.hu_range())  # HU, unclipped
