@@ -18,9 +18,9 @@ none of those CRCs, and no CRC covers the headers. So:
 
 CRC32, not a cryptographic hash: the damage guarded against is accidental (bit rot, a bad sector, a torn copy),
 which CRC32 misses with probability 2^-32, while a forger could rewrite any digest stored in the file. It is the zip
-format's own check, and ISA-L computes it at about 14 GB/s on one core (zlib 2, SHA-256 0.7, BLAKE2b 0.5 GB/s on the
-development machine: `python bench/bench_checkpoint.py --hashes_only`), so verifying costs about the time to read
-the file.
+format's own check, and ISA-L computes it at 7.5-25 GB/s on one core (zlib 1.4-4, SHA-256 0.6-1.8, BLAKE2b 0.3-0.9
+GB/s on the development machine: `python bench/bench_checkpoint.py --hashes_only`), so verifying costs about the time
+to read the file.
 """
 from __future__ import annotations
 
