@@ -185,8 +185,8 @@ def report_missing(args, cfg: PreprocessConfig, rows) -> int:
         print(f"  {m['state']}: {m['where']}: {why}", file=sys.stderr)
     more = f" ({len(missing) - 10} more)" if len(missing) > 10 else ""
     print(f"{len(missing)} of {len(rows)} rows are not cached{more}; all are listed in "
-          f"{os.path.join(args.cache_dir, cache_rows.MISSING_NAME)}; rerun their shards (failed rows: fix or drop "
-          f"the files).", file=sys.stderr)
+          f"{os.path.join(args.cache_dir, cache_rows.MISSING_NAME)}; rerun the fill, which skips what is cached "
+          f"(failed rows: fix or drop the files).", file=sys.stderr)
     return 2
 
 
