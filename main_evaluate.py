@@ -30,9 +30,10 @@ def get_args_parser():
                              "main_predict.py embeddings, label-efficiency curve, bootstrap intervals, paired "
                              "differences and a pretraining-overlap check.", EXAMPLES)
     g = p.add_argument_group("inputs")
-    g.add_argument("--embeddings", nargs="+", required=True, metavar="NAME=FILE",
+    g.add_argument("--embeddings", nargs="*", default=[], metavar="NAME=FILE",
                    help="embedding files of main_predict.py --embeddings (.npy with its .rows.csv, .csv, .parquet); "
-                        "the first is the reference of the paired differences unless --reference says otherwise")
+                        "the first is the reference of the paired differences unless --reference says otherwise; "
+                        "none: only the --columns of --labels are evaluated")
     g.add_argument("--labels", default=None, help="label table (CSV); default: the row table of the first embedding "
                                                   "file, which holds every column of the CSV it was made from")
     g.add_argument("--label_columns", nargs="+", default=["Label"],
@@ -42,8 +43,9 @@ def get_args_parser():
                         "classification; other numbers regression")
     g.add_argument("--columns", nargs="+", default=[], metavar="NAME=COL[,COL]",
                    help="label-table columns evaluated as one more feature set (a baseline: size=diameter_mm)")
-    g.add_argument("--id_columns", nargs="+", default=["Path"],
-                   help="columns that identify a row in the label table and the embedding files (as written)")
+    g.add_argument("--id_columns", nargs="+", default=None,
+                   help="columns that identify a row in the label table and the embedding files (as written); "
+                        "default: Path, with coordX coordY coordZ when the label table has them (lesion rows)")
     g.add_argument("--group_column", default=None, help="patient or exam column: no group in two folds, and the "
                                                         "bootstrap resamples whole groups")
     g.add_argument("--split_column", default=None, help="given split instead of k folds: train/test values, or one "
@@ -67,7 +69,8 @@ def get_args_parser():
                    help="rows of the inner cross-validation that chooses C (a stratified subsample above this)")
     g = p.add_argument_group("statistics and output")
     g.add_argument("--bootstrap", type=bounded(int, min=0), default=1000,
-                   help="resamples of the test rows for 95%% intervals (0: none)")
+                   help="bootstrap resamples of the rows (of whole groups with --group_column) for 95%% "
+                        "intervals; every probe is refitted on each resample's training rows (0: no intervals)")
     g.add_argument("--reference", default=None, help="feature set the others are compared to (default: the first)")
     g.add_argument("--seed", type=bounded(int, min=0), default=0, help="folds, label draws and resamples")
     g.add_argument("--output_dir", default=os.path.join("output_dir", "evaluate"),
@@ -89,22 +92,40 @@ import pandas as pd  # noqa: E402
 from util.evaluate import inputs  # noqa: E402
 from util.evaluate import report  # noqa: E402
 from util.errors import UserError, run_main  # noqa: E402
-from util.evaluate.probe import labelled_rows, make_folds, probe_job  # noqa: E402
-from util.evaluate.stats import Run, bootstrap_values, interval, weighted_metrics  # noqa: E402
+from util.evaluate.crossval import fold_job  # noqa: E402
+from util.evaluate.probe import labelled_rows, make_folds  # noqa: E402
+from util.evaluate.stats import refit_interval, resample_weights  # noqa: E402
+from util.task.weighted import nanmean  # noqa: E402
+
+
+def id_columns(args, table, what: str) -> list[str]:
+    """--id_columns, or Path (with coordX coordY coordZ when the table has them: lesion rows, one line says so)."""
+    if args.id_columns:
+        return inputs.need_columns(table, args.id_columns, what, "--id_columns")
+    coords = [inputs.find_column(table, c) for c in ("coordX", "coordY", "coordZ")]
+    cols = inputs.need_columns(table, ["Path"], what, "--id_columns")
+    if all(coords):
+        print(f"Lesion rows: {what} has coordX, coordY and coordZ, so a row is identified by its Path and point "
+              f"({', '.join([*cols, *coords])}); --id_columns chooses others.", flush=True)
+        cols += coords
+    return cols
 
 
 def load(args) -> dict:
     """Feature sets aligned to the label table, its rows sorted by their id so that row order never matters."""
     files = [inputs.named(s, "--embeddings") for s in args.embeddings]
     sources = [inputs.open_embeddings(name, path) for name, path in files]
-    table, what = inputs.read_labels(args.labels, sources[0])
-    id_cols = inputs.need_columns(table, args.id_columns, what, "--id_columns")
-    keys = inputs.row_keys(table, id_cols)
-    inputs.check_unique(keys, table, what, args.id_columns)
+    if not sources and not (args.columns and args.labels):
+        raise UserError("Nothing to evaluate: pass --embeddings NAME=FILE, or --labels with --columns NAME=COL "
+                        "(label-table columns as features).")
+    table, what = inputs.read_labels(args.labels, sources[0] if sources else None)
+    ids = id_columns(args, table, what)
+    keys = inputs.row_keys(table, ids)
+    inputs.check_unique(keys, table, what, ids)
     order = np.argsort(keys, kind="stable")
     table, keys = table.iloc[order], keys[order]
     y, task, names = inputs.targets(table, args.label_columns, args.task, what)
-    sets = {fs.name: inputs.gather(fs, inputs.align(fs, keys, args.id_columns, table, what)) for fs in sources}
+    sets = {fs.name: inputs.gather(fs, inputs.align(fs, keys, ids, table, what)) for fs in sources}
     for spec in args.columns:
         name, cols = inputs.named(spec, "--columns")
         sets[name] = inputs.column_features(name, table, cols.split(","), what).matrix
@@ -121,131 +142,160 @@ def load(args) -> dict:
         split = table[inputs.need_columns(table, [args.split_column], what, "--split_column")[0]].astype(str) \
             .str.strip().to_numpy()
     return dict(table=table, what=what, keys=keys, y=y, task=task, names=names, sets=sets, reference=reference,
-                groups=groups, split=split)
+                groups=groups, split=split, ids=ids)
 
 
-def feature_sources(sets: dict, jobs: int, folder: str) -> dict:
+def shared_arrays(sets: dict, counts, jobs: int, folder: str) -> tuple[dict, object]:
     """What each probe job reads: the arrays themselves in this process, or, with several jobs, .npy copies in
-    `folder` that the worker processes read memory-mapped."""
+    `folder` that the worker processes read memory-mapped (features, and the resample counts)."""
     if jobs <= 1:
-        return sets
+        return sets, counts
     out = {}
     for k, (name, x) in enumerate(sets.items()):
         out[name] = os.path.join(folder, f"features_{k}.npy")
         np.save(out[name], x)
+    if counts is not None:
+        np.save(os.path.join(folder, "counts.npy"), counts)
+        counts = os.path.join(folder, "counts.npy")
+    return out, counts
+
+
+def resample_counts(args, d: dict) -> np.ndarray | None:
+    """[R, n] uint8: how many copies of each row the R bootstrap resamples hold (whole groups with
+    --group_column); the same resamples for every feature set, probe and fraction, so differences are paired."""
+    if not args.bootstrap:
+        return None
+    n = len(d["y"])
+    out = np.zeros((args.bootstrap, n), np.uint8)
+    done = 0
+    for w in resample_weights(n, args.bootstrap, args.seed, d["groups"]):
+        out[done:done + len(w)] = np.minimum(w, 255)
+        done += len(w)
     return out
 
 
-def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict, np.ndarray]:
-    """Every probe, fraction and draw on every feature set: the per-draw metrics, the out-of-fold runs
-    {(set, protocol, fraction): [Run per draw]} and the rows they predict. Folds, draws and sets run as
-    independent jobs (--jobs processes)."""
+def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
+    """Every probe, fraction and draw on every feature set: the per-draw metrics (results.csv) and, per (set,
+    protocol, fraction), each metric's mean over draws and folds on the rows and on every resample
+    {key: {metric: [1 + R]}}. Each fold of each feature set and probe is one job (--jobs processes)."""
     import tempfile
 
     from joblib import Parallel, delayed
 
     strata = d["y"] if d["task"].single_label else None
-    folds = make_folds(len(d["y"]), args.folds, args.seed, strata, d["groups"], d["split"])
-    tested = np.sort(np.concatenate([te for _, te in folds]))
-    where = np.full(len(d["y"]), -1)
-    where[tested] = np.arange(len(tested))
-    n_out, y = len(d["names"]), d["y"]
-    rows, runs = [], {}
+    folds = make_folds(len(d["y"]), args.folds, args.seed, strata, d["groups"], d["split"], args.split_column,
+                       d["names"])
+    fractions = sorted(set(args.label_fractions))
+    labelled = [{(fr, k): labelled_rows(tr, strata, fr, args.seed, f, k)
+                 for fr in fractions for k in range(1 if fr >= 1 else args.draws)} for f, (tr, _) in enumerate(folds)]
+    rows, values = [], {}
+    counts = resample_counts(args, d)
     with tempfile.TemporaryDirectory(prefix="main_evaluate-") as tmp, Parallel(n_jobs=args.jobs) as parallel:
-        sources = feature_sources(d["sets"], args.jobs, tmp)
+        sources, counts_src = shared_arrays(d["sets"], counts, args.jobs, tmp)
         for protocol in args.protocols:
-            for fraction in sorted(set(args.label_fractions)):
-                t0 = time.time()
-                draws = range(1 if fraction >= 1 else args.draws)
-                labelled = {(f, k): labelled_rows(tr, strata, fraction, args.seed, f, k) for k in draws
-                            for f, (tr, _) in enumerate(folds)}
-                jobs = [(k, name, f) for k in draws for name in d["sets"] for f in range(len(folds))]
-                done = parallel(delayed(probe_job)(sources[name], labelled[f, k], folds[f][1], y[labelled[f, k]],
-                                                   protocol, d["task"], n_out, args.seed, args.knn_k,
-                                                   args.inner_max_rows) for k, name, f in jobs)
-                for k in draws:
-                    for name in d["sets"]:
-                        parts = [(f, r) for (kk, nn, f), r in zip(jobs, done) if kk == k and nn == name]
-                        first = parts[0][1]
-                        scores = np.zeros((len(tested), first.scores.shape[1]))
-                        pred = None if first.pred is None else \
-                            np.zeros((len(tested), *first.pred.shape[1:]), np.int64)
-                        for f, r in parts:
-                            scores[where[folds[f][1]]] = r.scores
-                            if pred is not None:
-                                pred[where[folds[f][1]]] = r.pred
-                        run = Run(scores, pred)
-                        runs.setdefault((name, protocol, fraction), []).append(run)
-                        m = weighted_metrics(d["task"], y[tested], run, np.ones((1, len(tested))), d["names"])
-                        n_lab = np.mean([len(labelled[f, k]) for f in range(len(folds))])
+            t0 = time.time()
+            jobs = [(name, f) for name in d["sets"] for f in range(len(folds))]
+            done = parallel(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"], labelled[f], protocol,
+                                              d["task"], len(d["names"]), d["names"], args.seed, args.knn_k,
+                                              args.inner_max_rows, counts_src) for name, f in jobs)
+            by_set = {}
+            for (name, f), out in zip(jobs, done):
+                by_set.setdefault(name, []).append(out)
+            for name, per_fold in by_set.items():
+                for fraction in fractions:
+                    draws = sorted(k for fr, k in per_fold[0] if fr == fraction)
+                    cells = [[fold[(fraction, k)] for fold in per_fold] for k in draws]  # [draw][fold]
+                    metrics = list(cells[0][0][0])
+                    stack = {m: np.array([[c[0][m] for c in draw] for draw in cells]) for m in metrics}  # [D, F, 1+R]
+                    values[(name, protocol, fraction)] = {m: nanmean(v.reshape(-1, v.shape[-1])) for m, v in stack.items()}
+                    for j, k in enumerate(draws):
                         rows.append({"embedding": name, "protocol": protocol, "fraction": fraction, "draw": k,
-                                     "n_labelled": int(round(n_lab)), "n_test": len(tested),
-                                     **{key: float(v[0]) for key, v in m.items()}})
-                print(f"{protocol} at {fraction:g} of the labels: {len(d['sets'])} feature sets x {len(draws)} draws "
-                      f"x {len(folds)} folds in {time.time() - t0:.1f} s", flush=True)
-    return pd.DataFrame(rows), runs, tested
+                                     "n_labelled": int(round(np.mean([c[1] for c in cells[j]]))),
+                                     "n_test": int(sum(len(te) for _, te in folds)),
+                                     **{m: float(nanmean(v[j, :, 0])) for m, v in stack.items()}})
+            print(f"{protocol}: {len(d['sets'])} feature sets x {len(folds)} folds x {len(fractions)} label fractions "
+                  f"({args.draws} draws below 100%), {args.bootstrap} refitted resamples, in "
+                  f"{time.time() - t0:.1f} s", flush=True)
+    return pd.DataFrame(rows), values
 
 
-def statistics(args, d: dict, results: pd.DataFrame, runs: dict, tested: np.ndarray) -> pd.DataFrame:
-    """One row per (set, protocol, fraction): mean over draws of the headline metrics with 95% bootstrap
-    intervals, and the paired difference to the reference with its interval and the draws it was ahead in."""
-    y, task = d["y"][tested], d["task"]
-    groups = None if d["groups"] is None else np.unique(d["groups"][tested], return_inverse=True)[1]
-    primary, out = task.primary_metric, []
-    for protocol in args.protocols:
-        for fraction in sorted(set(args.label_fractions)):
-            keys = [(name, protocol, fraction) for name in d["sets"]]
-            flat = [r for k in keys for r in runs[k]]
-            vals = bootstrap_values(task, y, flat, args.bootstrap, args.seed, groups, d["names"])
-            per = {}
-            for k in keys:
-                per[k], vals = vals[:len(runs[k])], vals[len(runs[k]):]
-            ref = per[(d["reference"], protocol, fraction)]
-            for name, _, _ in keys:
-                mine = per[(name, protocol, fraction)]
-                sel = results[(results.embedding == name) & (results.protocol == protocol)
-                              & (results.fraction == fraction)]
-                row = {"embedding": name, "protocol": protocol, "fraction": fraction, "draws": len(mine),
-                       "n_labelled": int(sel["n_labelled"].mean()), "n_test": len(tested)}
-                for m in task.headline:
-                    row[m], row[f"{m}_low"], row[f"{m}_high"] = interval([v[m] for v in mine])
-                if name != d["reference"]:
-                    diff = interval([v[primary] for v in mine], [v[primary] for v in ref])
-                    row[f"diff_{primary}"], row["diff_low"], row["diff_high"] = diff
-                    mine_d = sel.sort_values("draw")[primary].to_numpy()
-                    ref_d = results[(results.embedding == d["reference"]) & (results.protocol == protocol)
-                                    & (results.fraction == fraction)].sort_values("draw")[primary].to_numpy()
-                    better = mine_d < ref_d if primary == "mae" else mine_d > ref_d
-                    row["ahead_in_draws"] = f"{int(better.sum())} of {len(better)}"
-                out.append(row)
+RANGES = {"auroc": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0), "r2": (-np.inf, 1.0), "mae": (0.0, np.inf)}
+
+
+def statistics(args, d: dict, results: pd.DataFrame, values: dict) -> pd.DataFrame:
+    """One row per (set, protocol, fraction): each headline metric's mean over draws and folds with its 95%
+    percentile interval over the refitted resamples, and the paired difference to the reference (the same
+    resamples) with its interval and the draws it was ahead in."""
+    task, primary, out = d["task"], d["task"].primary_metric, []
+    for (name, protocol, fraction), mine in values.items():
+        sel = results[(results.embedding == name) & (results.protocol == protocol) & (results.fraction == fraction)]
+        row = {"embedding": name, "protocol": protocol, "fraction": fraction, "draws": len(sel),
+               "n_labelled": int(round(sel["n_labelled"].mean())), "n_test": int(sel["n_test"].iloc[0])}
+        for m in task.headline:
+            row[m], row[f"{m}_low"], row[f"{m}_high"] = refit_interval(mine[m], bounds=RANGES[m])
+        if name != d["reference"]:
+            ref = values[(d["reference"], protocol, fraction)]
+            span = RANGES[primary][1] - RANGES[primary][0]
+            row[f"diff_{primary}"], row["diff_low"], row["diff_high"] = refit_interval(mine[primary], ref[primary],
+                                                                                      bounds=(-span, span))
+            mine_d = sel.sort_values("draw")[primary].to_numpy()
+            ref_d = results[(results.embedding == d["reference"]) & (results.protocol == protocol)
+                            & (results.fraction == fraction)].sort_values("draw")[primary].to_numpy()
+            better = mine_d < ref_d if primary == "mae" else mine_d > ref_d
+            row["ahead_in_draws"] = f"{int(better.sum())} of {len(better)}"
+        out.append(row)
     return pd.DataFrame(out)
 
 
-def overlap(args, d: dict) -> pd.DataFrame | None:
-    """Evaluated scans that were in the pretraining data of their encoder (--pretraining), by path or content."""
-    if not args.pretraining:
-        return None
-    from util.data.manifest import find_overlap, pretraining_data
+def evaluated_paths(args, d: dict) -> list[str]:
+    """Absolute paths of the evaluated scans, in the table's (sorted) order. A label table's relative paths
+    resolve against its own folder. The row table of an embedding file holds its paths as main_predict.py read
+    them, relative to an --input_csv it does not name: relative ones need that CSV as --labels."""
     from util.data.path_table import resolve_paths
 
     col = inputs.find_column(d["table"], "Path")
     if col is None:
         raise UserError(f"--pretraining needs a Path column in {d['what']} to know which scans were evaluated.")
-    base = args.labels or args.embeddings[0].partition("=")[2] or args.embeddings[0]
-    paths = resolve_paths(d["table"], col, base, check_exists=False)
+    if args.labels:
+        return resolve_paths(d["table"], col, args.labels, check_exists=False)
+    values = d["table"][col].astype(str).str.strip()
+    relative = values[~values.map(lambda v: os.path.isabs(os.path.expanduser(v)))]
+    if len(relative):
+        raise UserError(f"--pretraining: {d['what']} holds relative paths ({relative.iloc[0]!r} and "
+                        f"{len(relative) - 1} more), relative to the CSV main_predict.py read, which the row table "
+                        f"does not name; pass that CSV as --labels so that they resolve against its folder.")
+    return [os.path.normpath(os.path.expanduser(v)) for v in values]
+
+
+def overlap(args, d: dict) -> pd.DataFrame | None:
+    """Evaluated scans that were in the pretraining data of their encoder (--pretraining), by path or content;
+    scans that could not be read for the content check are listed as unreadable. `row` is the label table's row
+    (counted from 1 under the header)."""
+    if not args.pretraining:
+        return None
+    from util.data.manifest import find_overlap, pretraining_data
+
+    paths = evaluated_paths(args, d)
+    rows = [int(line) - 1 for line in d["table"].index]
     found = []
     for spec in args.pretraining:
         name, source = inputs.named(spec, "--pretraining")
         if name not in d["sets"]:
             raise UserError(f"--pretraining {spec}: {name} is not one of the feature sets ({', '.join(d['sets'])}).")
         manifest, what = pretraining_data(source)
-        hits = find_overlap(paths, manifest)
+        hits = find_overlap(paths, manifest, rows=rows)
         hits.insert(0, "embedding", name)
         found.append(hits)
         n_by = hits["matched_by"].value_counts().to_dict()
-        print(f"{name}: {len(hits)} of {len(paths)} evaluated scans were in its pretraining data ({what}, "
+        n_hit = n_by.get("path", 0) + n_by.get("content", 0)
+        print(f"{name}: {n_hit} of {len(paths)} evaluated scans were in its pretraining data ({what}, "
               f"{len(manifest)} scans)" + (f": {n_by.get('path', 0)} by path, {n_by.get('content', 0)} by content "
-                                           f"(same bytes elsewhere)" if len(hits) else ""), flush=True)
+                                           f"(same bytes elsewhere)" if n_hit else ""), flush=True)
+        bad = hits[hits.matched_by == "unreadable"]
+        if len(bad):
+            print(f"{name}: {len(bad)} evaluated scans could not be read, so their content was not compared (first: "
+                  f"row {bad.row.iloc[0]}, {bad.path.iloc[0] or 'empty path'}: {bad.pretraining_path.iloc[0]}); "
+                  f"they are listed in overlap.csv as unreadable.", flush=True)
     return pd.concat(found, ignore_index=True)
 
 
@@ -258,8 +308,8 @@ def main(args) -> None:
     print(f"{len(d['y'])} labelled rows, task {d['task'].name} ({', '.join(d['names'][:10])}); feature sets: {n_feat}",
           flush=True)
     hits = overlap(args, d)
-    results, runs, tested = run_probes(args, d)
-    summary = statistics(args, d, results, runs, tested)
+    results, values = run_probes(args, d)
+    summary = statistics(args, d, results, values)
     text = report.summary_markdown(args, d, summary, hits)
     report.write_all(outputs, results, summary, text, hits, d["task"])
     print("\n" + report.console_table(summary, d["task"]))

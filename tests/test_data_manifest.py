@@ -111,3 +111,62 @@ def test_pretraining_records_its_manifest_and_the_evaluation_finds_the_overlap(t
     os.remove(out / MANIFEST_NAME)  # the checkpoint alone, moved without its manifest
     with pytest.raises(UserError, match="which is not beside it"):
         pretraining_data(str(out / "mae_pretrained.pth"))
+
+
+def _evaluation_inputs(folder, table: pd.DataFrame, name: str = "e.npy") -> str:
+    """An embedding file of `table`'s rows as main_predict.py writes it (the .npy and its .rows.csv)."""
+    from util.task import predict_io
+
+    emb = np.random.default_rng(0).normal(size=(len(table), 4)).astype(np.float32)
+    path = str(folder / name)
+    predict_io.write_embeddings(path, table, {i: {"emb": emb[i]} for i in range(len(table))}, 4)
+    return path
+
+
+def _evaluate(emb: str, out, *extra):
+    return run_in_process("main_evaluate.py", "--embeddings", f"mae={emb}", "--folds", 2, "--protocols", "knn",
+                          "--label_fractions", 1, "--bootstrap", 0, "--output_dir", out, *extra)
+
+
+def test_overlap_resolves_a_row_tables_paths_against_the_table_they_came_from(tmp_path):
+    """main_predict.py writes the paths as its --input_csv held them, relative to that CSV's folder; they used to
+    be resolved against the embedding file's folder (3 of 17 found where 7 of 17 were pretrained on)."""
+    data = tmp_path / "data"
+    scans = [_scan(data / "ct" / f"{i}.nii.gz", 4000, i) for i in range(8)]
+    write_manifest(scans[:4], str(tmp_path))  # pretrained on the first four
+    table = pd.DataFrame({"Path": [f"ct/{i}.nii.gz" for i in range(8)], "Label": np.arange(8) % 2})
+    table.to_csv(data / "scans.csv", index=False)
+    (tmp_path / "emb").mkdir()
+    emb = _evaluation_inputs(tmp_path / "emb", table)
+    pre = f"mae={tmp_path / MANIFEST_NAME}"
+    r = _evaluate(emb, tmp_path / "out", "--pretraining", pre)  # no --labels: the row table, paths relative
+    assert r.returncode == 1 and "relative to the CSV main_predict.py read" in r.stderr and "--labels" in r.stderr
+    r = _evaluate(emb, tmp_path / "out", "--pretraining", pre, "--labels", data / "scans.csv")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mae: 4 of 8 evaluated scans were in its pretraining data" in r.stdout
+    assert sorted(pd.read_csv(tmp_path / "out" / "overlap.csv").path) == scans[:4]
+
+
+def test_unreadable_scans_are_reported_not_skipped(tmp_path):
+    train = [_scan(tmp_path / "pre" / f"{i}.nii.gz", 4000, i) for i in range(2)]
+    write_manifest(train, str(tmp_path))
+    manifest = read_manifest(str(tmp_path / MANIFEST_NAME))
+    gone = str(tmp_path / "test" / "moved_away.nii.gz")
+    fresh = _scan(tmp_path / "test" / "new.nii.gz", 4000, 99)
+    hits = find_overlap([fresh, gone, train[1], ""], manifest)
+    assert hits[["row", "matched_by"]].values.tolist() == [[1, "unreadable"], [2, "path"], [3, "unreadable"]]
+    assert "No such file" in hits.pretraining_path[0] and hits.pretraining_path[2] == "empty path"
+
+
+def test_overlap_rows_count_the_label_files_rows(tmp_path):
+    """overlap.csv's `row` used to be the position in the evaluation's internal (sorted) order."""
+    scans = [_scan(tmp_path / "s" / f"{name}.nii.gz", 4000, k) for k, name in enumerate("dcbaef")]
+    write_manifest([scans[0], scans[3]], str(tmp_path))  # d (row 1 of the label file) and a (row 4)
+    table = pd.DataFrame({"Path": scans, "Label": [0, 1, 0, 1, 0, 1]})
+    table.to_csv(tmp_path / "labels.csv", index=False)
+    emb = _evaluation_inputs(tmp_path, table)
+    r = _evaluate(emb, tmp_path / "out", "--labels", tmp_path / "labels.csv", "--pretraining",
+                  f"mae={tmp_path / MANIFEST_NAME}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    hits = pd.read_csv(tmp_path / "out" / "overlap.csv")
+    assert hits[["row", "path"]].values.tolist() == [[1, scans[0]], [4, scans[3]]]

@@ -245,3 +245,53 @@ def test_multiclass_multilabel_and_regression_tasks(case, tmp_path, task):
         assert all(res.loc[("oracle", "knn"), f"auroc_{n}"] == 1.0 for n in names)
         assert res.loc[("oracle", "knn"), "balanced_accuracy"] == 1.0
         assert 0.35 < res.loc[("noise", "knn"), "auroc"] < 0.65
+
+
+@pytest.mark.parametrize("where", ["train", "test"])
+def test_a_split_without_enough_of_a_class_is_refused(case, tmp_path, where):
+    """--split_column with one positive in training (or none in test) used to report AUROC 0.500 [0.500, 0.500]."""
+    t = case["table"].copy()
+    t["split"] = np.where(np.arange(N) < 120, "train", "test")
+    positives = np.flatnonzero(t["Label"] == "1")
+    if where == "train":
+        t.loc[positives[positives < 120][1:], "split"] = "test"  # one positive row left to learn from
+    else:
+        t.loc[positives[positives >= 120], "split"] = "train"
+    t.to_csv(tmp_path / "labels.csv", index=False)
+    r = run_in_process("main_evaluate.py", "--embeddings", f"good={case['files']['good']}", "--labels",
+                       tmp_path / "labels.csv", "--split_column", "split", "--output_dir", tmp_path / "out")
+    lines = [s for s in r.stderr.splitlines() if s.startswith("error: ")]
+    assert r.returncode != 0 and len(lines) == 1, r.stdout[-1000:] + r.stderr
+    assert "--split_column split" in lines[0] and "class 1" in lines[0], lines[0]
+    assert ("training part has 1 rows" if where == "train" else "test part has no rows") in lines[0]
+    assert not (tmp_path / "out" / "results.csv").exists()
+
+
+def test_lesion_rows_are_told_apart_by_their_point_without_flags(case, tmp_path):
+    """Several nodules per scan: Path alone repeats, so coordX/coordY/coordZ join it by default."""
+    t = case["table"].copy()
+    t["Path"] = [f"scans/ct_{i // 3:03d}.nii.gz" for i in range(N)]
+    t["coordX"], t["coordY"], t["coordZ"] = np.arange(N) % 3 * 10.0, -5.5, 12.25
+    t.to_csv(tmp_path / "labels.csv", index=False)
+    emb = save_embeddings(tmp_path / "good.npy", t, case["good"])
+    r = run_in_process("main_evaluate.py", "--embeddings", f"good={emb}", "--labels", tmp_path / "labels.csv",
+                       "--protocols", "knn", "--label_fractions", 1, "--bootstrap", 20, "--output_dir", tmp_path / "o")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "identified by its Path and point (Path, coordX, coordY, coordZ)" in r.stdout
+    assert pd.read_csv(tmp_path / "o" / "results.csv").auroc.iloc[0] > 0.7
+
+
+def test_the_picture_counts_labels_and_draws_the_floor_once(case, tmp_path):
+    from PIL import Image
+
+    from util.evaluate.report import curve_points
+
+    _, _, summary = evaluate(case, tmp_path, "--label_fractions", 0.01, 0.02, 0.5, 1, "--protocols", "logreg",
+                             "--bootstrap", 30)
+    floor = summary[summary.fraction < 0.05]
+    assert set(floor.n_labelled) == {4}  # 1% and 2% of 60 rows per class both hit 2 per class
+    points = curve_points(summary)
+    assert len(points) == 3 * 3 and sorted(set(points.n_labelled)) == [4, 61, 120]
+    assert points[points.n_labelled == 4].fraction.tolist() == [0.01] * 3
+    with Image.open(tmp_path / "label_efficiency.png") as img:
+        assert img.size[0] == 520  # one panel: the linear probe

@@ -151,23 +151,40 @@ def pretraining_data(source: str) -> tuple[pd.DataFrame, str]:
     return _path_list(source), f"list {os.path.basename(source)} (by path only)"
 
 
-def find_overlap(paths: list[str], pretraining: pd.DataFrame, workers: int = 16) -> pd.DataFrame:
-    """Evaluated scans (absolute paths, in row order) that were pretrained on: one row per hit with `row` (index
-    into `paths`), `path`, `matched_by` ('path', or 'content' for the same bytes elsewhere) and
-    `pretraining_path`. Content is compared only when the manifest has fingerprints."""
+def _readable(path: str) -> tuple[str, str]:
+    """(fingerprint, "") of a scan, or ("", why it could not be read)."""
+    if not path:
+        return "", "empty path"
+    try:
+        return fingerprint(path)[2], ""
+    except OSError as e:
+        return "", e.strerror or type(e).__name__
+
+
+def find_overlap(paths: list[str], pretraining: pd.DataFrame, workers: int = 16,
+                 rows: list[int] | None = None) -> pd.DataFrame:
+    """Evaluated scans (absolute paths) that were pretrained on: one row per hit with `row` (rows[i], the label
+    table's row, or the index into `paths`), `path`, `matched_by` ('path', or 'content' for the same bytes
+    elsewhere) and `pretraining_path`. Content is compared only when the manifest has fingerprints; a scan that
+    cannot be read then is listed too, with matched_by 'unreadable' and the reason in `pretraining_path`, never
+    skipped: it may be a pretraining scan under another name."""
+    rows = list(range(len(paths))) if rows is None else list(rows)
     by_path = {os.path.normpath(p): p for p in pretraining["path"]}
     prints = pretraining[pretraining["fingerprint"] != ""]
     by_print = dict(zip(prints["fingerprint"], prints["path"]))
-    hits = []
-    todo = []
+    hits, todo = [], []
     for i, p in enumerate(paths):
-        if os.path.normpath(p) in by_path:
-            hits.append((i, p, "path", by_path[os.path.normpath(p)]))
-        elif by_print and p:
+        if p and os.path.normpath(p) in by_path:
+            hits.append((rows[i], p, "path", by_path[os.path.normpath(p)]))
+        elif by_print:
             todo.append((i, p))
     if todo:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            prints_of = list(pool.map(lambda t: _row(t[1], {})[3], todo))
-        hits += [(i, p, "content", by_print[f]) for (i, p), f in zip(todo, prints_of) if f and f in by_print]
+            found = list(pool.map(lambda t: _readable(t[1]), todo))
+        for (i, p), (f, why) in zip(todo, found):
+            if why:
+                hits.append((rows[i], p, "unreadable", why))
+            elif f in by_print:
+                hits.append((rows[i], p, "content", by_print[f]))
     out = pd.DataFrame(hits, columns=["row", "path", "matched_by", "pretraining_path"])
     return out.sort_values("row", kind="stable").reset_index(drop=True) if len(out) else out

@@ -1,5 +1,5 @@
-"""The probes of `main_evaluate.py` on frozen features, with scikit-learn underneath: folds that keep groups
-apart, nested label draws, a logistic-regression probe and k-NN.
+"""The probes of `main_evaluate.py` on frozen features: folds that keep groups apart, nested label draws, the
+inner search for C, and fitted probes that predict their test rows and refit under bootstrap resamples.
 
 Everything random derives from (seed, fold, draw) and the rows' sorted order, so the results do not depend on
 the order of the input rows.
@@ -9,14 +9,10 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
-from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
-from sklearn.preprocessing import StandardScaler
 
 from util.errors import UserError
-from util.evaluate.stats import Run
+from util.evaluate import knn, linear
 
 PROTOCOLS = ("logreg", "knn")
 CS = np.logspace(-4, 1, 6)  # inverse regularisation strengths the inner cross-validation chooses from
@@ -24,18 +20,46 @@ ALPHAS = np.logspace(-2, 5, 8)  # ridge strengths (regression probe)
 MIN_PER_CLASS = 2  # labelled rows of each class in every draw, however small the fraction
 
 
+def _units(rows: np.ndarray, groups: np.ndarray | None) -> int:
+    return len(rows) if groups is None else len(np.unique(groups[rows]))
+
+
+def check_split(folds, strata, groups, column: str, names) -> None:
+    """A given split must train on at least MIN_PER_CLASS rows (or groups) of every class and test on at least
+    one, as the k-fold branch requires; one sentence naming the column, the part and the class."""
+    if strata is None:
+        return
+    unit = "groups" if groups is not None else "rows"
+    for train, test in folds:
+        for c in range(int(strata.max()) + 1):
+            n_tr = _units(train[strata[train] == c], groups)
+            n_te = _units(test[strata[test] == c], groups)
+            name = names[c] if names is not None else c
+            part = "" if len(folds) == 1 else f" (test part {len(folds)} values)"
+            if n_tr < MIN_PER_CLASS:
+                raise UserError(f"--split_column {column}: the training part{part} has {n_tr} {unit} of class "
+                                f"{name}; a probe needs at least {MIN_PER_CLASS} of every class to learn from.")
+            if n_te == 0:
+                raise UserError(f"--split_column {column}: the test part{part} has no {unit} of class {name}; "
+                                f"its AUROC would be undefined.")
+
+
 def make_folds(n: int, folds: int, seed: int, strata: np.ndarray | None = None, groups: np.ndarray | None = None,
-               split: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+               split: np.ndarray | None = None, split_name: str = "split",
+               names=None) -> list[tuple[np.ndarray, np.ndarray]]:
     """(train, test) row indices. `split` [n] text: 'train'/'test' gives one fold, other values give one fold per
     value (its rows are the test rows). Otherwise k folds, stratified by `strata` (class indices) when given, and
-    with `groups` no group in two folds."""
+    with `groups` no group in two folds. Either way every class has MIN_PER_CLASS rows (groups) to train on."""
     if split is not None:
         values = np.char.lower(split.astype(str))
         if set(values) <= {"train", "test"}:
             if len(set(values)) < 2:
                 raise UserError(f"--split_column holds only {values[0]!r}; it needs both train and test rows.")
-            return [(np.flatnonzero(values == "train"), np.flatnonzero(values == "test"))]
-        return [(np.flatnonzero(values != v), np.flatnonzero(values == v)) for v in np.unique(values)]
+            out = [(np.flatnonzero(values == "train"), np.flatnonzero(values == "test"))]
+        else:
+            out = [(np.flatnonzero(values != v), np.flatnonzero(values == v)) for v in np.unique(values)]
+        check_split(out, strata, groups, split_name, names)
+        return out
     units = n if groups is None else len(np.unique(groups))
     if folds > units:
         raise UserError(f"--folds {folds} needs at least {folds} {'groups' if groups is not None else 'rows'}; "
@@ -77,83 +101,132 @@ def labelled_rows(train: np.ndarray, strata: np.ndarray | None, fraction: float,
     return train[np.sort(np.concatenate(keep))]
 
 
-def _choose_c(a: np.ndarray, y: np.ndarray, seed: int, max_rows: int) -> float:
-    """C of the logistic regression by inner stratified cross-validation (log loss) on at most `max_rows` rows;
-    1.0 when a class has a single row."""
-    counts = np.bincount(y)
-    inner = min(3, int(counts[counts > 0].min()))
-    if inner < 2:
-        return 1.0
+def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of the rows x, as scikit-learn's StandardScaler (a constant column keeps scale 1)."""
+    x = np.asarray(x, np.float64)
+    mean, std = x.mean(0), x.std(0)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def _inner_subsample(y, groups, seed, max_rows):
+    """At most about `max_rows` rows for the inner search: whole groups (or rows) drawn at random, per class."""
     idx = np.arange(len(y))
-    if len(y) > max_rows:  # choosing C on a stratified subsample keeps large probes at minutes
-        rng = np.random.default_rng([seed, 5])
-        idx = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[
-            :max(inner, int(round(max_rows * (y == c).mean())))] for c in np.unique(y)]))
-    cv = StratifiedKFold(inner, shuffle=True, random_state=seed)
-    lr = LogisticRegressionCV(Cs=CS, cv=cv, scoring="neg_log_loss", max_iter=200, refit=False)
-    lr.fit(a[idx], y[idx])
-    return float(np.exp(np.mean(np.log(lr.C_))))
+    if len(y) <= max_rows:
+        return idx
+    rng = np.random.default_rng([seed, 5])
+    if groups is None:
+        return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[
+            :max(3, int(round(max_rows * (y == c).mean())))] for c in np.unique(y)]))
+    uniq, inv = np.unique(groups, return_inverse=True)
+    order = rng.permutation(len(uniq))
+    sizes = np.bincount(inv)[order]
+    keep = order[:int(np.searchsorted(np.cumsum(sizes), max_rows)) + 1]
+    return np.flatnonzero(np.isin(inv, keep))
 
 
-def _logreg(a: np.ndarray, y: np.ndarray, b: np.ndarray, k: int, seed: int, max_rows: int) -> np.ndarray:
-    """Class probabilities [m, k] of the test rows `b` (classes absent from training get 0; a single class seen,
-    as for a rare label at a small fraction, gets 1)."""
-    out = np.zeros((len(b), k))
-    if len(np.unique(y)) < 2:
-        out[:, y[0]] = 1.0
-        return out
-    clf = LogisticRegression(C=_choose_c(a, y, seed, max_rows), max_iter=1000).fit(a, y)
-    out[:, clf.classes_] = clf.predict_proba(b)
+def inner_scores(a: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int,
+                 max_rows: int = 10000, cs=CS) -> np.ndarray | None:
+    """Mean held-out log-loss [len(cs), folds] of each C in each inner fold (3 folds, fewer when a class has fewer
+    rows or groups; group-aware with `groups`), on at most `max_rows` rows; None when a class has a single one."""
+    idx = _inner_subsample(y, groups, seed, max_rows)
+    a, y, groups = a[idx], y[idx], None if groups is None else groups[idx]
+    units = [_units(np.flatnonzero(y == c), groups) for c in np.unique(y)]
+    inner = min(3, min(units))
+    if inner < 2 or len(units) < 2:
+        return None
+    cv = StratifiedKFold(inner, shuffle=True, random_state=seed) if groups is None else \
+        StratifiedGroupKFold(inner, shuffle=True, random_state=seed)
+    splits = [(tr, va) for tr, va in cv.split(a, y, groups) if len(np.unique(y[tr])) == len(units)]
+    k = int(y.max()) + 1
+    out = np.full((len(cs), len(splits)), np.nan)
+    small = k == 2 and len(y) * (a.shape[1] + 1) ** 2 * len(cs) * len(splits) <= linear.NEWTON_MAX_COST
+    if small:  # every C and inner fold in one batched Newton solve; a held-out row has weight 0
+        weights = np.zeros((len(cs) * len(splits), len(y)))
+        for f, (tr, _) in enumerate(splits):
+            weights[f::len(splits), tr] = 1.0
+        w = linear.newton_binary(a, y, np.repeat(cs, len(splits)), weights)
+    for f, (tr, va) in enumerate(splits):
+        for j, c in enumerate(cs):
+            if small:
+                coef, icpt = w[j * len(splits) + f][None, :-1], w[j * len(splits) + f][-1:]
+            else:
+                coef, icpt = linear.fit_logistic(a[tr], y[tr], c)
+            p = linear.logistic_proba(a[va], coef, icpt)
+            out[j, f] = -np.mean(np.log(np.clip(p[np.arange(len(va)), y[va]], 1e-15, 1.0)))
     return out
 
 
-def _knn(a: np.ndarray, y: np.ndarray, b: np.ndarray, k: int, knn_k: int) -> np.ndarray:
-    clf = KNeighborsClassifier(min(knn_k, len(a)), weights="distance", algorithm="brute").fit(a, y)
-    out = np.zeros((len(b), k))
-    out[:, clf.classes_] = clf.predict_proba(b)
-    return out
+def choose_c(a: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: int, max_rows: int = 10000,
+             cs=CS) -> float:
+    """The C with the best (lowest) mean held-out log-loss over the inner folds, the more regularised on a tie;
+    1.0 when a class has a single row (or group)."""
+    scores = inner_scores(a, y, groups, seed, max_rows, cs)
+    if scores is None:
+        return 1.0
+    mean = np.nanmean(scores, axis=1)
+    return float(np.asarray(cs)[int(np.nanargmin(mean))])
 
 
-def _balanced_decision(p: np.ndarray, y_train: np.ndarray, k: int) -> np.ndarray:
-    """The class with the largest probability over its share of the training labels (what maximises balanced
-    accuracy when the probabilities are calibrated)."""
-    prior = np.bincount(y_train, minlength=k) / len(y_train)
-    return np.argmax(p / np.maximum(prior, 1e-12), axis=1)
+class Fitted:
+    """A probe fitted on its labelled rows: `scores` [m, K] of its test rows (probabilities, or predicted values),
+    and `resampled(counts)` [b, m, K], the same after refitting with training row j counted counts[:, j] times."""
 
+    def __init__(self, protocol: str, task, a, y, b, n_out: int, seed: int, knn_k: int, max_rows: int,
+                 groups=None, neighbours=None):
+        self.task, self.y, self.b = task, y, b
+        self.targets = (y.reshape(len(y), -1).astype(np.float64) if task.continuous or task.multi_label
+                        else np.eye(n_out)[y])
+        if protocol == "knn":
+            self.idx, self.d2 = neighbours
+            self.k = min(knn_k, len(y))
+            self.scores = knn.votes(self.idx, self.d2, self.targets, self.k)
+            self.models = None
+        elif task.continuous:
+            from sklearn.linear_model import RidgeCV
 
-def fit_predict(protocol: str, task: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                n_out: int, seed: int = 0, knn_k: int = 20, max_rows: int = 10000) -> Run:
-    """Fit one probe on the labelled rows and predict the test rows.
+            ridge = RidgeCV(alphas=ALPHAS).fit(a, y)
+            self.models = [linear.RidgeRefit(a, y, ridge.coef_, ridge.intercept_, float(ridge.alpha_))]
+            self.scores = self.models[0].predict(b, np.ones((1, len(y))))[0]
+        else:
+            columns = [y[:, j] for j in range(y.shape[1])] if task.multi_label else [y]
+            self.models, self.b = [], b
+            for col in columns:
+                if len(np.unique(col)) < 2:  # one class seen (a rare label at a small fraction): it gets 1
+                    self.models.append(int(col[0]))
+                    continue
+                c = choose_c(a, col, groups, seed, max_rows)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    coef, icpt = linear.fit_logistic(a, col, c)
+                self.models.append(linear.LogisticRefit(a, col, coef, icpt, c))
+            self.scores = self._logistic(np.ones((1, len(y))))[0]
 
-    Features are standardised with the training rows' statistics. logreg: logistic regression, C chosen by
-    inner 3-fold cross-validation (per label for multi-label); regression: ridge, alpha by efficient
-    leave-one-out. knn: the `knn_k` nearest training rows by Euclidean distance of the standardised features
-    (cosine would reduce a one-column baseline such as a diameter to its sign), votes weighted by inverse
-    distance."""
-    scaler = StandardScaler().fit(x_train)
-    a, b = scaler.transform(x_train), scaler.transform(x_test)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        warnings.simplefilter("ignore", FutureWarning)  # LogisticRegressionCV's parameters change in sklearn 1.10
-        if task.continuous:
-            model = RidgeCV(alphas=ALPHAS) if protocol == "logreg" else \
-                KNeighborsRegressor(min(knn_k, len(a)), weights="distance", algorithm="brute")
-            return Run(np.asarray(model.fit(a, y_train).predict(b)).reshape(len(b), -1))
-        if task.multi_label:
-            probs = np.stack([(_logreg(a, y_train[:, j], b, 2, seed, max_rows) if protocol == "logreg" else
-                               _knn(a, y_train[:, j], b, 2, knn_k))[:, 1] for j in range(n_out)], axis=1)
-            prior = y_train.mean(0)
-            return Run(probs, (probs / np.maximum(prior, 1e-12) > (1 - probs) / np.maximum(1 - prior, 1e-12))
-                       .astype(np.int64))
-        probs = _logreg(a, y_train, b, n_out, seed, max_rows) if protocol == "logreg" else \
-            _knn(a, y_train, b, n_out, knn_k)
-    return Run(probs, _balanced_decision(probs, y_train, n_out))
+    def _logistic(self, counts) -> np.ndarray:
+        parts = []
+        for model in self.models:
+            if isinstance(model, int):
+                k = 2 if self.task.multi_label else self.targets.shape[1]
+                p = np.zeros((len(counts), len(self.b), k))
+                p[:, :, model] = 1.0
+            else:
+                p = model.proba(self.b, counts)
+            parts.append(p[:, :, 1] if self.task.multi_label else p)
+        return np.stack(parts, axis=2) if self.task.multi_label else parts[0]
 
+    def resampled(self, counts: np.ndarray) -> np.ndarray:
+        if self.models is None:
+            return knn.resampled_votes(self.idx, self.d2, self.targets, self.k, counts)
+        if self.task.continuous:
+            return self.models[0].predict(self.b, counts)
+        return self._logistic(counts)
 
-def probe_job(features, labelled: np.ndarray, test: np.ndarray, y_labelled: np.ndarray, protocol: str, task: str,
-              n_out: int, seed: int, knn_k: int, max_rows: int) -> Run:
-    """fit_predict on rows of `features`: an array, or the path of a .npy read memory-mapped (what a worker
-    process of main_evaluate.py --jobs gets, so that nothing large is pickled)."""
-    x = np.load(features, mmap_mode="r") if isinstance(features, str) else features
-    return fit_predict(protocol, task, np.asarray(x[labelled]), y_labelled, np.asarray(x[test]), n_out, seed,
-                       knn_k, max_rows)
+    def decide(self, scores: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+        """Predicted classes [b, m] (multi-label [b, m, K] 0/1): the largest probability over its share of the
+        (resampled) training labels, which maximises balanced accuracy when the probabilities are calibrated."""
+        if self.task.continuous:
+            return None
+        prior = (np.asarray(counts, np.float64) @ self.targets) / np.maximum(counts.sum(1, keepdims=True), 1)
+        prior = np.maximum(prior, 1e-12)[:, None, :]  # [b, 1, K]
+        if self.task.multi_label:
+            return (scores / prior > (1 - scores) / np.maximum(1 - prior, 1e-12)).astype(np.int64)
+        return np.argmax(scores / prior, axis=2)

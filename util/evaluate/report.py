@@ -76,32 +76,49 @@ def summary_markdown(args, d: dict, summary: pd.DataFrame, hits: pd.DataFrame | 
              f"{args.folds}-fold cross-validation" + (" stratified by class" if task.single_label
                                                       else "")
              + (f", grouped by {args.group_column} (no group in two folds)" if args.group_column else ""))
-    boot = (f"{args.bootstrap} resamples of the test {'groups' if args.group_column else 'rows'}"
-            if args.bootstrap else "none")
+    unit = "patients (groups of " + args.group_column + ")" if args.group_column else "rows"
+    metric = NAMES[task.primary_metric]
+    boot = ("none (--bootstrap 0)" if not args.bootstrap else
+            f"{args.bootstrap} bootstrap resamples of the {unit} (seed {args.seed}). In each resample every probe is "
+            f"refitted on its resampled labelled rows (logistic regression and ridge: one Newton step from the "
+            f"fitted weights, C and the standardisation kept; k-NN: its neighbours recounted among the resampled "
+            f"copies) and scored on its resampled test rows; the interval is the central 95% of the resampled "
+            f"values around their own mean, placed at the point. It covers the {metric} that this probe, trained "
+            f"on a labelled set of the size in 'labels' drawn from the same population, reaches on new {unit}, "
+            f"averaged over such training sets: test sampling and training variability both count. Simulated "
+            f"coverage (tests/test_evaluate_coverage.py, bench/bench_coverage.py): at least 95% on pure noise and "
+            f"on a known signal; conservative near chance level")
     lines = [
         "# Frozen-embedding evaluation", "",
         f"- Task: {task.name} on {', '.join(args.label_columns)} ({n} rows; classes/targets: {', '.join(d['names'])}).",
         "- Features: " + "; ".join(f"{k} ({v.shape[1]} dims)" for k, v in d["sets"].items()) + ".",
-        f"- Evaluation: {split}; every row is predicted by a probe that never saw its label.",
+        f"- Evaluation: {split}; every row is predicted by a probe that never saw its label. A value is the mean "
+        f"over folds and label draws of each fold's metric on its own test rows (so probes of different folds are "
+        f"never ranked against each other).",
         f"- Labels: {', '.join(_pct(f) for f in sorted(set(args.label_fractions)))} of each training fold's labels "
         f"(per class, at least 2 each), {args.draws} nested draws below 100%; 'labels' gives the labelled rows per "
         f"fold.",
-        "- Probes: linear probe = standardised features, logistic regression with C chosen by inner 3-fold "
-        "cross-validation (ridge for regression); k-NN = Euclidean distance of standardised features, "
+        "- Probes: features standardised with the training fold's statistics (its features, not its labels); "
+        "linear probe = logistic regression with C chosen by inner 3-fold cross-validation on the labelled rows"
+        + (f" (grouped by {args.group_column})" if args.group_column else "") + ", the C with the best mean "
+        "held-out log-loss (ridge for regression); k-NN = Euclidean distance, "
         f"k = {args.knn_k}, distance-weighted votes. Predicted class: the largest probability over its share of "
         "the training labels.",
-        f"- Intervals: 95% percentile bootstrap of the mean over draws ({boot}, seed {args.seed}); differences are "
-        f"paired (same resamples) against {d['reference']}; 'ahead in' counts the draws in which a feature set "
-        f"beat it.", "",
+        f"- Intervals (95%): {boot}. Differences are paired (the same resamples) against {d['reference']}; "
+        f"'ahead in' counts the draws in which a feature set beat it.", "",
         *table_lines(summary, task), ""]
     if hits is not None:
         lines += ["## Overlap with pretraining data", ""]
         for spec in args.pretraining:
             name = spec.partition("=")[0]
             h = hits[hits["embedding"] == name]
-            lines.append(f"- {name}: {len(h)} of {n} evaluated scans were in its pretraining data"
-                         + (f" ({(h.matched_by == 'path').sum()} by path, {(h.matched_by == 'content').sum()} by "
-                            f"content); listed in overlap.csv. Results on them are not held out." if len(h) else "."))
+            n_path, n_content = (h.matched_by == "path").sum(), (h.matched_by == "content").sum()
+            n_bad = (h.matched_by == "unreadable").sum()
+            lines.append(f"- {name}: {n_path + n_content} of {n} evaluated scans were in its pretraining data"
+                         + (f" ({n_path} by path, {n_content} by content); listed in overlap.csv. Results on them "
+                            f"are not held out." if n_path + n_content else ".")
+                         + (f" {n_bad} could not be read, so their content was not compared (overlap.csv lists "
+                            f"them as unreadable)." if n_bad else ""))
         lines.append("")
     lines += ["Command:", "", "```", "python main_evaluate.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
               if sys.argv[0].endswith("main_evaluate.py") else "main_evaluate.py (called in-process)", "```", ""]
@@ -115,12 +132,20 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def curve_points(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows the picture draws: one per probe, feature set and labelled-row count (fractions small enough to
+    hit the 2-per-class floor label the same rows, so they are one point), sorted by that count."""
+    s = summary.sort_values(["protocol", "embedding", "n_labelled", "fraction"], kind="stable")
+    return s.drop_duplicates(["protocol", "embedding", "n_labelled"], keep="first")
+
+
 def label_efficiency_png(summary: pd.DataFrame, task: str, path: str) -> None:
-    """The primary metric against the labelled fraction (log scale), one panel per probe, one line per feature
-    set with its 95% interval as a band."""
+    """The primary metric against the labelled rows per training fold (log scale), one panel per probe, one line
+    per feature set with its 95% interval as a band."""
     m = task.primary_metric
     protocols = list(dict.fromkeys(summary["protocol"]))
     sets = list(dict.fromkeys(summary["embedding"]))
+    summary = curve_points(summary)
     pw, ph, left, top, bottom = 520, 380, 70, 50, 60
     img = Image.new("RGB", (pw * len(protocols), ph + 30 + 18 * len(sets)), "white")
     draw, font, small = ImageDraw.Draw(img, "RGBA"), _font(15), _font(12)
@@ -129,35 +154,37 @@ def label_efficiency_png(summary: pd.DataFrame, task: str, path: str) -> None:
     ymin, ymax = (np.floor(lo_all * 20) / 20, np.ceil(hi_all * 20) / 20) if np.isfinite([lo_all, hi_all]).all() \
         else (0.0, 1.0)
     ymax = ymax if ymax > ymin else ymin + 0.05
-    fr = np.log10(sorted(summary["fraction"].unique()))
-    xmin, xmax = (fr.min() - 0.15, fr.max() + 0.15) if len(fr) > 1 else (fr[0] - 1, fr[0] + 1)
+    counts = sorted(summary["n_labelled"].unique())
+    lx = np.log10(np.maximum(counts, 1))
+    xmin, xmax = (lx.min() - 0.15, lx.max() + 0.15) if len(lx) > 1 else (lx[0] - 1, lx[0] + 1)
     for p, protocol in enumerate(protocols):
         x0, x1, y0, y1 = p * pw + left, (p + 1) * pw - 20, top, ph - bottom
 
-        def xy(f, v):
-            return (x0 + (np.log10(f) - xmin) / (xmax - xmin) * (x1 - x0),
+        def xy(n, v):
+            return (x0 + (np.log10(max(n, 1)) - xmin) / (xmax - xmin) * (x1 - x0),
                     y1 - (v - ymin) / (ymax - ymin) * (y1 - y0))
         draw.rectangle([x0, y0, x1, y1], outline="black")
         draw.text((x0, 15), f"{PROTOCOL_NAMES[protocol]}: {NAMES[m]} (95% CI)", fill="black", font=font)
-        for f in sorted(summary["fraction"].unique()):
-            x = xy(f, ymin)[0]
+        for n in counts:
+            x = xy(n, ymin)[0]
             draw.line([x, y1, x, y1 + 5], fill="black")
-            draw.text((x - 12, y1 + 8), _pct(f), fill="black", font=small)
+            draw.text((x - 4 * len(str(n)), y1 + 8), str(n), fill="black", font=small)
         step = next(s for s in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0) if (ymax - ymin) / s <= 8) \
             if ymax - ymin <= 80 else (ymax - ymin) / 5
         for v in np.arange(np.ceil(ymin / step) * step, ymax + step / 2, step):
-            y = xy(1, v)[1]
+            y = xy(counts[0], v)[1]
             draw.line([x0 - 5, y, x0, y], fill="black")
             draw.text((x0 - 45, y - 7), f"{v:.2f}", fill="black", font=small)
-        draw.text((x0 + (x1 - x0) / 2 - 60, y1 + 28), "labelled fraction (log)", fill="black", font=small)
+        draw.text((x0 + (x1 - x0) / 2 - 110, y1 + 28), "labelled rows per training fold (log)", fill="black",
+                  font=small)
         for k, name in enumerate(sets):
-            s = summary[(summary.protocol == protocol) & (summary.embedding == name)].sort_values("fraction")
+            s = summary[(summary.protocol == protocol) & (summary.embedding == name)]
             c = COLOURS[k % len(COLOURS)]
             if s[f"{m}_low"].notna().all() and len(s) > 1:
-                band = [xy(f, v) for f, v in zip(s.fraction, s[f"{m}_high"])] + \
-                       [xy(f, v) for f, v in zip(s.fraction[::-1], s[f"{m}_low"][::-1])]
+                band = [xy(n, v) for n, v in zip(s.n_labelled, s[f"{m}_high"])] + \
+                       [xy(n, v) for n, v in zip(s.n_labelled[::-1], s[f"{m}_low"][::-1])]
                 draw.polygon(band, fill=(*c, 50))
-            pts = [xy(f, v) for f, v in zip(s.fraction, s[m])]
+            pts = [xy(n, v) for n, v in zip(s.n_labelled, s[m])]
             if len(pts) > 1:
                 draw.line(pts, fill=c, width=3)
             for x, y in pts:

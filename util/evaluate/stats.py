@@ -1,9 +1,14 @@
-"""Metrics of frozen-embedding probes and their bootstrap intervals: the one bootstrap of the repository
-(main_evaluate.py and bench/lidc_transfer.py use it).
+"""Metrics of probes and their bootstrap intervals: the one bootstrap of the repository.
 
-A resample of the test rows is one row of a weight matrix W [B, n] (how many times each row was drawn); the
-metrics take such weights (util.task.weighted, chosen by the task) so B resamples cost B weighted sums, not B
-sorts. The point estimate is W = 1. `task` arguments are util.task.tasks.Task objects or their names.
+A resample is one row of a weight matrix W [B, n] (how many times each row, or each row of a drawn group, was
+drawn). Two uses:
+- fixed models (`bootstrap`, bench/lidc_transfer.py): models trained once, scored on one test set; resampling
+  the test rows gives an interval for those trained models on new test rows. The metrics take the weights
+  (util.task.weighted) so B resamples cost B weighted sums, not B sorts.
+- main_evaluate.py (`resample_weights`, `refit_interval`): every probe is refitted on each resample's training
+  rows and scored on its test rows (util/evaluate/crossval.py), so the interval also holds the training
+  variability; see refit_interval for what it covers.
+`task` arguments are util.task.tasks.Task objects or their names.
 """
 from __future__ import annotations
 
@@ -77,6 +82,22 @@ def interval(values: Sequence[np.ndarray], refs: Sequence[np.ndarray] | None = N
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(boots, [tail, 100 - tail])
     return float(v[0]), float(lo), float(hi)
+
+
+def refit_interval(values: np.ndarray, refs: np.ndarray | None = None, level: float = 0.95,
+                   bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[float, float, float]:
+    """(point, low, high) from values [1 + B] (entry 0 on the rows, then B refitted resamples) or of the paired
+    difference values - refs: the central `level` of the resamples' spread around their own mean, placed at the
+    point. The refits learn from resamples in which about 37% of the rows are absent and others doubled, so their
+    values sit lower than the point by a nearly constant amount; their spread is what carries the uncertainty.
+    Clipped to `bounds` (the metric's range); nan without resamples."""
+    v = np.asarray(values, np.float64) - (np.asarray(refs, np.float64) if refs is not None else 0.0)
+    boots = v[1:][np.isfinite(v[1:])]
+    if not len(boots):
+        return float(v[0]), float("nan"), float("nan")
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(boots, [tail, 100 - tail]) - boots.mean() + v[0]
+    return float(v[0]), float(np.clip(lo, *bounds)), float(np.clip(hi, *bounds))
 
 
 def bootstrap(task, y: np.ndarray, runs: Sequence[Run], refs: Sequence[Run] | None = None,

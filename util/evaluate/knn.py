@@ -1,0 +1,100 @@
+"""Exact k-nearest neighbours of `main_evaluate.py`'s k-NN probe, for many nested training subsets at once, and
+its distance-weighted votes (also under bootstrap copies of the training rows).
+
+Neighbours are by Euclidean distance; equal distances are ordered by training row (the lower index first), so the
+result does not depend on how the work is split. Every label fraction and draw of a fold is a subset of the same
+training rows, standardised the same way, so one distance computation per fold serves them all.
+
+Small problems: float64 distances (||b||^2 + ||a||^2 - 2 b.a, as scikit-learn computes them), fully sorted.
+Large ones (1e10 multiply-adds and more; util/evaluate/knn_filter.py): float32 blocks from a multi-threaded
+matrix product (torch), the precision scikit-learn's brute force has on float32 features, and a pool of each test
+row's nearest rows from which the larger subsets take theirs.
+
+Votes follow scikit-learn's KNeighborsClassifier(weights="distance"): weight 1/distance, and a query at distance
+0 from training rows gets weight 1 from those rows only. Under bootstrap counts c (a resample holds training row j
+c_j times) the k nearest copies vote: the walk down the candidate list takes min(c_j, copies still missing) of each.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LARGE = 1e10  # queries x training rows x features above which the bfloat16 filter is used
+_BF16_UNIT = 2.0 ** -8  # bfloat16 keeps 8 significant bits: relative rounding error <= 2^-9, with margin 2^-8
+
+
+def _exact_rows(a: np.ndarray, b: np.ndarray, subsets, depth: int, out: list, rows: np.ndarray) -> None:
+    """float64 distances of queries b[rows] to every training row, the `depth` nearest of each subset (stable
+    order), written into out[s] = (idx [m, depth], d2 [m, depth])."""
+    a64 = np.asarray(a, np.float64)
+    na = np.einsum("ij,ij->i", a64, a64)
+    step = max(1, int(2e7 // max(1, len(a))))
+    for lo in range(0, len(rows), step):
+        r = rows[lo:lo + step]
+        b64 = np.asarray(b[r], np.float64)
+        d2 = np.maximum(np.einsum("ij,ij->i", b64, b64)[:, None] + na[None] - 2 * (b64 @ a64.T), 0.0)
+        for s, sub in enumerate(subsets):
+            part = d2[:, sub]
+            order = np.argsort(part, axis=1, kind="stable")[:, :depth]
+            out[s][0][r, :order.shape[1]] = sub[order]
+            out[s][1][r, :order.shape[1]] = np.take_along_axis(part, order, axis=1)
+
+
+def neighbours(a: np.ndarray, b: np.ndarray, subsets: list[np.ndarray], depth: int,
+               large: float = LARGE) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each subset (sorted indices into the training rows a [n, d]), the `depth` nearest of its rows to every
+    query b [m, d]: (indices into a [m, depth], squared distances [m, depth]), nearest first; a subset with fewer
+    rows is padded with index -1 and distance inf."""
+    out = [(np.full((len(b), depth), -1, np.int64), np.full((len(b), depth), np.inf)) for _ in subsets]
+    if float(len(a)) * len(b) * a.shape[1] < large:
+        _exact_rows(a, b, subsets, depth, out, np.arange(len(b)))
+        return out
+    from util.evaluate.knn_filter import filtered_rows  # imports torch: only for large problems
+
+    failed = filtered_rows(a, b, subsets, depth, out)
+    if len(failed):
+        _exact_rows(a, b, subsets, depth, out, failed)
+    return out
+
+
+def _inverse(d2: np.ndarray) -> np.ndarray:
+    """1/distance, 0 for padding (inf) and inf for distance 0."""
+    with np.errstate(divide="ignore"):
+        return 1.0 / np.sqrt(d2)
+
+
+def _weights(d2: np.ndarray, used: np.ndarray) -> np.ndarray:
+    """scikit-learn's distance weights of the `used` neighbours (bool or counts): 1/distance, or, for a query
+    with a used neighbour at distance 0, 1 for those at distance 0 and 0 for the others."""
+    zero = (d2 == 0) & (used > 0)
+    inv = _inverse(d2)
+    return used * np.where(zero.any(axis=-1, keepdims=True), zero, np.where(np.isfinite(inv), inv, 0.0))
+
+
+def votes(idx: np.ndarray, d2: np.ndarray, targets: np.ndarray, k: int) -> np.ndarray:
+    """Distance-weighted votes of the k nearest: targets [n, K] (one-hot classes or values) -> [m, K], the
+    weighted mean of the neighbours' targets (class probabilities, or a regression prediction)."""
+    idx, d2 = idx[:, :k], d2[:, :k]
+    w = _weights(d2, (idx >= 0).astype(np.float64))
+    total = w.sum(1, keepdims=True)
+    return np.einsum("mk,mkc->mc", w, targets[np.maximum(idx, 0)]) / np.where(total > 0, total, 1.0)
+
+
+def resampled_votes(idx: np.ndarray, d2: np.ndarray, targets: np.ndarray, k: int, counts: np.ndarray) -> np.ndarray:
+    """votes() when training row j is present counts[:, j] times (a bootstrap resample, [b, n]): the k nearest
+    copies vote, each with its row's weight -> [b, m, K]. Walks the `depth` candidates of each query; a resample
+    that leaves fewer than k copies among them uses the copies it has."""
+    counts = np.asarray(counts)
+    have = idx >= 0
+    t = targets[np.maximum(idx, 0)]  # [m, depth, K]
+    out = np.empty((len(counts), len(idx), targets.shape[1]))
+    step = max(1, int(4e6 // max(1, idx.size)))
+    for lo in range(0, len(counts), step):
+        cb = counts[lo:lo + step]
+        c = np.where(have[None], cb[:, np.maximum(idx, 0)], 0).astype(np.int32)  # [b, m, depth]
+        total = np.cumsum(c, axis=2)
+        k_eff = np.minimum(k, cb.sum(1, dtype=np.int64))[:, None, None]
+        used = np.minimum(total, k_eff) - np.minimum(total - c, k_eff)  # copies of each candidate among the k
+        w = _weights(d2[None], used)
+        s = w.sum(2, keepdims=True)
+        out[lo:lo + step] = np.einsum("bmd,mdc->bmc", w, t) / np.where(s > 0, s, 1.0)
+    return out
