@@ -13,7 +13,6 @@ import torch
 
 from datasets_three_d import Custom3DDataset
 from helpers import run_in_process
-from util.volume import cache_format
 from util.volume.cache import HU_ZERO, QMAX, CacheFormatError, CacheSettings, VolumeCache, decode, encode
 from util.volume.preprocess import PreprocessConfig, cache_keys, load_cached, load_volume
 

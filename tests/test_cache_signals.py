@@ -142,3 +142,34 @@ def test_a_worker_whose_parent_is_gone_writes_no_entry(tmp_path):
     p.start()
     p.join(60)
     assert p.exitcode == 1 and [f.name for f in (tmp_path / "c").rglob("*") if f.is_file()] == ["cache_format.json"]
+
+
+def _worker_like() -> None:
+    from util.data.cache_fill import worker_signals
+
+    time.sleep(0.5)  # a worker still starting (imports, the pool's bootstrap) when the signal comes
+    worker_signals()  # what every pool worker's initializer does first
+    time.sleep(30)
+
+
+def test_a_pool_worker_signalled_as_it_starts_still_dies():
+    """Pool.terminate() SIGTERMs workers that may have just been forked (a replacement for a killed one): a SIGTERM
+    at any moment of a worker's start must end it, neither caught by the handler inherited from main_cache.py nor
+    lost in the fork (the pool then waited for it forever)."""
+    import multiprocessing as mp
+
+    from util.data.cache_fill import StopSignals
+
+    with StopSignals() as stop:
+        for delay in (0.0, 0.1, 1.0):  # during the start, and after it
+            with stop.blocked():  # as main_cache.py starts its pool
+                p = mp.get_context("fork").Process(target=_worker_like)
+                p.start()
+            time.sleep(delay)
+            os.kill(p.pid, signal.SIGTERM)
+            p.join(20)
+            alive = p.is_alive()
+            if alive:
+                p.kill()
+            assert not alive and p.exitcode == -signal.SIGTERM, delay
+    assert stop.signal is None  # this process was not stopped

@@ -14,6 +14,7 @@ Failed rows are listed with a one-sentence reason, which starts with the file th
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing as mp
 import os
@@ -170,9 +171,7 @@ def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, p
     `busy` ([pid, row] pairs through which the parent learns which row a killed worker was on)."""
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
+    worker_signals()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     slot = -1
     with busy.get_lock():
@@ -245,6 +244,27 @@ class StopSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    @staticmethod
+    @contextlib.contextmanager
+    def blocked():
+        """The stop signals blocked in this thread meanwhile: processes forked (and threads started) inside inherit
+        the block, so a pool worker cannot catch a SIGTERM with this process's handler, or lose it, before its
+        initializer restores the default action (`worker_signals`); one sent to this process waits until the end."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def worker_signals() -> None:
+    """In a pool worker: Ctrl-C ignored (the parent stops the pool), SIGTERM / SIGUSR1 back to their default action
+    (death: how the parent ends the pool), then unblocked, so one sent while the worker started is delivered now."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
 
 def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cache_dir: str, workers: int,
                bar=None) -> Summary:
@@ -254,7 +274,18 @@ def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cac
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     busy = ctx.Array("q", [0, -1] * (2 * workers))
     slots = threading.Semaphore(2 * workers)
-    with StopSignals() as stop, ctx.Pool(workers, _init_worker, (cache_dir, cfg, rows, busy, os.getpid())) as pool:
+    with StopSignals() as stop:
+        with stop.blocked():  # the workers and the pool's threads (which fork replacements) start with them blocked
+            pool = ctx.Pool(workers, _init_worker, (cache_dir, cfg, rows, busy, os.getpid()))
+        _run_pool(pool, rows, share, busy, slots, stop, out, bar)
+    out.seconds, out.stopped = time.perf_counter() - t0, stop.signal
+    return out
+
+
+def _run_pool(pool, rows: list[Row], share: Sequence[int], busy, slots, stop: StopSignals, out: Summary, bar) -> None:
+    """Feed `share` to `pool` and count what comes back into `out` until done or stopped; the pool is terminated
+    (its workers SIGTERMed and joined) on the way out."""
+    with pool:
         results = pool.imap_unordered(_fill_task, _feed(share, slots, stop.event))
         pending = len(share)
         try:
@@ -276,8 +307,6 @@ def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cac
         finally:
             stop.event.set()
     # Pool.__exit__ terminated (SIGTERM) and joined every worker: none is left to write an entry
-    out.seconds, out.stopped = time.perf_counter() - t0, stop.signal
-    return out
 
 
 # ---- several ranks, failures.csv ---------------------------------------------------------------------------------
