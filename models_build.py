@@ -272,9 +272,10 @@ def pretrain_workload(args) -> tuple[Workload, str]:
                                                         patch_size=tuple(args.patch_size))
     n = mae.patch_embed.num_patches
     kept = max(int(n * (1 - args.mask_ratio)), 1) + 1
-    blocks = [(kept, mae.cls_token.shape[-1], True)] * len(mae.blocks) + \
-        [(n + 1, mae.mask_token.shape[-1], True)] * len(mae.decoder_blocks)
-    return workload_of(mae, blocks, math.prod(args.input_size)), _what(args)
+    width, dec, voxels = mae.cls_token.shape[-1], mae.mask_token.shape[-1], math.prod(args.patch_size)
+    blocks = [(kept, width, True)] * len(mae.blocks) + [(n + 1, dec, True)] * len(mae.decoder_blocks)
+    heads = 2 * (kept * voxels * width + kept * width * dec + (n + 1) * dec * voxels)  # embed, decoder in and out
+    return workload_of(mae, blocks, math.prod(args.input_size), head_flops=heads), _what(args)
 
 
 def finetune_workload(args, dense: bool) -> tuple[Workload, str]:
@@ -291,8 +292,9 @@ def finetune_workload(args, dense: bool) -> tuple[Workload, str]:
     if args.linprobe:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
-    tokens = vit.patch_embed.num_patches + 1
-    blocks = [(tokens, vit.cls_token.shape[-1], not args.linprobe)] * len(vit.blocks)
+    tokens, width = vit.patch_embed.num_patches + 1, vit.cls_token.shape[-1]
+    blocks = [(tokens, width, not args.linprobe)] * len(vit.blocks)
     work = workload_of(model, blocks, math.prod(args.input_size), dense_maps=4 * args.feature_size if dense else 0,
-                       optimizer="lars" if args.linprobe else "adamw")
+                       optimizer="lars" if args.linprobe else "adamw",
+                       head_flops=2 * tokens * math.prod(args.patch_size) * width)
     return work, _what(args, ", linear probe" if args.linprobe else "")

@@ -8,7 +8,8 @@ to its process after start-up, so the table compares it with the peak minus the 
 estimate is printed; each run trains two epochs with one loader worker and --cache_dir (a worker is forked each
 epoch). Time: the estimate's seconds per step against a training step timed in this process (random batch,
 AdamW, no loader) against the estimate from the block rates measured just before, both in CPU seconds of the
-process (all its threads), so the other load of a shared machine does not count.
+process (all its threads), with one thread, so the other load of a shared machine does not count (with more threads, waiting
+threads spin and count).
 
     python bench/bench_memory_estimate.py            # about 5 minutes on 2 cores; writes bench/memory_estimate.json
 """
@@ -28,7 +29,7 @@ sys.path.insert(0, ROOT)
 CONFIGS = [  # (model, input size, patch, batch)
     ("mae_vit_tiny_patch16", 64, 8, 4), ("mae_vit_tiny_patch16", 96, 8, 2), ("mae_vit_tiny_patch16", 128, 16, 4),
     ("mae_vit_small_patch16", 64, 8, 4), ("mae_vit_small_patch16", 96, 16, 4), ("mae_vit_small_patch16", 128, 16, 2),
-    ("mae_vit_small_patch16", 128, 8, 1),
+    ("mae_vit_small_patch16", 96, 8, 1),
 ]
 
 
@@ -66,7 +67,7 @@ def run(model: str, size: int, patch: int, batch: int, data: str, out: str, work
            "--vis_every", "0", "--save_every", "0", "--device", "cpu", "--resume", "none"]
     cmd += ["--cache_dir", out + "_cache"] if cache else []
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2")))
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
     peak, stop = [0.0], threading.Event()
 
     def sample():
@@ -103,6 +104,7 @@ def step_time(model: str, size: int, patch: int, batch: int) -> dict:
     from util.train.budget import estimate
     from types import SimpleNamespace
 
+    torch.set_num_threads(1)  # one thread: CPU time is then what the step costs, whatever else runs here
     torch.manual_seed(0)
     mae = models_mae3d.MODEL_FACTORIES[model](img_size=size, patch_size=patch)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-4)

@@ -41,6 +41,7 @@ class Workload:
     voxels: int = 0              # per sample, per channel
     dense_maps: int = 0          # segmentation decoder: full-resolution feature maps per sample (channels)
     optimizer: str = "adamw"
+    head_flops: float = 0.0      # forward FLOPs per sample outside the blocks (patch embedding, prediction head)
 
 
 @dataclass
@@ -65,11 +66,11 @@ class Estimate:
 
 
 def workload_of(model: torch.nn.Module, blocks: list[tuple[int, int, bool]], voxels: int, dense_maps: int = 0,
-                optimizer: str = "adamw") -> Workload:
+                optimizer: str = "adamw", head_flops: float = 0.0) -> Workload:
     """A Workload from a model (meta device is enough: only shapes are read)."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    return Workload(trainable, frozen, blocks, voxels, dense_maps, optimizer)
+    return Workload(trainable, frozen, blocks, voxels, dense_maps, optimizer, head_flops)
 
 
 def estimate(w: Workload, batch: int, precision: str, grad_checkpointing: bool, device: str, num_workers: int,
@@ -98,7 +99,7 @@ def estimate(w: Workload, batch: int, precision: str, grad_checkpointing: bool, 
     if on_cpu:
         rates = {e: rate or block_rate(e, clock=clock) for e in sorted({e for _, e, _ in w.blocks})}
         est.seconds = sum(step_flops(Workload(0, blocks=[b]), batch, grad_checkpointing) / rates[b[1]]
-                          for b in w.blocks)
+                          for b in w.blocks) + 3 * batch * w.head_flops / max(rates.values(), default=1.0)
         est.rate = step_flops(w, batch, grad_checkpointing) / max(est.seconds, 1e-12)
     return est
 
@@ -110,23 +111,30 @@ def step_flops(w: Workload, batch: int, grad_checkpointing: bool) -> float:
     for t, e, train in w.blocks:
         fwd = 2 * t * 12 * e * e + 4 * t * t * e
         total += fwd * ((4 if grad_checkpointing else 3) if train else 1)
-    return batch * total
+    return batch * (total + 3 * w.head_flops)
 
 
-def block_rate(width: int, tokens: int = 256, clock=time.perf_counter) -> float:
+def block_rate(width: int, tokens: int = 256, clock=time.perf_counter, budget: float = 0.3) -> float:
     """FLOP/s a transformer block of `width` really reaches on this CPU in training (forward and backward of one
     sample of `tokens` tokens, timm's Block as the models use it, with torch's threads): its matrix products and
-    the normalisations, activations and attention that small widths spend much of their time in. About 20 ms for
-    ViT-Tiny's width, 0.5 s for ViT-L's."""
+    the normalisations, activations and attention that small widths spend much of their time in. One warm-up pass,
+    then the fastest of the passes that fit in `budget` seconds (at least one): about 0.1 s for ViT-Tiny's width,
+    1-2 s for ViT-L's."""
     from timm.models.vision_transformer import Block
 
     blk = Block(width, max(1, width // 64), qkv_bias=True)
     x = torch.randn(1, tokens, width, requires_grad=True)
-    blk(x[:, :16]).sum().backward()  # warm up (thread pools, allocator)
-    t0 = clock()
-    blk(x).sum().backward()
+    blk(x).sum().backward()  # warm up at full size (thread pools, allocator, first-touch page faults)
+    best, spent = float("inf"), 0.0
+    while spent < budget or best == float("inf"):
+        t0 = clock()
+        blk(x).sum().backward()
+        took = clock() - t0
+        best, spent = min(best, took), spent + took
+        if spent >= budget:
+            break
     flops = step_flops(Workload(0, blocks=[(tokens, width, True)]), 1, False)
-    return flops / max(clock() - t0, 1e-9)
+    return flops / max(best, 1e-9)
 
 
 def matmul_rate(seconds: float = 0.25, clock=time.perf_counter) -> float:
