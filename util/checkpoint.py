@@ -192,6 +192,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     (naming the record), files that need code to load (naming the class), and files whose floating tensors hold NaN
     or Inf (naming the first key; find_resume skips those like a corrupt file)."""
     path = str(path)
+    if os.path.isdir(path):  # a model folder (main_export.py): the same dict, from safetensors (util.model_folder)
+        from util.model_folder import as_checkpoint
+        return as_checkpoint(path)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"Checkpoint {path} does not exist.")
     ckpt, kind = _load_verified(path, map_location)
