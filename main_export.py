@@ -24,6 +24,7 @@ EXAMPLES = """  python main_export.py out/pretrain/mae_pretrained.pth models/ct-
   python main_export.py tangerine.pth models/tangerine --input_size 256 256 256
 """
 MAX_EVALUATION_BYTES = 1 << 20
+ONNX_LIMIT = 2 ** 31 - 2 ** 24  # protobuf's 2 GiB, less room for the graph itself
 
 
 def get_args_parser():
@@ -130,6 +131,10 @@ def export_onnx(folder: str, config: dict, sd: dict, opset: int) -> dict:
     arch, task = config["architecture"], config["task"]
     encoder, enc_sd = build(config, sd, encoder_only=True)
     load_strict(encoder, enc_sd, "the encoder")
+    size = sum(t.numel() * t.element_size() for t in encoder.state_dict().values())
+    if size > ONNX_LIMIT:
+        raise UserError(f"--onnx: the encoder's weights ({size / 2**30:.1f} GiB) exceed the 2 GiB an ONNX file can "
+                        f"hold in one piece; export without --onnx (the folder itself has no such limit).")
     encoder.eval()
     generator = torch.Generator().manual_seed(0)
     volume = torch.rand(2, arch["in_chans"], *arch["input_size"], generator=generator)

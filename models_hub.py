@@ -81,8 +81,14 @@ def from_pretrained(source, *, encoder_only: bool = False, revision: str | None 
 
 
 def build(config: dict, sd: dict, encoder_only: bool = False, where: str = CONFIG) -> tuple[torch.nn.Module, dict]:
-    """The (freshly initialised) model config.json describes, and the part of `sd` it must hold."""
+    """The (freshly initialised) model config.json describes, and the part of `sd` it must hold. Widths the weights
+    cannot show (heads) must be the registry's for the named model, as every factory builds them."""
     arch = config["architecture"]
+    size = entry(arch["model"]).size
+    for field in ("embed_dim", "depth", "num_heads") + (("decoder_num_heads",) if arch["kind"] == "mae" else ()):
+        if arch[field] != getattr(size, field):
+            raise ModelFolderError(f"{where}: {CONFIG} says architecture.{field} = {arch[field]}, but "
+                                   f"{arch['model']} has {getattr(size, field)}; the config contradicts its model.")
     if arch["kind"] == "mae" and not encoder_only:
         model = create_model(arch["model"], img_size=tuple(arch["input_size"]), patch_size=tuple(arch["patch_size"]),
                              in_chans=arch["in_chans"], embed_dim=arch["embed_dim"], depth=arch["depth"],

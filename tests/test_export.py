@@ -20,6 +20,8 @@ from models_hub import from_pretrained
 from tests.bad_inputs import good_volume
 from tests.helpers import run_in_process, state_dicts_equal
 from util.checkpoint import load_checkpoint, save_atomic
+from util.data.manifest import read_manifest, write_manifest
+from util.run_folder import MANIFEST
 from util.task.meta import RunMeta
 from util.task.tasks import task_named
 from util.volume.preprocess import PreprocessConfig
@@ -50,17 +52,18 @@ def tiny_finetuned(path, mode: str, nb_classes: int, seed: int = 0, **meta_extra
     return model
 
 
-def tiny_mae_checkpoint(path, prefix: str = "", decoder: bool = True, ours: bool = False):
-    """A tiny MAE: ours (mae_pretrained.pth: args with the manifest record, preprocessing) or TANGERINE-shaped
-    ({'model': state dict}, optionally `module.`-prefixed, with or without the decoder)."""
+def tiny_mae_checkpoint(path, prefix: str = "", decoder: bool = True, ours: bool = False, scans=None):
+    """A tiny MAE: ours (mae_pretrained.pth: args with the manifest record, preprocessing; the manifest of `scans`
+    written beside it when given) or TANGERINE-shaped ({'model': state dict}, optionally `module.`-prefixed, with
+    or without the decoder)."""
     torch.manual_seed(1)
     mae = models_mae3d.mae_vit_tiny_patch16(img_size=SIZE, decoder_depth=1).eval()
     sd = {prefix + k: v for k, v in mae.state_dict().items() if decoder or not (k.startswith("decoder_") or
                                                                                  k == "mask_token")}
     if ours:
+        name, digest = write_manifest(list(map(str, scans)), str(path.parent)) if scans else (MANIFEST, "0" * 64)
         args = {"model": "mae_vit_tiny_patch16", "input_size": list(SIZE), "norm_pix_loss": False, "blr": 1.5e-4,
-                "data_path": "/data/scans.csv", "data_manifest": "data_manifest.csv.gz",
-                "data_manifest_sha256": "0" * 64}
+                "data_path": "/data/scans.csv", "data_manifest": name, "data_manifest_sha256": digest}
         save_atomic({"model": sd, "args": args, "preprocess": PRE.to_dict()}, path)
     else:
         torch.save({"model": sd}, path)
@@ -139,8 +142,13 @@ def test_a_folder_predicts_exactly_what_its_checkpoint_predicts(volumes, tmp_pat
 
 
 def test_a_pretraining_folder_gives_the_same_embeddings_and_records_its_data(volumes, tmp_path):
-    tiny_mae_checkpoint(tmp_path / "mae_pretrained.pth", ours=True)
-    export(tmp_path / "mae_pretrained.pth", tmp_path / "folder")
+    scans = sorted(volumes.glob("*.nii.gz"))
+    tiny_mae_checkpoint(tmp_path / "mae_pretrained.pth", ours=True, scans=scans)
+    (tmp_path / "summary.md").write_text("| features | AUROC |\n|---|---|\n| ours | 0.812 (0.741-0.873) |\n")
+    export(tmp_path / "mae_pretrained.pth", tmp_path / "folder", "--with_manifest", "--evaluation",
+           tmp_path / "summary.md")
+    assert sorted(os.listdir(tmp_path / "folder")) == ["README.md", "config.json", MANIFEST, "model.safetensors"]
+    assert list(read_manifest(str(tmp_path / "folder" / MANIFEST))["path"]) == list(map(str, scans))
     for pool in ("avg", "cls", "cat"):
         a = outputs_of(volumes, tmp_path / "mae_pretrained.pth", tmp_path / f"a{pool}", csv=False, embeddings=pool)
         b = outputs_of(volumes, tmp_path / "folder", tmp_path / f"b{pool}", csv=False, embeddings=pool)
@@ -148,10 +156,13 @@ def test_a_pretraining_folder_gives_the_same_embeddings_and_records_its_data(vol
     config = json.loads((tmp_path / "folder" / "config.json").read_text())
     assert config["architecture"]["kind"] == "mae" and config["architecture"]["decoder_depth"] == 1
     assert config["preprocessing"]["origin"] == "checkpoint"
-    assert config["provenance"]["data_manifest_sha256"] == "0" * 64
+    assert config["provenance"]["data_manifest_sha256"] == load_checkpoint(tmp_path / "mae_pretrained.pth")["args"][
+        "data_manifest_sha256"] and config["provenance"]["data_manifest_included"]
     assert config["provenance"]["args"]["data_path"] == "scans.csv"
     card = (tmp_path / "folder" / "README.md").read_text()
-    assert "data_manifest.csv.gz" in card and "from_pretrained" in card and "No evaluation" in card
+    assert f"`{MANIFEST}`" in card and "included in this folder" in card
+    assert "| ours | 0.812 (0.741-0.873) |" in card and config["provenance"]["evaluation"] == "summary.md"
+    assert "from_pretrained" in card and "| blr | 0.00015 |" in card
 
 
 @pytest.mark.parametrize("prefix,decoder", [("module.", True), ("", False)])
