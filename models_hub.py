@@ -51,7 +51,9 @@ def resolve(source, revision: str | None = None, cache_dir=None, local_files_onl
     if local_files_only is not None:
         kw["local_files_only"] = local_files_only
     try:
-        paths = [hf_hub_download(source, name, **kw) for name in (CONFIG, WEIGHTS)]
+        config = hf_hub_download(source, CONFIG, **kw)
+        snapshot = os.path.dirname(config)  # .../snapshots/<commit>: the weights of that very commit
+        hf_hub_download(source, WEIGHTS, **{**kw, "revision": os.path.basename(snapshot)})
     except LocalEntryNotFoundError:
         raise UserError(f"{source} is not a local folder and the hub repo {source} is not in the local cache "
                         f"({cache_dir or 'the default hub cache'}), and the network may not be used (offline: "
@@ -60,7 +62,7 @@ def resolve(source, revision: str | None = None, cache_dir=None, local_files_onl
     except (EntryNotFoundError, RepositoryNotFoundError) as e:
         raise UserError(f"The hub repo {source} has no model folder ({type(e).__name__}: it needs {CONFIG} and "
                         f"{WEIGHTS}, as main_export.py writes them).") from None
-    return os.path.dirname(paths[0])
+    return snapshot
 
 
 def from_pretrained(source, *, encoder_only: bool = False, revision: str | None = None, cache_dir=None,

@@ -82,8 +82,8 @@ def _loading(config: dict) -> str:
     lines = ["## Loading it", "```python", "from models_hub import from_pretrained, load_input  # this repository",
              'model, config = from_pretrained("path/to/this/folder")  # or the hub repo id; offline: HF_HUB_OFFLINE=1',
              'x = load_input("scan.nii.gz", config)  # [1, 1, D, H, W], preprocessed as in training', "```",
-             "Every script that takes a checkpoint takes this folder: `main_predict.py --finetune DIR`, "
-             "`main_finetune.py --finetune DIR`, `main_pretrain.py --init DIR`. Without this repository: "
+             "The scripts take this folder where they take a checkpoint: `main_predict.py --finetune DIR`, "
+             "`main_finetune.py --finetune DIR`. Without this repository: "
              f"`{WEIGHTS}` opens with `safetensors.torch.load_file` and `{CONFIG}` says how to build the model."]
     if onnx:
         enc = onnx["encoder"]
