@@ -3,15 +3,14 @@ really uses: real `main_pretrain.py` runs on the demo phantoms, on CPU, for seve
 
 Memory: the anonymous proportional set size (Pss_Anon: the run's own pages, those shared between the trainer and
 its forked workers split between them; shared libraries, whose share moves with whatever else runs, left out) of
-the whole process tree (the trainer and its loader workers), sampled every 50 ms; the estimate predicts what the run adds
-to its process after start-up, so the table compares it with the peak minus the tree's PSS at the moment the
-estimate is printed; each run trains two epochs with one loader worker and --cache_dir (a worker is forked each
-epoch). Time: the estimate's seconds per step against a training step timed in this process (random batch,
-AdamW, no loader) against the estimate from the block rates measured just before, both in CPU seconds of the
-process (all its threads), with one thread, so the other load of a shared machine does not count (with more threads, waiting
-threads spin and count).
+the whole process tree (the trainer and its loader workers), sampled every 50 ms; the estimate predicts what the
+run adds to its process after start-up, so the table compares it with the peak minus the tree's PSS at the moment
+the estimate is printed; each run trains two epochs with one loader worker and --cache_dir (a worker is forked
+each epoch). Time: the estimate's seconds per step against a training step timed in this process (random batch,
+AdamW, no loader) and the estimate from the block rates measured just before, both in CPU seconds of one thread,
+so the other load of a shared machine does not count (with more threads, waiting threads spin and count).
 
-    python bench/bench_memory_estimate.py            # about 5 minutes on 2 cores; writes bench/memory_estimate.json
+    python bench/bench_memory_estimate.py     # about 10 minutes on 2 cores; writes bench/memory_estimate.json
 """
 from __future__ import annotations
 
@@ -90,7 +89,8 @@ def run(model: str, size: int, patch: int, batch: int, data: str, out: str, work
     measured_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else None
     used = (peak[0] - base) / 2 ** 30 if base else None
     return dict(model=model, size=size, patch=patch, batch=batch, estimate_gib=est, measured_gib=used,
-                ratio=est / used if used else None, estimate_s=secs, measured_s=measured_step, base_gib=base / 2 ** 30 if base else None,
+                ratio=est / used if used else None, estimate_s=secs, measured_s=measured_step,
+                base_gib=base / 2 ** 30 if base else None,
                 time_ratio=secs / measured_step if secs and measured_step else None, status=p.returncode)
 
 
@@ -152,7 +152,8 @@ def main() -> None:
     print(f"memory estimate / measured: {min(r['ratio'] for r in ok):.2f} .. {max(r['ratio'] for r in ok):.2f}")
     t = [r for r in rows if r["time_ratio"]]
     if t:
-        print(f"time estimate / measured: {min(r['time_ratio'] for r in t):.2f} .. {max(r['time_ratio'] for r in t):.2f}")
+        lo, hi = min(r["time_ratio"] for r in t), max(r["time_ratio"] for r in t)
+        print(f"time estimate / measured: {lo:.2f} .. {hi:.2f}")
 
 
 if __name__ == "__main__":

@@ -193,11 +193,13 @@ def available_memory(device: str) -> tuple[float, str]:
 
 def report(est: Estimate, what: str, processes: int = 1) -> str:
     """The start-up line: the estimate by part and, on CPU, the seconds per step."""
-    line = f"Estimated cost of one step ({what}): peak memory about {est.total / GiB:.2f} GiB per process ({est.parts()})"
+    line = (f"Estimated cost of one step ({what}): peak memory about {est.total / GiB:.2f} GiB per process "
+            f"({est.parts()})")
     if processes > 1:
         line += f", x {processes} processes on this machine"
     if est.seconds is not None:
-        line += f"; about {_seconds(est.seconds)} per step on this CPU ({est.rate / 1e9:.0f} GFLOP/s measured on its blocks)"
+        line += (f"; about {_seconds(est.seconds)} per step on this CPU ({est.rate / 1e9:.0f} GFLOP/s measured on "
+                 f"its blocks)")
     return line + "."
 
 
@@ -207,15 +209,18 @@ def _seconds(s: float) -> str:
 
 def check_fits(est: Estimate, available: float, where: str, hint: str, processes: int = 1,
                alternative: Estimate | None = None) -> None:
-    """Refuse a run whose estimate does not fit the memory available, naming the flags to change."""
+    """Refuse a run whose estimate (times the processes sharing the memory) exceeds 90% of what is available (the
+    rest is for what no estimate sees: the source scans a worker decodes, the allocator's slack), naming the flags
+    to change and what --grad_checkpointing would need."""
     need = est.total * processes
     if need <= 0.9 * available:
         return
     alt = (f"; with --grad_checkpointing about {alternative.total * processes / GiB:.1f} GiB"
            if alternative is not None and alternative.total < est.total else "")
-    raise UserError(f"This run needs about {need / GiB:.1f} GiB per step ({est.parts()}{'' if processes == 1 else f', x {processes} processes'}) "
-                    f"but only {available / GiB:.1f} GiB are {where}{alt}: change {hint}, or pass "
-                    f"--no_memory_check to start it anyway.")
+    times = "" if processes == 1 else f", x {processes} processes"
+    raise UserError(f"This run needs about {need / GiB:.1f} GiB per step ({est.parts()}{times}) but only "
+                    f"{available / GiB:.1f} GiB are {where}{alt}: change {hint}, or pass --no_memory_check to start "
+                    f"it anyway.")
 
 
 def local_processes() -> int:
