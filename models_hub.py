@@ -211,11 +211,19 @@ def _task(meta: RunMeta, origin: str) -> dict:
 def _provenance(ckpt: dict, source: str) -> dict:
     args = _public(ckpt.get("args") or {})
     manifest = args.get("data_manifest")
+    recipe = _public(ckpt["recipe"]) if ckpt.get("recipe") else None
     return {"source_file": os.path.basename(os.path.normpath(source)), "source_sha256": content_sha256(source),
-            "epoch": ckpt.get("epoch"), "recipe": _public(ckpt["recipe"]) if ckpt.get("recipe") else None,
-            "args": args, "data_manifest": manifest, "data_manifest_sha256": args.get("data_manifest_sha256"),
+            "epochs_completed": _epochs_completed(ckpt), "recipe": recipe, "args": args,
+            "data_manifest": manifest, "data_manifest_sha256": args.get("data_manifest_sha256"),
             "data_manifest_included": False, "repository": version_record(),
             "paths": "absolute paths of the training run are reduced to their file names"}
+
+
+def _epochs_completed(ckpt: dict) -> int | None:
+    """Whole epochs behind the weights: a checkpoint's 'epoch' is the last one finished, counted from 0 (one written
+    inside an epoch, with 'progress', has finished the epochs before it)."""
+    epoch = ckpt.get("epoch")
+    return None if not isinstance(epoch, int) else epoch + (0 if ckpt.get("progress") else 1)
 
 
 def _public(value):

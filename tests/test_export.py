@@ -31,7 +31,7 @@ SIZE = (32, 32, 32)
 PRE = PreprocessConfig(orientation="RAS", size=SIZE, window=(-1000.0, 400.0), interpolator="linear")
 
 
-def tiny_finetuned(path, mode: str, nb_classes: int, seed: int = 0, **meta_extra) -> torch.nn.Module:
+def tiny_finetuned(path, mode: str, nb_classes: int, seed: int = 0, pool: str = "avg", **meta_extra) -> torch.nn.Module:
     """A tiny finetuned checkpoint as main_finetune.py writes it (meta, preprocessing, recipe), random head."""
     torch.manual_seed(seed)
     columns = ["a", "b", "c"] if mode in ("multilabel", "regression") else ["Label"]
@@ -39,7 +39,7 @@ def tiny_finetuned(path, mode: str, nb_classes: int, seed: int = 0, **meta_extra
     task = task_named(mode)
     meta = dict(task=task.family, mode=mode, model="vit_tiny_patch16", nb_classes=nb_classes,
                 nb_outputs=task.nb_outputs(nb_classes, len(columns)), label_names=names, label_columns=columns,
-                input_size=list(SIZE), patch_size=[16, 16, 16], global_pool="avg", feature_size=8, **meta_extra)
+                input_size=list(SIZE), patch_size=[16, 16, 16], global_pool=pool, feature_size=8, **meta_extra)
     model = build_model_from_meta(meta)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -108,15 +108,17 @@ def outputs_of(volumes, source, out, csv: bool = True, embeddings: str | None = 
     return got
 
 
-@pytest.mark.parametrize("mode,classes,embeddings,seg", [
-    ("binary", 2, "cat", False),
-    ("multiclass", 3, None, False),
-    ("multilabel", 3, None, False),
-    ("regression", 3, "avg", False),
-    ("segmentation", 3, None, True),
+@pytest.mark.parametrize("mode,classes,embeddings,seg,head", [
+    ("binary", 2, "cat", False, {}),
+    ("multiclass", 3, None, False, {}),
+    ("multiclass", 4, "cls", False, {"linprobe": True, "pool": "cat"}),  # BatchNorm + Linear head on [cls, avg]
+    ("multilabel", 3, None, False, {}),
+    ("regression", 3, "avg", False, {"pool": "token"}),
+    ("segmentation", 3, None, True, {}),
 ])
-def test_a_folder_predicts_exactly_what_its_checkpoint_predicts(volumes, tmp_path, mode, classes, embeddings, seg):
-    tiny_finetuned(tmp_path / "ft.pth", mode, classes)
+def test_a_folder_predicts_exactly_what_its_checkpoint_predicts(volumes, tmp_path, mode, classes, embeddings, seg,
+                                                                 head):
+    tiny_finetuned(tmp_path / "ft.pth", mode, classes, **head)
     export(tmp_path / "ft.pth", tmp_path / "folder")
     assert sorted(os.listdir(tmp_path / "folder")) == ["README.md", "config.json", "model.safetensors"]
     a = outputs_of(volumes, tmp_path / "ft.pth", tmp_path / "a", embeddings=embeddings, seg=seg)
@@ -132,7 +134,7 @@ def test_a_folder_predicts_exactly_what_its_checkpoint_predicts(volumes, tmp_pat
     assert config["task"]["type"] == mode and config["task"]["origin"] == "checkpoint"
     assert config["preprocessing"]["settings"] == PRE.to_dict()  # exactly what training used
     assert config["provenance"]["recipe"]["train_csv"] == "labels.csv"  # no absolute path leaves the machine
-    assert config["provenance"]["epoch"] == 3
+    assert config["provenance"]["epochs_completed"] == 4  # 'epoch' 3 counts from 0
     # the dict the folder hands to every script is the checkpoint's
     ckpt, folder = load_checkpoint(tmp_path / "ft.pth"), load_checkpoint(tmp_path / "folder")
     assert RunMeta.from_dict(folder["meta"]) == RunMeta.from_dict(ckpt["meta"])

@@ -9,10 +9,10 @@ from util.model_folder import CONFIG, ENCODER_ONNX, HEAD_ONNX, WEIGHTS
 
 PIPELINE_TAGS = {"headless": "image-feature-extraction", "dense": "image-segmentation",
                  "classes": "image-classification"}  # the hub's task names; regression has none
-RECIPE_KEYS = ("model", "input_size", "patch_size", "epochs", "epoch", "batch_size", "accum_iter", "effective_batch",
-               "world_size", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay", "layer_decay", "drop_path",
-               "smoothing", "mask_ratio", "norm_pix_loss", "linprobe", "pool", "seed", "precision", "init",
-               "finetune", "table", "data_path", "train_csv")
+RECIPE_KEYS = ("model", "input_size", "patch_size", "epochs", "epochs_completed", "batch_size", "accum_iter",
+               "effective_batch", "world_size", "blr", "lr", "min_lr", "warmup_epochs", "weight_decay",
+               "layer_decay", "drop_path", "smoothing", "mask_ratio", "norm_pix_loss", "linprobe", "pool", "seed",
+               "precision", "init", "finetune", "table", "data_path", "train_csv")
 
 
 def model_card(config: dict, title: str, evaluation: str | None = None, license_id: str | None = None) -> str:
@@ -97,7 +97,8 @@ def _loading(config: dict) -> str:
 
 def _recipe(config: dict) -> str:
     prov = config["provenance"]
-    source = {**(prov.get("args") or {}), **(prov.get("recipe") or {}), "epoch": prov.get("epoch")}
+    source = {**(prov.get("args") or {}), **(prov.get("recipe") or {}),
+              "epochs_completed": prov.get("epochs_completed")}
     rows = [(k, source[k]) for k in RECIPE_KEYS if source.get(k) not in (None, "", [])]
     if not rows:
         return ("## Training recipe\nThe source checkpoint records no recipe (it was made elsewhere, e.g. "
