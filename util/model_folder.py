@@ -93,7 +93,34 @@ def read_config(folder) -> dict:
         if not isinstance(config.get(section), dict):
             raise ModelFolderError(f"{path} lacks its '{section}' section (or it is not an object).")
     _check_architecture(config["architecture"], path)
+    _check_fields(config, path)
     return config
+
+
+# what the readers need of the other sections: (section, key) -> the types it may have
+_FIELDS = {("preprocessing", "origin"): str, ("preprocessing", "settings"): dict, ("weights", "sha256"): str,
+           ("task", "origin"): str, ("task", "type"): str, ("task", "family"): str, ("task", "head_width"): int,
+           ("task", "classes"): int, ("task", "label_names"): list, ("task", "label_columns"): list,
+           ("task", "output_columns"): list, ("task", "pooling"): str, ("task", "linprobe"): bool,
+           ("task", "headless"): bool, ("task", "extra"): dict, ("architecture", "mlp_ratio"): (int, float)}
+
+
+_WORDS = {str: "text", dict: "an object", list: "a list", int: "an integer", bool: "true or false",
+          (int, float): "a number"}
+
+
+def _check_fields(config: dict, path: str) -> None:
+    for (section, key), kind in _FIELDS.items():
+        value = config[section].get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ModelFolderError(f"{path}: {section}.{key} must be {_WORDS[kind]}, got {value!r}.")
+    arch = config["architecture"]
+    if arch["kind"] == "vit" and arch.get("global_pool") not in ("avg", "token", "cat"):
+        raise ModelFolderError(f"{path}: architecture.global_pool must be 'avg', 'token' or 'cat', got "
+                               f"{arch.get('global_pool')!r}.")
+    if arch["kind"] == "mae" and not isinstance(arch.get("norm_pix_loss"), bool):
+        raise ModelFolderError(f"{path}: architecture.norm_pix_loss must be true or false, got "
+                               f"{arch.get('norm_pix_loss')!r}.")
 
 
 def _check_architecture(arch: dict, path: str) -> None:
@@ -237,7 +264,8 @@ def meta_of(config: dict) -> dict:
 
 # --- writing ---------------------------------------------------------------------------------------------------
 def check_destination(out_dir, source) -> None:
-    """Refuse an export into a non-empty folder, onto its own input, or into (or around) an input folder."""
+    """Refuse an export into a non-empty folder (one around the input is never empty), onto its own input, or into
+    an input folder."""
     out, src = os.path.realpath(os.fspath(out_dir)), os.path.realpath(os.fspath(source))
     if out == src:
         raise ModelFolderError(f"The output folder {out_dir} is the input {source} itself; choose a new folder.")
