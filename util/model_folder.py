@@ -219,10 +219,11 @@ def check_weights(config: dict, sd: dict, where: str) -> None:
         if key and shape(key)[1] != width:
             agree("global_pool", f"{arch.get('global_pool')!r} ({width} features)", f"{shape(key)[1]} features",
                   key)
-    head_width = config["task"].get("head_width")
-    if arch["kind"] == "vit" and head_width is not None and head_width != arch["num_outputs"]:
-        raise ModelFolderError(f"{where}: {CONFIG} says task.head_width = {head_width} but architecture.num_outputs "
-                               f"= {arch['num_outputs']}; the config contradicts itself.")
+    task = config["task"]
+    for field, same in (("head_width", "num_outputs"), ("pooling", "global_pool")):
+        if arch["kind"] == "vit" and task[field] != arch[same]:
+            raise ModelFolderError(f"{where}: {CONFIG} says task.{field} = {task[field]!r} but architecture.{same} "
+                                   f"= {arch[same]!r}; the config contradicts itself.")
 
 
 def _count(sd: dict, prefix: str) -> int:
