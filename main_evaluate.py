@@ -13,6 +13,7 @@ import time
 
 from util import args as cli_args
 from util.args import bounded
+from util.run_folder import STATUS
 from util.task.flags import PROBE_TASKS
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -91,7 +92,8 @@ import pandas as pd  # noqa: E402
 
 from util.evaluate import inputs  # noqa: E402
 from util.evaluate import report  # noqa: E402
-from util.errors import UserError, run_main  # noqa: E402
+from util.cli import run_main  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.evaluate.crossval import fold_job  # noqa: E402
 from util.evaluate.probe import labelled_rows, make_folds  # noqa: E402
 from util.evaluate.stats import refit_interval, resample_weights  # noqa: E402
@@ -207,7 +209,8 @@ def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
                     cells = [[fold[(fraction, k)] for fold in per_fold] for k in draws]  # [draw][fold]
                     metrics = list(cells[0][0][0])
                     stack = {m: np.array([[c[0][m] for c in draw] for draw in cells]) for m in metrics}  # [D, F, 1+R]
-                    values[(name, protocol, fraction)] = {m: nanmean(v.reshape(-1, v.shape[-1])) for m, v in stack.items()}
+                    values[(name, protocol, fraction)] = {m: nanmean(v.reshape(-1, v.shape[-1]))
+                                                          for m, v in stack.items()}
                     for j, k in enumerate(draws):
                         rows.append({"embedding": name, "protocol": protocol, "fraction": fraction, "draw": k,
                                      "n_labelled": int(round(np.mean([c[1] for c in cells[j]]))),
@@ -317,7 +320,8 @@ def main(args) -> None:
 
 
 def cli_main(argv: list[str] | None = None):
-    return run_main(main, parse_args(argv))
+    args = parse_args(argv)
+    return run_main(main, args, os.path.join(args.output_dir, STATUS))
 
 
 if __name__ == "__main__":

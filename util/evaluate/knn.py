@@ -82,19 +82,43 @@ def votes(idx: np.ndarray, d2: np.ndarray, targets: np.ndarray, k: int) -> np.nd
 def resampled_votes(idx: np.ndarray, d2: np.ndarray, targets: np.ndarray, k: int, counts: np.ndarray) -> np.ndarray:
     """votes() when training row j is present counts[:, j] times (a bootstrap resample, [b, n]): the k nearest
     copies vote, each with its row's weight -> [b, m, K]. Walks the `depth` candidates of each query; a resample
-    that leaves fewer than k copies among them uses the copies it has."""
+    that leaves fewer than k copies among them uses the copies it has.
+
+    With S_j the copies among the first j candidates, candidate j casts min(S_j, k) - min(S_j-1, k) votes, so the
+    weighted sum of the targets is sum_j min(S_j, k) (a_j - a_j+1) with a_j = weight_j target_j: one cumulative
+    sum and one matrix product per batch."""
     counts = np.asarray(counts)
     have = idx >= 0
-    t = targets[np.maximum(idx, 0)]  # [m, depth, K]
+    col = np.where(have, idx, counts.shape[1])  # padding reads a zero count
+    zero = ((d2 == 0) & have).any(1)  # rows with a training row at distance 0 follow scikit-learn's rule
+    inv = np.where(have & (d2 > 0), _inverse(np.where(d2 > 0, d2, 1.0)), 0.0)
+    a = np.concatenate([inv[:, :, None] * targets[np.maximum(idx, 0)], inv[:, :, None]], axis=2)  # [m, depth, K+1]
+    delta = (a - np.concatenate([a[:, 1:], np.zeros_like(a[:, :1])], axis=1)).astype(np.float32)
+    totals = counts.sum(1, dtype=np.int64)
     out = np.empty((len(counts), len(idx), targets.shape[1]))
-    step = max(1, int(4e6 // max(1, idx.size)))
+    step = max(1, int(8e6 // max(1, idx.size)))
     for lo in range(0, len(counts), step):
         cb = counts[lo:lo + step]
-        c = np.where(have[None], cb[:, np.maximum(idx, 0)], 0).astype(np.int32)  # [b, m, depth]
-        total = np.cumsum(c, axis=2)
-        k_eff = np.minimum(k, cb.sum(1, dtype=np.int64))[:, None, None]
-        used = np.minimum(total, k_eff) - np.minimum(total - c, k_eff)  # copies of each candidate among the k
-        w = _weights(d2[None], used)
-        s = w.sum(2, keepdims=True)
-        out[lo:lo + step] = np.einsum("bmd,mdc->bmc", w, t) / np.where(s > 0, s, 1.0)
+        rows_first = np.zeros((counts.shape[1] + 1, len(cb)), np.uint8)  # [n + 1, b]: copies, then padding
+        rows_first[:-1] = np.minimum(cb, 255).T
+        s = np.cumsum(np.take(rows_first, col, axis=0), axis=1, dtype=np.float32)  # [m, depth, b]
+        np.minimum(s, np.minimum(k, totals[lo:lo + step]).astype(np.float32)[None, None], out=s)
+        acc = np.matmul(s.transpose(0, 2, 1), delta)  # [m, b, K+1]
+        den = acc[:, :, -1:]
+        out[lo:lo + step] = (acc[:, :, :-1] / np.where(den > 0, den, 1.0)).transpose(1, 0, 2)
+    if zero.any():  # distance 0: only the copies at distance 0 vote (1 each)
+        rows = np.flatnonzero(zero)
+        out[:, rows] = _walk(idx[rows], d2[rows], targets, k, counts)
     return out
+
+
+def _walk(idx, d2, targets, k, counts):
+    """resampled_votes by explicit copies, for the few rows where scikit-learn's distance-0 rule applies."""
+    have = idx >= 0
+    c = np.where(have[None], counts[:, np.maximum(idx, 0)], 0).astype(np.int64)  # [b, m, depth]
+    total = np.cumsum(c, axis=2)
+    k_eff = np.minimum(k, counts.sum(1, dtype=np.int64))[:, None, None]
+    used = np.minimum(total, k_eff) - np.minimum(total - c, k_eff)
+    w = _weights(d2[None], used)
+    s = w.sum(2, keepdims=True)
+    return np.einsum("bmd,mdc->bmc", w, targets[np.maximum(idx, 0)]) / np.where(s > 0, s, 1.0)

@@ -16,42 +16,50 @@ import math
 import numpy as np
 import torch
 
-POOLED = 0.05  # subsets with at least this share of the training rows are served from the pool
+POOLED = 0.2  # subsets with at least this share of the training rows are served from the pool
 
 
 def _in_row_order(idx: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort each row by distance, equal distances by training row."""
-    by_row = torch.argsort(idx, dim=1, stable=True)
-    idx, d2 = idx.gather(1, by_row), d2.gather(1, by_row)
-    order = torch.argsort(d2, dim=1, stable=True)
-    return idx.gather(1, order), d2.gather(1, order)
+    """Rows already sorted by distance (topk), with equal distances put in training-row order."""
+    tied = torch.nonzero((d2[:, 1:] == d2[:, :-1]).any(1))[:, 0]
+    if len(tied):
+        i, v = idx[tied], d2[tied]
+        by_row = torch.argsort(i, dim=1, stable=True)
+        i, v = i.gather(1, by_row), v.gather(1, by_row)
+        order = torch.argsort(v, dim=1, stable=True)
+        idx, d2 = idx.clone(), d2.clone()
+        idx[tied], d2[tied] = i.gather(1, order), v.gather(1, order)
+    return idx, d2
 
 
 def _nearest(d2: torch.Tensor, rows: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `depth` nearest columns of d2 [q, c] (columns are training rows `rows` [c])."""
+    """The `depth` nearest columns of d2 [q, c] (columns are training rows `rows` [c]), ties in row order."""
     take = min(depth, d2.shape[1])
-    vals, pos = torch.topk(d2, take, dim=1, largest=False, sorted=True)
-    if take < d2.shape[1]:  # rows tied with the last one kept may sit beyond it: take every tie, then cut
-        tied = (d2 == vals[:, -1:]).sum(1) - (vals == vals[:, -1:]).sum(1)
-        if bool((tied > 0).any()):
-            extra = int(tied.max())
-            vals, pos = torch.topk(d2, min(take + extra, d2.shape[1]), dim=1, largest=False, sorted=True)
+    extra = 1 if take < d2.shape[1] else 0
+    vals, pos = torch.topk(d2, take + extra, dim=1, largest=False, sorted=True)
     idx, vals = _in_row_order(rows[pos], vals)
+    cut = torch.nonzero(vals[:, -1] == vals[:, take - 1])[:, 0] if extra else []
+    for r in cut.tolist() if len(cut) else []:  # a tie across the cut: the lower training rows win
+        same = torch.nonzero(d2[r] == vals[r, take - 1])[:, 0]
+        keep = rows[same].sort().values
+        inside = int((vals[r, :take] < vals[r, take - 1]).sum())
+        idx[r, inside:take] = keep[:take - inside]
     return idx[:, :take], vals[:, :take]
 
 
-def _near_exact(idx, dd, q, A, nq, na, rel: float = 1e-3):
+def _near_exact(idx, dd, q, A, nq, na_max, rel: float = 1e-3):
     """Recompute in float64, as differences, the distances that float32 cannot resolve: those below `rel` of the
     norms, where ||b||^2 + ||a||^2 - 2 b.a cancels (a scan embedded twice: distance 0, which decides the votes)."""
-    close = dd < rel * (nq[:, None].double() + na[idx].double())
+    close = dd < rel * (nq[:, None] + na_max)
     if not bool(close.any()):
-        return idx, dd
+        return idx, dd.double()
+    dd = dd.double()
     r, c = torch.nonzero(close, as_tuple=True)
     diff = q[r].double() - A[idx[r, c]].double()
-    dd = dd.clone()
     dd[r, c] = (diff * diff).sum(1)
     rows = torch.unique(r)
-    idx[rows], dd[rows] = _in_row_order(idx[rows], dd[rows])
+    order = torch.argsort(dd[rows], dim=1, stable=True)  # recomputed distances may reorder the row
+    idx[rows], dd[rows] = _in_row_order(idx[rows].gather(1, order), dd[rows].gather(1, order))
     return idx, dd
 
 
@@ -61,7 +69,7 @@ def filtered_rows(a: np.ndarray, b: np.ndarray, subsets: list[np.ndarray], depth
     pool's shortfalls are searched here). a [n, d], b [m, d] float32; subsets: sorted indices into a."""
     A, B = torch.from_numpy(np.ascontiguousarray(a, np.float32)), torch.from_numpy(np.ascontiguousarray(b, np.float32))
     na, nb = (A.double() ** 2).sum(1).float(), (B.double() ** 2).sum(1).float()
-    n = len(a)
+    na_max, n = float(na.max()), len(a)
     subs = [torch.from_numpy(np.asarray(s, np.int64)) for s in subsets]
     pooled = [s for s, sub in enumerate(subs) if len(sub) >= POOLED * n]
     pool = min(n, max([depth] + [math.ceil(2 * depth * n / len(subs[s])) for s in pooled]))
@@ -88,7 +96,7 @@ def filtered_rows(a: np.ndarray, b: np.ndarray, subsets: list[np.ndarray], depth
                     idx[rows], dd[rows] = _nearest(d2[rows].index_select(1, sub), sub, depth)
             else:
                 idx, dd = _nearest(d2 if len(sub) == n else d2.index_select(1, sub), sub, depth)
-            idx, dd = _near_exact(idx, dd.double(), B[lo:hi], A, nb[lo:hi], na)
+            idx, dd = _near_exact(idx, dd, B[lo:hi], A, nb[lo:hi], na_max)
             k = idx.shape[1]
             out[s][0][lo:hi, :k] = idx.numpy()
             out[s][1][lo:hi, :k] = dd.numpy()

@@ -70,6 +70,12 @@ def newton_binary(x: np.ndarray, y: np.ndarray, cs, weights: np.ndarray | None =
     return W
 
 
+def _sklearn(C: float, warm: bool = False):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=1000, warm_start=warm)  # scikit-learn's tolerance (1e-4)
+
+
 def fit_logistic(a: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
     """(coef [K', d], intercept [K']) of the logistic regression of class indices y (K' = 1 for two classes, the
     logit of class 1; else one row per class, multinomial)."""
@@ -78,12 +84,24 @@ def fit_logistic(a: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np
         w = newton_binary(a, y, [C])[0]
         return w[None, :-1], w[-1:]
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf = LogisticRegression(C=C, max_iter=1000, tol=1e-6).fit(a, y)
+        clf = _sklearn(C).fit(a, y)
     return clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
+
+
+def warm_path(a: np.ndarray, y: np.ndarray, cs):
+    """(coef, intercept) for each C of `cs` in turn (ascending), each fit started from the previous one, as
+    scikit-learn's LogisticRegressionCV walks its path; for the inner search of large problems."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    clf = _sklearn(cs[0], warm=True)
+    for c in cs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.set_params(C=c).fit(a, y)
+        yield clf.coef_.astype(np.float64), clf.intercept_.astype(np.float64)
 
 
 def logistic_proba(b: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:

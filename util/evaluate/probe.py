@@ -146,11 +146,9 @@ def inner_scores(a: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: 
             weights[f::len(splits), tr] = 1.0
         w = linear.newton_binary(a, y, np.repeat(cs, len(splits)), weights)
     for f, (tr, va) in enumerate(splits):
+        path = None if small else linear.warm_path(a[tr], y[tr], cs)  # each C starts where the last ended
         for j, c in enumerate(cs):
-            if small:
-                coef, icpt = w[j * len(splits) + f][None, :-1], w[j * len(splits) + f][-1:]
-            else:
-                coef, icpt = linear.fit_logistic(a[tr], y[tr], c)
+            coef, icpt = (w[j * len(splits) + f][None, :-1], w[j * len(splits) + f][-1:]) if small else next(path)
             p = linear.logistic_proba(a[va], coef, icpt)
             out[j, f] = -np.mean(np.log(np.clip(p[np.arange(len(va)), y[va]], 1e-15, 1.0)))
     return out
