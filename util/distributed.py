@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -65,15 +67,47 @@ _TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def _round_store(rank: int, world_size: int) -> dist.Store:
-    """The rendezvous store, prefixed by torchrun's restart count.
+    """The rendezvous store of this start of the workers, under a name of their own.
 
-    After `torchrun --max-restarts` restarts the workers, the agent's store still holds the dead workers'
-    addresses; without a fresh prefix the new process group would try to connect to them.
+    After torchrun restarts the workers (`--max-restarts`), its agent's store (TORCHELASTIC_USE_AGENT_STORE, the
+    c10d rendezvous's default) still holds the dead workers' addresses: the new process group must use new keys.
+    torchrun's restart count cannot name them: each agent counts its own restarts, so after one machine's worker
+    died that machine counts 1 and the others, which restart theirs for the membership change, 0; workers named by
+    it would wait for each other under different names for 30 minutes. Rank 0 names the group instead.
     """
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=rank == 0 and not agent_store, timeout=_TIMEOUT)
-    return dist.PrefixStore(f"mae3d_round{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    name = _group_name(dist.PrefixStore("mae3d_start", store), rank, world_size) if agent_store else "new"
+    return dist.PrefixStore(f"mae3d_group_{name}", store)
+
+
+def _group_name(store: dist.Store, rank: int, world_size: int) -> str:
+    """A random name drawn by rank 0 and learnt by every rank; no earlier start of the workers used it.
+
+    Keys the dead workers left look current, so each rank asks a random question of its own (`ask/R`) and reads
+    only the answer filed under that question; rank 0 answers each rank's latest question until that rank has filed
+    a receipt under the new name. Neither of those keys can come from an earlier start."""
+    if rank != 0:
+        question = uuid.uuid4().hex
+        store.set(f"ask/{rank}", question)
+        name = store.get(f"answer/{question}").decode()  # waits at most the store's timeout
+        store.set(f"got/{name}/{rank}", "1")
+        return name
+    name, answered, waiting = uuid.uuid4().hex, {}, list(range(1, world_size))
+    deadline = time.monotonic() + _TIMEOUT.total_seconds()
+    while waiting:
+        for r in waiting:
+            question = store.get(f"ask/{r}") if store.check([f"ask/{r}"]) else None
+            if question is not None and answered.get(r) != question:
+                store.set(f"answer/{question.decode()}", name)
+                answered[r] = question
+        waiting = [r for r in waiting if not store.check([f"got/{name}/{r}"])]
+        if waiting:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {waiting} did not reach rank 0 within {_TIMEOUT} of its start.")
+            time.sleep(0.02)
+    return name
 
 
 def _quiet_non_main() -> None:
