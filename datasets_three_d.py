@@ -1,4 +1,4 @@
-"""The pretraining `Custom3DDataset`, and the names of the volume pipeline that users adapting it need.
+"""The pretraining `Custom3DDataset`: the place to adapt how pretraining reads your scans.
 
 Pipeline (util.volume.preprocess, one code path for every script): read (SimpleITK: NIfTI, NRRD, MetaImage, DICOM
 folder) -> reorient (LPS) -> resample (whole volume to `size` keeping its physical extent, or to `spacing` then
@@ -11,13 +11,10 @@ import logging
 
 import torch
 
-from util.data.augment import Augment3D, center_crop_or_pad, random_crop  # noqa: F401 (re-exported)
-from util.data.path_table import read_path_table, where  # noqa: F401 (re-exported)
-from util.volume.preprocess import (PREPROCESS_VERSION, PreprocessConfig, load_cached, load_volume,  # noqa: F401
-                             load_volume_and_mask, preprocess_image, preprocess_mask, reorient, to_input_grid)
-from util.volume.resample import resample_centered  # noqa: F401 (re-exported)
+from util.data.path_table import read_path_table
+from util.volume.preprocess import PreprocessConfig
 from util.data.dataset import VolumeDataset, limit_sitk_threads
-from util.volume.io import MAX_VOXELS, VolumeError, read_image  # noqa: F401 (re-exported)
+from util.volume.io import VolumeError
 
 log = logging.getLogger(__name__)
 

@@ -52,28 +52,28 @@ class Custom3DDataset(VolumeDataset):
                  crops_per_volume: int = 1) -> None:
         """task: 'classification' (with regression / multilabel / the label columns deciding which kind) or
         'segmentation', or a util.task.tasks.Task, which decides alone."""
-        kind = from_flags(task, regression, len(["Label"] if label_columns is None else label_columns), multilabel)
+        kind = task if isinstance(task, Task) else \
+            from_flags(task, regression, len(["Label"] if label_columns is None else label_columns), multilabel)
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
         self.task_type, self.fg_prob, self.whole_volume = kind, fg_prob, whole_volume
         self._checked = None  # the last label map whose values were checked
-        self.segmentation, self.regression, self.multilabel = kind.dense, kind.continuous, kind.multi_label
-        cols = [] if self.segmentation else list(["Label"] if label_columns is None else label_columns)
+        cols = [] if kind.dense else list(["Label"] if label_columns is None else label_columns)
         self.label_columns = cols
         roi_mask = self.cfg.roi and self.cfg.roi_label is not None
-        if self.segmentation and self.cfg.roi:
+        if kind.dense and self.cfg.roi:
             raise UserError("--roi_mm makes each row a box around a point or a label for classification or "
                             "regression; it cannot be combined with --task segmentation.")
-        self.table = read_path_table(csv_path, ("Path", "Mask") if self.segmentation else
+        self.table = read_path_table(csv_path, ("Path", "Mask") if kind.dense else
                                      ("Path", "Mask", *cols) if roi_mask else ("Path", *cols),
                                      unique_paths=not self.cfg.roi)
         self.paths = list(self.table["Path"])
-        self.mask_paths = list(self.table["Mask"]) if self.segmentation else None
+        self.mask_paths = list(self.table["Mask"]) if kind.dense else None
         if self.cfg.roi:  # lesion-level rows: the box around the row's point, or around its Mask's label
             self.rois = list(self.table["Mask"]) if roi_mask else roi_points(self.table, str(csv_path))
             self.row_names = [f"{csv_path}: {where(int(line))}" for line in self.table.index]
         self.record_cache_use()  # how many volumes came from --cache_dir (said once per run by the scripts)
         self.targets, self.class_counts = None, None
-        if self.segmentation or not cols:
+        if kind.dense or not cols:
             self.nb_classes = int(nb_classes or 2)
             self.label_names = [str(k) for k in range(self.nb_classes)]
         else:
@@ -82,7 +82,7 @@ class Custom3DDataset(VolumeDataset):
             self.label_names, self.class_counts = labels.label_names, labels.class_counts
 
     def _target(self, v: int, mask: np.ndarray | None) -> torch.Tensor:
-        if self.segmentation:
+        if self.task_type.dense:
             return torch.from_numpy(np.ascontiguousarray(mask, dtype=np.int64))
         if self.targets is None:
             return torch.tensor(-1, dtype=torch.int64)

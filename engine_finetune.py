@@ -1,4 +1,5 @@
-"""Finetuning: the optimizer, one training epoch, and evaluation (classification, regression, segmentation)."""
+"""Finetuning: the optimizer, the loss (Supervised), evaluation (classification, regression, segmentation) and the
+script's end of each epoch (FinetuneEpochs: validation, best epoch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,9 +10,12 @@ from models_vit3d import backbone
 from util.distributed import all_gather_cat, all_reduce_sum
 from util.task.dice import dice_from_stats, dice_stats
 from util.runtime import autocast
+from util.errors import UserError
 from util.task.meta import RunMeta
+from util.task.metrics import summary_line
+from util.task.record import BestEpoch, CheckpointRecord
 from util.task.tasks import Task
-from util.train.loop import TrainSettings
+from util.train.settings import TrainSettings
 from util.data.transport import to_device
 
 LARS_TRUST, LARS_REFERENCE_BATCH = 0.001, 16384  # MAE linear probe: LARS trust coefficient, at this batch
@@ -121,3 +125,40 @@ def _evaluate_segmentation(model, criterion, loader, settings: EvalSettings, met
     out = {"loss": float(total[0] / max(total[1], 1)), "n": int(total[1])}
     out.update(dice_from_stats(stats))
     return out
+
+
+class FinetuneEpochs:
+    """Finetuning's part of the epoch skeleton (util.train.fit): score the validation set after each epoch, keep the
+    best record (`best_path`, checkpoint-best.pth, when it improves; without validation there is no best), print one
+    line with the training loss, the validation loss and the task's metrics. Every checkpoint holds the `base`
+    record (flags, recipe, RunMeta, preprocessing, loss weights) with the best epoch and the last metrics."""
+
+    def __init__(self, model, criterion, val_loader, eval_settings: EvalSettings, meta: RunMeta,
+                 base: CheckpointRecord, best_metric: str, epochs: int, best_path: str):
+        self.model, self.criterion, self.val_loader, self.eval_settings = model, criterion, val_loader, eval_settings
+        self.meta, self.base, self.best_metric, self.epochs, self.best_path = meta, base, best_metric, epochs, best_path
+        self.best, self.metrics = base.best, {}
+
+    def checkpoint_record(self) -> CheckpointRecord:
+        return self.base.but(best=self.best, metrics=self.metrics)
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
+        metric = self.best_metric
+        metrics = evaluate(self.model, self.criterion, self.val_loader, self.eval_settings, self.meta) \
+            if self.val_loader else {}
+        if metrics and metric not in metrics:
+            raise UserError(f"--best_metric {metric} is not computed here; choose one of {sorted(metrics)}.")
+        improved = bool(metrics) and self.meta.task.is_better(metrics[metric],
+                                                              self.best.value if self.best else None, metric)
+        if improved:
+            self.best = BestEpoch(metric, float(metrics[metric]), epoch)
+        self.metrics = metrics
+        line = f"epoch {epoch + 1}/{self.epochs}: train loss {stats['loss']:.4f}"
+        if metrics:  # the best epoch counts from 0, as the checkpoint's 'epoch'
+            line += (f"; val {summary_line(metrics, (metric,))} (best {metric} "
+                     f"{self.best.value if self.best else float('nan'):.4f} at epoch "
+                     f"{(self.best.epoch if self.best else 0) + 1})")
+        print(line, flush=True)
+        stats = {**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in metrics.items()},
+                 "epoch": epoch + 1}  # log.txt counts epochs from 1, like the console
+        return stats, [self.best_path] if improved else []

@@ -1,4 +1,6 @@
-"""Input and output of `main_predict.py`: the input CSV, prediction/embedding tables, label maps.
+"""Prediction's engine (`main_predict.py`): rows of the input CSV read and preprocessed (PredictDataset), the model's
+passes (predict_batch: probabilities and embeddings; segment_volume: sliding windows back onto the scan's grid),
+and the outputs: prediction and embedding tables, label maps, scores against Label and Mask columns.
 
 Every output is written atomically (util.atomic), so an interrupted run never leaves a half-written file under
 the final name.
@@ -20,9 +22,11 @@ from util.data.augment import center_crop_or_pad
 from util.data.input_dump import save_input
 from util.volume.cache import VolumeCache
 from util.errors import UserError
+from util.run_folder import seg_output_name
 from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points
 from util.task.dice import dice_per_class
-from util.volume.preprocess import load_cached, preprocess_image, preprocess_mask
+from util.runtime import autocast
+from util.volume.preprocess import load_cached, preprocess_image, preprocess_mask, to_input_grid
 from util.volume.io import VolumeError, read_image
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
@@ -311,8 +315,7 @@ def seg_output_paths(paths: list[str], seg_dir: str) -> list[str]:
     """`<seg_dir>/<stem>_seg.nii.gz` per row; stems shared by several rows get `_row<k>` (1-based) appended."""
     stems = [volume_stem(p) for p in paths]
     counts = pd.Series(stems).value_counts()
-    return [os.path.join(seg_dir, f"{s}_row{i + 1}_seg.nii.gz" if counts[s] > 1 else f"{s}_seg.nii.gz")
-            for i, s in enumerate(stems)]
+    return [os.path.join(seg_dir, seg_output_name(s, i + 1 if counts[s] > 1 else None)) for i, s in enumerate(stems)]
 
 
 def grid_of(img: sitk.Image) -> dict:
@@ -333,3 +336,58 @@ def image_on_grid(grid: dict) -> sitk.Image:
 def write_label_map(path: str, label: sitk.Image) -> None:
     """Write a label map (uint8, or uint16 above 255 classes) compressed, atomically."""
     atomic_write(path, lambda tmp: sitk.WriteImage(label, tmp, True))
+
+
+@torch.inference_mode()
+def predict_batch(model, images: torch.Tensor, task, device: str, precision: str, pool: str | None) -> list[dict]:
+    """images [B, C, D, H, W] -> one result dict per volume: `probs` [K] (a model with a head) and/or, with `pool`
+    (models_vit3d.pool_tokens: 'token', 'avg', 'cat'), the embedding `emb` [F] (numpy float32)."""
+    from models_vit3d import pool_tokens
+
+    x = images.to(device, non_blocking=True)
+    emb, logits = None, None
+    with autocast(precision, device):
+        if pool:
+            tokens = model.forward_features(x)
+            emb = pool_tokens(tokens.float(), pool).cpu().numpy()
+            if not task.headless:
+                logits = model.forward_head(tokens)
+        else:
+            logits = model(x)
+    probs = task.probabilities(logits).cpu().numpy() if logits is not None else None
+    out = [{} for _ in range(len(x))]
+    for b, r in enumerate(out):
+        if probs is not None:
+            r["probs"] = probs[b]
+        if emb is not None:
+            r["emb"] = emb[b]
+    return out
+
+
+@torch.inference_mode()
+def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta, device: str, precision: str,
+                   sw_batch_size: int, overlap: float) -> sitk.Image:
+    """image [C, D, H, W] in the preprocessed grid -> label map on the input image's own grid (sliding windows of
+    the model's input size, Gaussian-weighted)."""
+    from monai.inferers import sliding_window_inference
+
+    x = image[None].to(device, non_blocking=True)
+    k = meta.nb_classes
+    stitch = "cpu" if k * x.numel() * 4 > 2 ** 32 else device  # keep huge logit volumes off the GPU
+    with autocast(precision, device):
+        logits = sliding_window_inference(x, roi_size=meta.input_size, sw_batch_size=sw_batch_size,
+                                          predictor=lambda t: model(t).float(), overlap=overlap, mode="gaussian",
+                                          device=stitch)
+    label = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.uint16)
+    ref, orig = grids
+    return to_input_grid(label, image_on_grid(ref), image_on_grid(orig))
+
+
+def score_mask(label, row: int, masks: list[str] | None, meta) -> dict:
+    """{'dice': foreground Dice against the row's Mask file}, {'dice_error': why}, or {} without a Mask column."""
+    if masks is None:
+        return {}
+    try:
+        return {"dice": mask_dice(label, masks[row], meta.nb_classes)}
+    except (UserError, OSError, RuntimeError) as e:  # an unreadable mask never stops the prediction
+        return {"dice_error": row_error(masks[row], e)}

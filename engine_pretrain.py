@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from util.distributed import is_main_process
+from util.run_folder import RunFolder
 from util.runtime import autocast
+from util.task.record import CheckpointRecord
+from util.train.settings import TrainSettings
 from util.data.transport import to_device
 
 
@@ -34,7 +38,7 @@ def reconstruction_picture(model, img: torch.Tensor, path: str, mask_ratio: floa
     reconstruction, which is the model's output in the masked patches with the visible patches pasted back from
     the input (MAE's convention; the output there is not trained). Written to `path` with `title`; returns the HWC
     uint8 image."""
-    from util.task.visualize import save_reconstruction_figure
+    from util.volume.figure import save_reconstruction_figure
 
     m = model.module if hasattr(model, "module") else model
     was_training = m.training
@@ -94,3 +98,46 @@ def evaluate_reconstruction(model, loader, mask_ratio: float, device: str, preci
     m.train(was_training)
     recon, base = float(sums[0] / sums[2].clamp_min(1)), float(sums[1] / sums[2].clamp_min(1))
     return {"recon_mse": recon, "baseline_mse": base, "ratio": recon / base if base > 0 else float("nan")}
+
+
+class PretrainEpochs:
+    """Pretraining's part of the epoch skeleton (util.train.fit): every checkpoint holds the `base` record (flags,
+    recipe, preprocessing); every `save_every` epochs a numbered checkpoint too; every `vis_every` epochs (and the
+    last) the held-out score of `val` (a loader, or None) and the reconstruction picture of the `shown` set's first
+    volume. `epoch` counts from 0 (as checkpoints store it); every name and line counts from 1."""
+
+    def __init__(self, model, dataset, base: CheckpointRecord, tb, shown, val, folder: RunFolder,
+                 train: TrainSettings, mask_ratio: float, save_every: int, vis_every: int, seed: int):
+        self.model, self.dataset, self.base, self.tb, self.shown, self.val = model, dataset, base, tb, shown, val
+        self.folder, self.train, self.mask_ratio, self.seed = folder, train, mask_ratio, seed
+        self.save_every, self.vis_every, self.epochs = save_every, vis_every, train.schedule.epochs
+
+    def checkpoint_record(self) -> CheckpointRecord:
+        return self.base
+
+    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
+        done = epoch + 1
+        stats["epoch"] = done  # log.txt counts epochs from 1, like the console and the file names
+        if self.dataset.bad_files:
+            stats["skipped_files"] = list(self.dataset.bad_files)
+        also = []
+        if self.save_every and done % self.save_every == 0 and done < self.epochs:  # the last: a link (the script)
+            also.append(self.folder.numbered(done))
+        if self.vis_every and (done % self.vis_every == 0 or done == self.epochs):
+            self.picture(done, stats)
+        return stats, also
+
+    def picture(self, done: int, stats: dict) -> None:
+        """The held-out score (every rank) and the reconstruction picture of the shown volume (rank 0)."""
+        device, precision = self.train.device, self.train.precision
+        title = f"epoch {done}/{self.epochs}  train loss {stats['loss']:.4f}"
+        if self.val is not None:
+            score = evaluate_reconstruction(self.model, self.val, self.mask_ratio, device, precision, self.seed)
+            stats.update({f"val_{k}": v for k, v in score.items()})
+            title += f"  held-out MSE {score['recon_mse']:.4f} (trivial {score['baseline_mse']:.4f})"
+            print(f"epoch {done}/{self.epochs}: held-out masked-patch MSE {score['recon_mse']:.4g}, trivial "
+                  f"reconstruction {score['baseline_mse']:.4g} (ratio {score['ratio']:.2f})")
+        if is_main_process():
+            pic = reconstruction_picture(self.model, self.shown[0][0], self.folder.picture(done), self.mask_ratio,
+                                         device, precision, title)
+            self.tb.image("reconstruction", pic, done)

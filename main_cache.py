@@ -20,8 +20,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from util import args as cli_args
+from util.run_folder import STATUS
+
+if TYPE_CHECKING:
+    from util.volume.preprocess import PreprocessConfig
 
 PREPROCESS_FLAGS = ("input_size", *cli_args.PREPROCESS_FLAGS)
 EXAMPLES = """  python main_cache.py --csv scans.csv --cache_dir /scratch/cache --input_size 256
@@ -73,63 +79,101 @@ def shard_flag(text: str) -> tuple[int, int]:
     return i, n
 
 
+@dataclass(frozen=True)
+class CacheJob:
+    """Every setting of a cache fill, resolved once from the flags (`parse_args`), then only read.
+
+    preprocess: the flags' PreprocessConfig (None with --from_checkpoint: the checkpoint's, with `overrides`, the
+    preprocessing flags typed, applied to it); workers: per process (None: min(CPUs, 16) / processes per machine);
+    shard: (I, N) of --shard, 1-based."""
+    csv: tuple[str, ...]
+    cache_dir: str
+    preprocess: PreprocessConfig | None
+    from_checkpoint: str | None
+    overrides: dict
+    masks: bool
+    workers: int | None
+    shard: tuple[int, int] | None
+    report: bool
+    cache_step: float | None
+
+    @property
+    def status_path(self) -> str:
+        """exit_status.json of --cache_dir; a shard job's own in <cache_dir>/shards/I-of-N/."""
+        folder = os.path.abspath(self.cache_dir)
+        if self.shard:
+            folder = os.path.join(folder, "shards", "{}-of-{}".format(*self.shard))
+        return os.path.join(folder, STATUS)
+
+
+def parse_args(argv: list[str] | None = None) -> CacheJob:
+    def settings(args) -> CacheJob:
+        return cli_args.settings_of(CacheJob, args, preprocess=None if args.from_checkpoint else
+                                    cli_args.preprocess_config(args), masks=not args.no_masks,
+                                    overrides=cli_args.typed_preprocess(args, PREPROCESS_FLAGS),
+                                    shard=tuple(args.shard) if args.shard else None)
+    return cli_args.parse(get_args_parser(), argv, None, settings)
+
+
 cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
 
 # below the parser on purpose: `--help` answers without importing torch or SimpleITK
 from util.data import cache_fill, cache_rows  # noqa: E402
 from util.atomic import ensure_writable_dir, remove_stale_tmp  # noqa: E402
-from util.distributed import cleanup, init_distributed_mode, is_main_process, on_main_then_share  # noqa: E402
-from util.errors import UserError, run_main  # noqa: E402
+from util.cli import run_main  # noqa: E402
+from util.distributed import cleanup, init_distributed, is_main_process, on_main_then_share  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.exit_status import EXIT_PREEMPTED, Preempted  # noqa: E402
+from util.runtime import Runtime  # noqa: E402
 from util.volume.preprocess import PreprocessConfig  # noqa: E402
 
 
-def preprocess_settings(args) -> PreprocessConfig:
+def preprocess_settings(job: CacheJob) -> PreprocessConfig:
     """The flags' PreprocessConfig, or the checkpoint's (--from_checkpoint) with the flags you type overriding it
     through PreprocessConfig.with_overrides (validated again)."""
-    if not args.from_checkpoint:
-        return cli_args.preprocess_config(args)
-    from util.checkpoint import load_checkpoint
+    if not job.from_checkpoint:
+        return job.preprocess
+    from util.task.record import read_record
 
-    saved = load_checkpoint(args.from_checkpoint).get("preprocess")
-    if not isinstance(saved, dict):
-        raise UserError(f"{args.from_checkpoint}: has no saved preprocessing ('preprocess'); give the "
+    saved = read_record(job.from_checkpoint).preprocess
+    if saved is None:
+        raise UserError(f"{job.from_checkpoint}: has no saved preprocessing ('preprocess'); give the "
                         f"preprocessing flags (--input_size, --spacing, ...) instead of --from_checkpoint.")
-    changes = cli_args.typed_preprocess(args, PREPROCESS_FLAGS)
-    if changes:
-        print(f"Preprocessing of {args.from_checkpoint} overridden by "
-              f"{', '.join('--' + k for k in PREPROCESS_FLAGS if k in args.explicit)}.")
-    return PreprocessConfig.from_dict(saved).with_overrides(**changes)
+    if job.overrides:
+        print(f"Preprocessing of {job.from_checkpoint} overridden by "
+              f"{', '.join('--' + ('input_size' if k == 'size' else k) for k in job.overrides)}.")
+    return saved.with_overrides(**job.overrides)
 
 
-def cache_settings(args):
+def cache_settings(job: CacheJob):
     """The CacheSettings the flags ask for, or None (the folder's own, or the defaults for a new folder)."""
     from util.volume.cache import CacheSettings
 
-    return None if args.cache_step is None else CacheSettings(step_hu=args.cache_step)
+    return None if job.cache_step is None else CacheSettings(step_hu=job.cache_step)
 
 
-def check_cache_dir(args) -> None:
+def check_cache_dir(job: CacheJob) -> None:
     """A writable folder of this cache format whose failures.csv, if any, is readable (before any work is done)."""
     from util.volume.cache import VolumeCache
 
-    ensure_writable_dir(args.cache_dir, "--cache_dir")
-    VolumeCache(args.cache_dir, cache_settings(args))  # refuses another format or other settings in one sentence
-    cache_fill.read_failures(os.path.join(args.cache_dir, cache_fill.FAILURES_NAME))
-    if args.shard:
-        os.makedirs(args.output_dir, exist_ok=True)  # this shard's exit_status.json goes there
+    ensure_writable_dir(job.cache_dir, "--cache_dir")
+    VolumeCache(job.cache_dir, cache_settings(job))  # refuses another format or other settings in one sentence
+    cache_fill.read_failures(os.path.join(job.cache_dir, cache_fill.FAILURES_NAME))
+    if job.shard:
+        os.makedirs(os.path.dirname(job.status_path), exist_ok=True)  # this shard's exit_status.json goes there
 
 
-def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:
+def report(job: CacheJob, rt: Runtime, workers: int, cfg: PreprocessConfig, rows, result, started: float) -> None:
     """Rank 0: failures.csv, leftovers of killed writers, and the one-line summary."""
-    listed = cache_fill.update_failures(args.cache_dir, cfg.key(), rows, result.failed, result.finished)
-    removed = remove_stale_tmp(args.cache_dir, recursive=True, older_than=started)  # killed writers' files
+    listed = cache_fill.update_failures(job.cache_dir, cfg.key(), rows, result.failed, result.finished)
+    removed = remove_stale_tmp(job.cache_dir, recursive=True, older_than=started)  # killed writers' files
     if removed:
         print(f"Removed {removed} temporary files left by an interrupted run.")
     per_volume = f", {result.work_seconds / result.done:.1f} s per new volume in a worker" if result.done else ""
-    print(f"Cache {args.cache_dir}: {result.done} done (newly cached), {result.cached} already cached, "
-          f"{len(result.failed)} failed, {result.bytes / 2 ** 30:.3f} GiB ({result.bytes:,} bytes) written, {time.time() - started:.1f} s "
-          f"({args.world_size} process{'es' if args.world_size > 1 else ''} x {args.workers} workers{per_volume}).")
+    print(f"Cache {job.cache_dir}: {result.done} done (newly cached), {result.cached} already cached, "
+          f"{len(result.failed)} failed, {result.bytes / 2 ** 30:.3f} GiB ({result.bytes:,} bytes) written, "
+          f"{time.time() - started:.1f} s ({rt.world_size} process{'es' if rt.world_size > 1 else ''} x {workers} "
+          f"workers{per_volume}).")
     if result.stopped:
         left = len(rows) - len(result.finished)
         print(f"Stopped by {result.stopped}: {left} of {len(rows)} rows not done yet; rerun the same command to "
@@ -140,29 +184,28 @@ def report(args, cfg: PreprocessConfig, rows, result, started: float) -> None:
               f"reasons in {listed}.", file=sys.stderr)
 
 
-def main(args) -> int:
+def main(job: CacheJob) -> int:
     started = time.time()
-    args.device = "cpu"  # gloo: no GPU needed, ranks on CPU-only machines
-    init_distributed_mode(args)
-    args.workers = args.workers or cache_fill.default_workers()
-    cfg = preprocess_settings(args)
-    rows = cache_fill.read_rows(args.csv, masks=not args.no_masks, cfg=cfg)
+    rt = init_distributed("cpu")  # gloo: no GPU needed, ranks on CPU-only machines
+    workers = job.workers or cache_fill.default_workers()
+    cfg = preprocess_settings(job)
+    rows = cache_fill.read_rows(list(job.csv), masks=job.masks, cfg=cfg)
     part = ""
-    if args.shard:
-        part = f" (shard {args.shard[0]} of {args.shard[1]}: {{}} of {len(rows)} rows)"
-        rows = cache_rows.shard_rows(rows, *args.shard)
+    if job.shard:
+        part = f" (shard {job.shard[0]} of {job.shard[1]}: {{}} of {len(rows)} rows)"
+        rows = cache_rows.shard_rows(rows, *job.shard)
         part = part.format(len(rows))
-    on_main_then_share(lambda: check_cache_dir(args))
-    if args.report:
-        code = report_missing(args, cfg, rows) if is_main_process() else 0
+    on_main_then_share(lambda: check_cache_dir(job))
+    if job.report:
+        code = report_missing(job, cfg, rows) if is_main_process() else 0
         cleanup()
         return code
-    print(f"Caching {len(rows)} rows{part} of {', '.join(args.csv)} into {args.cache_dir} with {args.world_size} "
-          f"process{'es' if args.world_size > 1 else ''} x {args.workers} workers; preprocessing "
+    print(f"Caching {len(rows)} rows{part} of {', '.join(job.csv)} into {job.cache_dir} with {rt.world_size} "
+          f"process{'es' if rt.world_size > 1 else ''} x {workers} workers; preprocessing "
           f"{cfg.to_dict()} (key {cfg.key()}).")
-    result = cache_fill.fill_cache(rows, cfg, args.cache_dir, args.workers, args.rank, args.world_size)
+    result = cache_fill.fill_cache(rows, cfg, job.cache_dir, workers, rt.rank, rt.world_size)
     if is_main_process():
-        report(args, cfg, rows, result, started)
+        report(job, rt, workers, cfg, rows, result, started)
     cleanup()
     if result.stopped:
         raise Preempted(f"Cache fill stopped by {result.stopped} after {len(result.finished)} of {len(rows)} rows; "
@@ -170,13 +213,13 @@ def main(args) -> int:
     return 2 if result.failed and is_main_process() else 0
 
 
-def report_missing(args, cfg: PreprocessConfig, rows) -> int:
+def report_missing(job: CacheJob, cfg: PreprocessConfig, rows) -> int:
     """--report: one line of totals, the first missing rows, <cache_dir>/missing.csv; 2 when any row is missing."""
     from util.volume.cache import VolumeCache
 
-    missing = cache_rows.report_missing(rows, cfg, VolumeCache(args.cache_dir))
+    missing = cache_rows.report_missing(rows, cfg, VolumeCache(job.cache_dir))
     failed = sum(m["state"] == "failed" for m in missing)
-    print(f"Cache {args.cache_dir}: {len(rows) - len(missing)} of {len(rows)} rows cached, {failed} failed, "
+    print(f"Cache {job.cache_dir}: {len(rows) - len(missing)} of {len(rows)} rows cached, {failed} failed, "
           f"{len(missing) - failed} missing (preprocessing {cfg.key()}).")
     if not missing:
         return 0
@@ -185,17 +228,15 @@ def report_missing(args, cfg: PreprocessConfig, rows) -> int:
         print(f"  {m['state']}: {m['where']}: {why}", file=sys.stderr)
     more = f" ({len(missing) - 10} more)" if len(missing) > 10 else ""
     print(f"{len(missing)} of {len(rows)} rows are not cached{more}; all are listed in "
-          f"{os.path.join(args.cache_dir, cache_rows.MISSING_NAME)}; rerun the fill, which skips what is cached "
+          f"{os.path.join(job.cache_dir, cache_rows.MISSING_NAME)}; rerun the fill, which skips what is cached "
           f"(failed rows: fix or drop the files).", file=sys.stderr)
     return 2
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: the command line), fill the cache, return the exit status (0, or 2: rows failed)."""
-    args = cli_args.parse(get_args_parser(), argv)
-    if args.shard:  # each shard job has its own exit_status.json (util.exit_status writes it into output_dir)
-        args.output_dir = os.path.join(os.path.abspath(args.cache_dir), "shards", "{}-of-{}".format(*args.shard))
-    return run_main(main, args)
+    job = parse_args(argv)
+    return run_main(main, job, job.status_path)
 
 
 if __name__ == "__main__":

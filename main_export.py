@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from util import args as cli_args
 from util.task.flags import HEAD_TASKS
@@ -53,8 +54,26 @@ def get_args_parser():
     return p
 
 
-def parse_args(argv: list[str] | None = None):
-    return cli_args.parse(get_args_parser(), argv)
+@dataclass(frozen=True)
+class ExportSettings:
+    """The flags of an export, as read once (`parse_args`): the input checkpoint or folder, the output folder, and
+    what else goes in (ONNX graphs, an evaluation summary, the data manifest, the card's title and license)."""
+    checkpoint: str
+    folder: str
+    onnx: bool
+    opset: int
+    evaluation: str | None
+    with_manifest: bool
+    title: str | None
+    license: str | None
+    input_size: tuple[int, int, int] | None
+    head_mode: str | None
+
+
+def parse_args(argv: list[str] | None = None) -> ExportSettings:
+    def settings(args) -> ExportSettings:
+        return cli_args.settings_of(ExportSettings, args)
+    return cli_args.parse(get_args_parser(), argv, None, settings)
 
 
 cli_args.parse_before_imports(__name__, get_args_parser)
@@ -63,13 +82,15 @@ import shutil  # noqa: E402
 import torch  # noqa: E402
 
 from models_hub import build, describe, load_strict, manifest_beside  # noqa: E402
-from util.checkpoint import load_checkpoint, state_dict_of  # noqa: E402
+from util.checkpoint import load_checkpoint  # noqa: E402
+from util.cli import run_main  # noqa: E402
 from util.data.manifest import read_manifest  # noqa: E402
-from util.errors import UserError, run_main  # noqa: E402
+from util.errors import UserError  # noqa: E402
 from util.model_card import model_card  # noqa: E402
 from util.model_folder import (CARD, CONFIG, ENCODER_ONNX, HEAD_ONNX, WEIGHTS, check_destination,  # noqa: E402
                                check_weights, meta_of, save_weights, sha256_of, staged_folder, write_json)
 from util.task.meta import RunMeta  # noqa: E402
+from util.task.record import read_record  # noqa: E402
 
 
 def read_evaluation(path: str | None) -> str | None:
@@ -87,7 +108,7 @@ def read_evaluation(path: str | None) -> str | None:
                         f"writes.") from None
 
 
-def find_manifest(args, config: dict) -> str:
+def find_manifest(args: ExportSettings, config: dict) -> str:
     """--with_manifest: the data manifest the checkpoint names, beside it (or in the input folder), checked against
     the SHA-256 the checkpoint recorded."""
     prov = config["provenance"]
@@ -178,12 +199,12 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: str, inputs: l
     return {"file": os.path.basename(path), "opset": opset, "sha256": sha256_of(path), "max_abs_diff": diff}
 
 
-def main(args) -> int:
+def main(args: ExportSettings) -> int:
     check_destination(args.folder, args.checkpoint)
     evaluation = read_evaluation(args.evaluation)
-    ckpt = load_checkpoint(args.checkpoint)
-    config = describe(ckpt, args.checkpoint, args.input_size, args.head_mode)
-    sd = state_dict_of(ckpt)
+    rec = read_record(args.checkpoint)
+    config = describe(rec, args.checkpoint, args.input_size, args.head_mode)
+    sd = rec.weights
     check_weights(config, sd, args.checkpoint)
     model, model_sd = build(config, sd, where=args.checkpoint)
     load_strict(model, model_sd, args.checkpoint)  # the folder will load: refused before anything is written
@@ -212,7 +233,8 @@ def main(args) -> int:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: the command line), export, return the exit status."""
-    return run_main(main, parse_args(argv))
+    args = parse_args(argv)
+    return run_main(main, args, None)  # a refused or failed export leaves nothing, so there is no status to say
 
 
 if __name__ == "__main__":

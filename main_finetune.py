@@ -12,9 +12,19 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from util import args as cli_args
-from util.task.flags import FLAG_CHOICES
+from util.errors import UserError
+from util.nn.registry import ModelSpec
+from util.run_folder import EVAL_METRICS, RunFolder, status_beside
+from util.task.flags import FLAG_CHOICES, is_dense
+from util.train.settings import Optimization, RunOptions
+
+if TYPE_CHECKING:  # (torch and SimpleITK are imported after the parser: --help answers at once)
+    from util.task.tasks import Task
+    from util.volume.preprocess import PreprocessConfig
 
 DEMO_DIR, DEMO_PRETRAIN = "demo_data", os.path.join("output_dir", "demo_pretrain")
 # Demo: the MAE linear probe of the demo encoder (frozen; BatchNorm + linear head), the whole training split in
@@ -86,9 +96,61 @@ def get_args_parser():
     return p
 
 
-def parse_args(argv: list[str] | None = None):
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Every setting of a finetuning (or --eval) run, resolved once from the flags (`parse_args`), then only read
+    (`adopt` makes new ones with the --finetune encoder's sizes and preprocessing). task: the flags' Task (its
+    classes come from the labels); finetune: the pretrained file or folder (None: random weights); checkpoint:
+    --eval's file; best_metric: None for the task's default; typed: the flags the user typed."""
+    model: ModelSpec
+    optim: Optimization
+    run: RunOptions
+    preprocess: PreprocessConfig
+    task: Task
+    train_csv: str | None
+    val_csv: str | None
+    test_csv: str | None
+    label_columns: tuple[str, ...] | None
+    nb_classes: int | None
+    pos_weight: tuple[str, ...] | None
+    class_weights: str
+    smoothing: float
+    fg_prob: float
+    intensity_jitter: float
+    cache_dir: str | None
+    crops_per_volume: int
+    pool: str
+    feature_size: int
+    drop_path: float
+    layer_decay: float
+    finetune: str | None
+    linprobe: bool
+    eval: bool
+    checkpoint: str | None
+    metrics_json: str | None
+    best_metric: str | None
+    sw_batch_size: int
+    sw_overlap: float
+    demo: bool
+    typed: frozenset
+
+    @property
+    def status_path(self) -> str:
+        """exit_status.json of the run folder; --eval: beside its metrics file (never the training run's)."""
+        return status_beside(self.eval_output) if self.eval else RunFolder(self.run.output_dir).status
+
+    @property
+    def eval_output(self) -> str:
+        """--eval's metrics file: --metrics_json, else eval_metrics.json in --output_dir or beside the checkpoint."""
+        folder = self.run.output_dir if "output_dir" in self.typed else os.path.dirname(os.path.abspath(
+            self.checkpoint or "."))
+        return self.metrics_json or os.path.join(folder, EVAL_METRICS)
+
+
+def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
     """Parse `argv` (default: the command line); the demo preset (no CSV given) and the linear-probe recipe for
-    the flags not typed; say when the encoder starts from random weights; then the flags' cross checks."""
+    the flags not typed; say when the encoder starts from random weights; then the flags' cross checks and the
+    settings."""
     def presets(args) -> None:
         args.demo = not (args.train_csv or args.val_csv or args.test_csv)
         if args.demo:
@@ -99,38 +161,29 @@ def parse_args(argv: list[str] | None = None):
         if not args.eval and args.finetune in (None, "", "none"):
             typed = "--finetune none" if "finetune" in args.explicit else "no --finetune"
             cli_args.announce(f"{typed}: the encoder starts from random weights.")
-    return cli_args.parse(get_args_parser(), argv, presets)
+        args.output_dir = args.output_dir or os.path.join("output_dir", "finetune")
+
+    def settings(args) -> FinetuneSettings:
+        from util.task.tasks import from_flags
+
+        if is_dense(args.task) and (args.linprobe or args.regression):
+            raise UserError("--task segmentation cannot be combined with --linprobe or --regression.")
+        if not args.eval and not args.train_csv:
+            raise UserError("Training needs --train_csv (and usually --val_csv); or pass --eval to score a "
+                            "checkpoint.")
+        finetune = None if args.finetune in (None, "none", "") else args.finetune
+        if finetune == "demo":
+            finetune = None if args.eval else demo_checkpoint()
+        return cli_args.settings_of(
+            FinetuneSettings, args, finetune=finetune, model=cli_args.model_spec(args),
+            optim=cli_args.optimization(args), run=cli_args.run_options(args, args.output_dir), preprocess=cli_args.preprocess_config(args),
+            task=from_flags(args.task, args.regression, len(args.label_columns or ["Label"])),
+            checkpoint=eval_checkpoint(args) if args.eval else None, typed=cli_args.typed_flags(args))
+    return cli_args.parse(get_args_parser(), argv, presets, settings)
 
 
-cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
-
-# the heavy imports come after the parser on purpose (`--help` in a fraction of a second, not 10 s and 1 GB)
-import torch  # noqa: E402
-
-import models_vit3d  # noqa: E402
-from datasets_three_d_fine import Custom3DDataset  # noqa: E402
-from engine_finetune import EvalSettings, Supervised, build_optimizer, evaluate  # noqa: E402
-from models_build import (adopt_encoder_sizes, build_model_from_meta, finetune_workload,  # noqa: E402
-                          model_from_checkpoint, training_meta)
-from util.train import budget, trainer  # noqa: E402
-from util.atomic import ensure_writable_dir, write_text  # noqa: E402
-from util.checkpoint import best_or_last, load_checkpoint, plain, state_dict_of  # noqa: E402
-from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
-from util.errors import UserError, run_main  # noqa: E402
-from util.logger import TBLogger, describe_outputs  # noqa: E402
-from util.run_folder import EVAL_METRICS, TEST_METRICS, RunFolder  # noqa: E402
-from util.train.fit import TrainData, fit  # noqa: E402
-from util.train.loop import TrainParts  # noqa: E402
-from util.task.metrics import summary_line  # noqa: E402
-from util.volume.preprocess import PreprocessConfig  # noqa: E402
-from util.data.sampler import EvalShardSampler  # noqa: E402
-from util.task.meta import RunMeta  # noqa: E402
-from util.task.tasks import Task, from_flags  # noqa: E402
-from util.triple import check_sizes  # noqa: E402
-
-
-def resolve_demo_checkpoint() -> str:
-    """The demo pretraining weights made by `python main_pretrain.py`, or a one-sentence exit saying so."""
+def demo_checkpoint() -> str:
+    """The demo pretraining weights made by `python main_pretrain.py`, or a one-sentence refusal saying so."""
     folder = RunFolder(DEMO_PRETRAIN)
     for path in (folder.pretrained, folder.last):
         if os.path.isfile(path):
@@ -139,236 +192,190 @@ def resolve_demo_checkpoint() -> str:
                     f"run `python main_pretrain.py` first to make it, or pass --finetune none to train from scratch.")
 
 
-def make_dataset(csv_path: str, train: bool, args, preprocess, task: Task | None = None,
-                 nb_classes: int | None = None):
-    """Training set (random crops, flips) or eval set (centre crop; whole volumes for label maps); the task of
-    the flags unless given."""
-    task = task or from_flags(args.task, args.regression, len(args.label_columns or ["Label"]))
-    return Custom3DDataset(csv_path, input_size=args.input_size, train=train, preprocess=preprocess, task=task,
-                           label_columns=args.label_columns, cache_dir=args.cache_dir,
-                           seed=args.seed, fg_prob=args.fg_prob, intensity_jitter=args.intensity_jitter if train
-                           else 0.0, nb_classes=nb_classes or args.nb_classes,
+def eval_checkpoint(args) -> str:
+    """--eval's checkpoint: --resume PATH (or --finetune), else the best (or last) of --output_dir."""
+    path = next((p for p in (args.resume, args.finetune) if p not in (None, "", "auto", "none", "demo")), None)
+    path = path or RunFolder(args.output_dir).best_or_last()
+    if path is None:
+        raise UserError(f"--eval needs a finetuned checkpoint: pass --resume PATH (none found in {args.output_dir}).")
+    if not args.val_csv:
+        raise UserError("--eval needs --val_csv (a CSV with Path and label columns).")
+    return path
+
+
+cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
+
+# the heavy imports come after the parser on purpose (`--help` in a fraction of a second, not 10 s and 1 GB)
+from dataclasses import replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from datasets_three_d_fine import Custom3DDataset  # noqa: E402
+from engine_finetune import EvalSettings, FinetuneEpochs, Supervised, build_optimizer, evaluate  # noqa: E402
+from models_build import (adopt_encoder, describe_step, finetune_model, finetune_workload,  # noqa: E402
+                          model_from_record, training_meta)
+from util.atomic import ensure_writable_dir, write_text  # noqa: E402
+from util.cli import run_main  # noqa: E402
+from util.distributed import barrier, cleanup, is_main_process  # noqa: E402
+from util.logger import TBLogger, describe_outputs  # noqa: E402
+from util.run_folder import TEST_METRICS  # noqa: E402
+from util.runtime import Runtime  # noqa: E402
+from util.task.record import CheckpointRecord, read_record, require  # noqa: E402
+from util.train import budget, trainer  # noqa: E402
+from util.train.fit import TrainData, fit  # noqa: E402
+from util.train.loop import TrainParts  # noqa: E402
+from util.train.settings import TrainSettings  # noqa: E402
+from util.data.sampler import EvalShardSampler  # noqa: E402
+
+
+def make_dataset(csv_path: str, train: bool, s: FinetuneSettings, task: Task, nb_classes: int | None = None):
+    """Training set (random crops, flips) or eval set (centre crop; whole volumes for label maps)."""
+    return Custom3DDataset(csv_path, input_size=s.model.input_size, train=train, preprocess=s.preprocess, task=task,
+                           label_columns=list(s.label_columns) if s.label_columns is not None else None,
+                           cache_dir=s.cache_dir, seed=s.run.seed, fg_prob=s.fg_prob,
+                           intensity_jitter=s.intensity_jitter if train else 0.0,
+                           nb_classes=nb_classes or s.nb_classes,
                            whole_volume=not train and task.dense,  # for sliding windows
-                           crops_per_volume=args.crops_per_volume if train else 1)
+                           crops_per_volume=s.crops_per_volume if train else 1)
 
 
-def make_eval_loader(ds, args):
-    return torch.utils.data.DataLoader(ds, batch_size=1 if ds.task_type.dense else args.batch_size,
-                                       sampler=EvalShardSampler(len(ds), args.rank, args.world_size),
-                                       num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
-                                       worker_init_fn=trainer.worker_init if args.num_workers else None)
+def make_eval_loader(ds, s: FinetuneSettings, train: TrainSettings):
+    return torch.utils.data.DataLoader(ds, batch_size=1 if ds.task_type.dense else train.batch_size,
+                                       sampler=EvalShardSampler(len(ds), train.rank, train.world_size),
+                                       num_workers=s.run.num_workers, pin_memory=train.device.startswith("cuda"),
+                                       worker_init_fn=trainer.worker_init if s.run.num_workers else None)
 
 
-def build_model(args, meta: RunMeta):
-    """Model for `meta`, encoder loaded from --finetune, head initialised, encoder frozen for --linprobe."""
-    meta = RunMeta.from_dict(meta)
-    model = build_model_from_meta(meta, drop_path=args.drop_path)
-    vit = models_vit3d.backbone(model)
-    if args.finetune:
-        load_finetune(vit, args)
-    if not meta.task.dense:  # UNETR's output convolution keeps its own initialisation
-        head = model.head[-1] if args.linprobe else model.head
-        torch.nn.init.trunc_normal_(head.weight, std=0.01 if args.linprobe else 2e-5)
-        torch.nn.init.zeros_(head.bias)
-    if args.linprobe:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("head.")
-    if args.grad_checkpointing:
-        vit.set_grad_checkpointing(True)
-    model.to(args.device)
-    if args.compile:  # blocks differ in drop-path rate (and train/eval), so each compiles its own graphs
-        dyn = torch._dynamo.config
-        name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-        setattr(dyn, name, max(getattr(dyn, name), 4 * len(vit.blocks)))
-        for blk in vit.blocks:
-            blk.compile(dynamic=False)  # static shapes: one graph per (block, sequence length)
-    return model
+def adopt(s: FinetuneSettings, init: CheckpointRecord | None) -> FinetuneSettings:
+    """The settings with the --finetune encoder's size, patch, input size and preprocessing where not typed."""
+    if init is None:
+        return s
+    model, preprocess = adopt_encoder(init, s.model, s.preprocess, s.typed, s.finetune)
+    return replace(s, model=model, preprocess=preprocess)
 
 
-def load_finetune(vit, args) -> None:
-    """Load a pretrained encoder (our MAE, TANGERINE, or a finetuned ViT) into `vit`."""
-    try:
-        ckpt = load_checkpoint(args.finetune)
-        info = models_vit3d.load_pretrained_encoder(vit, ckpt, verbose=True)
-    except ValueError as e:
-        msg = str(e)
-        raise UserError(msg if args.finetune in msg else f"--finetune {args.finetune}: {msg}") from None
-    if not info["loaded"]:
-        raise UserError(f"--finetune {args.finetune} holds no weights of the {args.model} encoder.")
-    pre = ckpt.get("preprocess") or {}
-    for key in ("window", "orientation"):
-        if key in pre and plain(pre[key]) != plain(getattr(args, key)):
-            print(f"WARNING: {args.finetune} was pretrained with --{key} {pre[key]}; this run uses "
-                  f"{plain(getattr(args, key))}.")
-    print(f"Loaded {len(info['loaded'])} tensors from {args.finetune}.")
-
-
-class FinetuneEpochs:
-    """Finetuning's part of the epoch skeleton (util.train.fit): score --val_csv after each epoch, keep the best
-    record (checkpoint-best.pth when it improves; without validation there is no best), print one line with the
-    training loss, the validation loss and the task's metrics. Every checkpoint holds the recipe, the RunMeta, the
-    preprocessing, the loss weights, the best record and the last metrics."""
-    prints_epoch_line = True  # the epoch's line covers its last step: no progress line for it (util.train.loop)
-
-    def __init__(self, args, model, criterion, val_loader, eval_settings, meta: RunMeta, fields: dict, best: dict):
-        self.args, self.model, self.criterion, self.val_loader = args, model, criterion, val_loader
-        self.eval_settings, self.meta, self.fields, self.best, self.metrics = eval_settings, meta, fields, best, {}
-
-    def checkpoint_fields(self) -> dict:
-        return dict(self.fields, best=self.best, metrics=self.metrics)
-
-    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
-        args = self.args
-        metrics = evaluate(self.model, self.criterion, self.val_loader, self.eval_settings, self.meta) \
-            if self.val_loader else {}
-        if metrics and args.best_metric not in metrics:
-            raise UserError(f"--best_metric {args.best_metric} is not computed here; choose one of {sorted(metrics)}.")
-        improved = bool(metrics) and self.meta.task.is_better(metrics[args.best_metric], self.best.get("value"),
-                                                              args.best_metric)
-        if improved:
-            self.best = {"metric": args.best_metric, "value": metrics[args.best_metric], "epoch": epoch}
-        self.metrics = metrics
-        line = f"epoch {epoch + 1}/{args.epochs}: train loss {stats['loss']:.4f}"
-        if metrics:  # best['epoch'] counts from 0, as the checkpoint's 'epoch'
-            line += (f"; val {summary_line(metrics, (args.best_metric,))} (best {args.best_metric} "
-                     f"{self.best.get('value', float('nan')):.4f} at epoch {self.best.get('epoch', 0) + 1})")
-        print(line, flush=True)
-        stats = {**{f"train_{k}": v for k, v in stats.items()}, **{f"val_{k}": v for k, v in metrics.items()},
-                 "epoch": epoch + 1}  # log.txt counts epochs from 1, like the console
-        return stats, [RunFolder(args.output_dir).best] if improved else []
-
-
-def train(args, preprocess) -> None:
-    task = from_flags(args.task, args.regression, len(args.label_columns or ["Label"]))
-    train_ds = make_dataset(args.train_csv, True, args, preprocess, task)
-    sampler, loader = trainer.train_loader(train_ds, args, args.train_csv)
-    k = None if (task.continuous or task.multi_label) else train_ds.nb_classes  # same classes everywhere
-    val_loader, test_loader = (make_eval_loader(make_dataset(p, False, args, preprocess, task, k), args) if p
-                               else None for p in (args.val_csv, args.test_csv))
-    nb_classes = args.nb_classes or int(train_ds.nb_classes)
-    meta = training_meta(task.resolve(nb_classes), args, train_ds.label_names, nb_classes)
+def train(s: FinetuneSettings, rt: Runtime, train_s: TrainSettings, init: CheckpointRecord | None) -> str | None:
+    """Data, model, optimizer, resume, then the epochs (util.train.fit); returns the best metric, or None when the
+    folder already held every epoch."""
+    train_ds = make_dataset(s.train_csv, True, s, s.task)
+    sampler, loader = trainer.train_loader(train_ds, train_s, s.run.num_workers, s.train_csv)
+    k = None if (s.task.continuous or s.task.multi_label) else train_ds.nb_classes  # same classes everywhere
+    val_loader, test_loader = (make_eval_loader(make_dataset(p, False, s, s.task, k), s, train_s) if p
+                               else None for p in (s.val_csv, s.test_csv))
+    nb_classes = s.nb_classes or int(train_ds.nb_classes)
+    columns = list(s.label_columns or ["Label"])
+    meta = training_meta(s.task.resolve(nb_classes), s.model, train_ds.label_names, columns, nb_classes, s.pool,
+                         s.feature_size, s.linprobe)
     task = meta.task
-    args.best_metric = args.best_metric or task.best_metric
-    weights = task.loss_weights(train_ds.targets, train_ds.class_counts, args.pos_weight, args.class_weights)
-    criterion = task.criterion(args.smoothing, weights, args.device)
-    model = build_model(args, meta)
+    best_metric = s.best_metric or task.best_metric
+    weights = task.loss_weights(train_ds.targets, train_ds.class_counts,
+                                list(s.pos_weight) if s.pos_weight else None, s.class_weights)
+    criterion = task.criterion(s.smoothing, weights, rt.device)
+    model = finetune_model(meta, init, s.finetune, drop_path=s.drop_path, linprobe=s.linprobe,
+                           grad_checkpointing=s.run.grad_checkpointing, compile=s.run.compile, device=rt.device)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shown = f"{n_train / 1e6:.2f}M" if n_train >= 10 ** 5 else str(n_train)  # a linear probe: a few hundred
-    print(f"{args.model} ({task.name}, {meta.nb_outputs} outputs, {shown} trainable): input "
-          f"{args.input_size}, {len(train_ds.paths)} training volumes, effective batch {args.effective_batch}, "
-          f"lr {args.lr:.3g}, precision {args.precision}")
-    optimizer = build_optimizer(model, trainer.settings(args), args.weight_decay, args.layer_decay, args.linprobe)
-    parts = TrainParts(model, trainer.wrap_ddp(model, args), optimizer, trainer.grad_scaler(args))
-    recipe = trainer.recipe_of(args, dict(train_csv=os.path.abspath(args.train_csv), mode=task.name,
-                                          nb_outputs=meta.nb_outputs, global_pool=args.pool, linprobe=args.linprobe,
-                                          finetune=args.finetune, preprocess=preprocess.to_dict(),
-                                          table=trainer.table_fingerprint(train_ds)))
-    path, ckpt = trainer.load_resume(args, recipe)
-    start_epoch, progress = trainer.restore(path, ckpt, parts, f"this {args.model} {task.name} model",
-                                            args.epochs) if path else (0, None)
-    if trainer.already_complete(args, start_epoch, progress):
-        args.already_complete = True
-        return
-    for flag, csv, ld in (("--val_csv", args.val_csv, val_loader), ("--test_csv", args.test_csv, test_loader)):
+    print(f"{s.model.name} ({task.name}, {meta.nb_outputs} outputs, {shown} trainable): input "
+          f"{list(s.model.input_size)}, {len(train_ds.paths)} training volumes, effective batch "
+          f"{train_s.effective_batch}, lr {train_s.schedule.lr:.3g}, precision {train_s.precision}")
+    optimizer = build_optimizer(model, train_s, s.optim.weight_decay, s.layer_decay, s.linprobe)
+    parts = TrainParts(model, trainer.wrap_ddp(model, rt), optimizer, trainer.grad_scaler(train_s))
+    recipe = trainer.recipe_of(s.model, train_s, dict(train_csv=os.path.abspath(s.train_csv), mode=task.name,
+                                                      nb_outputs=meta.nb_outputs, global_pool=s.pool,
+                                                      linprobe=s.linprobe, finetune=s.finetune,
+                                                      table=trainer.table_fingerprint(train_ds)))
+    path, rec = trainer.load_resume(s.run, recipe, s.preprocess)
+    start_epoch, progress = trainer.restore(path, rec, parts, f"this {s.model.name} {task.name} model",
+                                            s.optim.epochs) if path else (0, None)
+    if trainer.already_complete(s.run.output_dir, s.optim.epochs, start_epoch, progress):
+        return None
+    for flag, csv, ld in (("--val_csv", s.val_csv, val_loader), ("--test_csv", s.test_csv, test_loader)):
         if ld is not None:
             trainer.check_readable(ld.dataset, f"{flag} {csv}")
-    eval_settings = EvalSettings(args.device, args.precision, args.sw_batch_size, args.sw_overlap)
-    fields = dict(recipe=recipe, meta=meta.to_dict(), preprocess=preprocess.to_dict(), loss_weights=weights)
-    epochs = FinetuneEpochs(args, model, criterion, val_loader, eval_settings, meta, fields, ckpt.get("best") or {})
+    eval_settings = EvalSettings(train_s.device, train_s.precision, s.sw_batch_size, s.sw_overlap)
+    flags = cli_args.flags_record(s, lr=train_s.schedule.lr, effective_batch=train_s.effective_batch,
+                                  precision=train_s.precision, warmup_epochs=train_s.schedule.warmup_epochs,
+                                  world_size=train_s.world_size, best_metric=best_metric)
+    base = CheckpointRecord(weights={}, args=flags, recipe=recipe, preprocess=s.preprocess, meta=meta,
+                            loss_weights=weights, best=rec.best if rec else None, smoothing=s.smoothing)
+    epochs = FinetuneEpochs(model, criterion, val_loader, eval_settings, meta, base, best_metric, s.optim.epochs,
+                            RunFolder(s.run.output_dir).best)
     if val_loader is None:
         print("No --val_csv: nothing is validated, so there is no best epoch and no checkpoint-best.pth; "
               + ("--test_csv is scored with checkpoint-last.pth." if test_loader is not None else
                  "checkpoint-last.pth holds the last epoch."))
-    fit(args, parts, TrainData(train_ds, sampler, loader), Supervised(criterion, task, args.device), epochs,
-        start_epoch, progress, TBLogger(args.log_dir))
+    fit(s.run, train_s, parts, TrainData(train_ds, sampler, loader, s.cache_dir),
+        Supervised(criterion, task, rt.device), epochs, start_epoch, progress, TBLogger(s.run.log_dir))
     if test_loader is not None:
-        score_test(args, model, criterion, test_loader, meta, eval_settings)
+        score_test(s, model, criterion, test_loader, meta, eval_settings)
+    return best_metric
 
 
-def score_test(args, model, criterion, loader, meta, eval_settings) -> None:
+def score_test(s: FinetuneSettings, model, criterion, loader, meta, eval_settings) -> None:
     """Score --test_csv once with the best checkpoint (the last one when there is no validation set)."""
-    path = best_or_last(args.output_dir)
-    model.load_state_dict(state_dict_of(load_checkpoint(path)))
+    path = RunFolder(s.run.output_dir).best_or_last()
+    model.load_state_dict(read_record(path).weights)
     metrics = evaluate(model, criterion, loader, eval_settings, meta)
-    print(f"Test ({args.test_csv}, {os.path.basename(path)}): {json.dumps(metrics)}")
-    if is_main_process():
-        write_text(RunFolder(args.output_dir).file(TEST_METRICS),
-                   json.dumps({"checkpoint": path, "csv": args.test_csv, **metrics}, indent=1))
+    print(f"Test ({s.test_csv}, {os.path.basename(path)}): {json.dumps(metrics)}")
+    write_metrics(RunFolder(s.run.output_dir).file(TEST_METRICS), path, s.test_csv, metrics)
 
 
-def run_eval(args) -> dict:
-    """Score a finetuned checkpoint on --val_csv with the preprocessing and model saved in it."""
-    path = next((p for p in (args.resume, args.finetune) if p not in (None, "", "auto", "none", "demo")), None)
-    folder = args.output_dir or os.path.join("output_dir", "finetune")
-    path = path or best_or_last(folder)
-    if path is None:
-        raise UserError(f"--eval needs a finetuned checkpoint: pass --resume PATH (none found in {folder}).")
-    ckpt = load_checkpoint(path)
-    saved = ckpt.get("args") or {}
-    if ckpt.get("meta") is None:
-        raise UserError(f"{path} is not a finetuned checkpoint (it has no 'meta'); --eval scores the checkpoints "
-                        f"written by main_finetune.py.")
-    meta = RunMeta.from_dict(ckpt["meta"], path)
-    if not args.val_csv:
-        raise UserError("--eval needs --val_csv (a CSV with Path and label columns).")
-    model = model_from_checkpoint(ckpt, meta).to(args.device)
-    preprocess = PreprocessConfig.from_dict(ckpt["preprocess"])
-    args.input_size, args.label_columns = meta.input_size, args.label_columns or list(meta.label_columns) or None
+def run_eval(s: FinetuneSettings, train_s: TrainSettings) -> dict:
+    """Score a finetuned checkpoint on --val_csv with the model, preprocessing and loss saved in it."""
+    rec = require(read_record(s.checkpoint), "--eval", meta=True)
+    meta = rec.meta
+    s = replace(s, model=ModelSpec(meta.model, meta.input_size, meta.patch_size, meta.in_chans),
+                preprocess=rec.preprocess, label_columns=s.label_columns or meta.label_columns or None)
     k = None if (meta.task.continuous or meta.task.multi_label) else meta.nb_classes
-    loader = make_eval_loader(make_dataset(args.val_csv, False, args, preprocess, meta.task, k), args)
-    criterion = meta.task.criterion(saved.get("smoothing", 0.0), ckpt.get("loss_weights"), args.device)
-    metrics = evaluate(model, criterion, loader, EvalSettings(args.device, args.precision, args.sw_batch_size,
-                                                               args.sw_overlap), meta)
-    out = args.metrics_json or os.path.join(args.output_dir or os.path.dirname(os.path.abspath(path)),
-                                            EVAL_METRICS)
-    print(f"Eval of {path} on {args.val_csv}: {json.dumps(metrics)}")
-    if is_main_process():
-        ensure_writable_dir(os.path.dirname(os.path.abspath(out)), "--metrics_json folder")
-        write_text(out, json.dumps({"checkpoint": path, "csv": args.val_csv, **metrics}, indent=1))
-    print(f"Metrics written to {out}")
+    loader = make_eval_loader(make_dataset(s.val_csv, False, s, meta.task, k), s, train_s)
+    metrics = evaluate(model_from_record(rec, meta).to(train_s.device),
+                       meta.task.criterion(rec.smoothing, rec.loss_weights, train_s.device), loader,
+                       EvalSettings(train_s.device, train_s.precision, s.sw_batch_size, s.sw_overlap), meta)
+    print(f"Eval of {s.checkpoint} on {s.val_csv}: {json.dumps(metrics)}")
+    write_metrics(s.eval_output, s.checkpoint, s.val_csv, metrics, "--metrics_json folder")
+    print(f"Metrics written to {s.eval_output}")
     return metrics
 
 
-def main(args) -> None:
-    trainer.start(args)
-    if args.demo:
+def write_metrics(path: str, checkpoint: str, csv: str, metrics: dict, folder_flag: str | None = None) -> None:
+    """Rank 0: {'checkpoint', 'csv', metric...} as JSON (the folder checked first when a flag chose it)."""
+    if is_main_process():
+        if folder_flag:
+            ensure_writable_dir(os.path.dirname(os.path.abspath(path)), folder_flag)
+        write_text(path, json.dumps({"checkpoint": checkpoint, "csv": csv, **metrics}, indent=1))
+
+
+def main(s: FinetuneSettings) -> None:
+    rt, train_s = trainer.start(s.run, s.optim, epoch_line=True)  # one line per epoch: no progress line for its end
+    if s.demo:
         if is_main_process():
             from util.data.demo import make_demo_data
 
             make_demo_data(DEMO_DIR)
         barrier()
-    if args.finetune == "demo":
-        args.finetune = None if args.eval else resolve_demo_checkpoint()
-    args.finetune = None if args.finetune in ("none", "") else args.finetune
-    if args.eval:
-        run_eval(args)
+    if s.eval:
+        run_eval(s, train_s)
         return cleanup()
-    if from_flags(args.task).dense and (args.linprobe or args.regression):
-        raise UserError("--task segmentation cannot be combined with --linprobe or --regression.")
-    if not args.train_csv:
-        raise UserError("Training needs --train_csv (and usually --val_csv); or pass --eval to score a checkpoint.")
-    if args.finetune:  # the encoder's size and patch from its weights, unless typed (models_build)
-        adopt_encoder_sizes(args)
-        check_sizes(args)
-    work, what = finetune_workload(args, from_flags(args.task).dense)  # the step's cost, refused if it cannot fit
-    budget.check_run(args, work, what, "--batch_size, --input_size or --model (a smaller one), or add "
-                                       "--grad_checkpointing")
-    args.output_dir = args.output_dir or os.path.join("output_dir", "finetune")
-    args.log_dir = args.log_dir or args.output_dir
-    print(describe_outputs(args.output_dir, args.log_dir, demo=DEMO_DIR if args.demo else None))
+    init = read_record(s.finetune, f"--finetune {s.finetune}") if s.finetune else None  # read once
+    s = adopt(s, init)
+    budget.check_run(finetune_workload(s.model, s.task.dense, s.linprobe, s.feature_size),
+                     describe_step(s.model, train_s, s.run, ", linear probe" if s.linprobe else ""),
+                     "--batch_size, --input_size or --model (a smaller one), or add --grad_checkpointing",
+                     train_s, s.run)
+    print(describe_outputs(s.run.output_dir, s.run.log_dir, demo=DEMO_DIR if s.demo else None))
     t0 = time.time()
-    with trainer.open_output_dir(args):
-        train(args, cli_args.preprocess_config(args))
-    if getattr(args, "already_complete", False):
-        return cleanup()
-    best = f"checkpoint-best.pth (best {args.best_metric}), " if args.val_csv else ""
-    print(f"Done in {time.time() - t0:.0f}s. Wrote {best}checkpoint-last.pth and log.txt in {args.output_dir}")
+    with trainer.open_output_dir(s.run.output_dir):
+        best_metric = train(s, rt, train_s, init)
+    if best_metric is not None:
+        best = f"checkpoint-best.pth (best {best_metric}), " if s.val_csv else ""
+        print(f"Done in {time.time() - t0:.0f}s. Wrote {best}checkpoint-last.pth and log.txt in {s.run.output_dir}")
     cleanup()
 
 
 def cli_main(argv: list[str] | None = None):
-    """Parse `argv` (default: the command line) with parse_args, run."""
-    return run_main(main, parse_args(argv))
+    """Parse `argv` (default: the command line) into settings, run."""
+    s = parse_args(argv)
+    return run_main(main, s, s.status_path)
 
 
 if __name__ == "__main__":

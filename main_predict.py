@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from util import args as cli_args
+from util.errors import UserError
+from util.run_folder import status_beside
 from util.runtime import default_num_workers
 from util.task.flags import HEAD_TASKS
 
@@ -78,9 +81,46 @@ def get_args_parser():
     return p
 
 
-def parse_args(argv: list[str] | None = None):
+@dataclass(frozen=True)
+class PredictSettings:
+    """Every setting of a prediction run, resolved once from the flags (`parse_args`), then only read.
+
+    overrides: the preprocessing flags the user typed (PreprocessConfig fields), which replace what the checkpoint
+    stored; input_size: checkpoints without metadata only (None: what they were trained at); typed: the flags the
+    user typed."""
+    input_csv: str
+    output_csv: str | None
+    finetune: str
+    embeddings: str | None
+    embedding_type: str
+    head_mode: str | None
+    seg_output_dir: str | None
+    input_size: tuple[int, int, int] | None
+    batch_size: int
+    sw_batch_size: int | None
+    sw_overlap: float
+    num_workers: int
+    precision: str
+    device: str | None
+    label_column: str
+    save_inputs: str | None
+    strict: bool
+    overwrite: bool
+    cache_dir: str | None
+    overrides: dict
+    demo: bool
+    typed: frozenset
+
+    @property
+    def status_path(self) -> str | None:
+        """`<first output>.exit_status.json` beside it: never a file of the folder's own run."""
+        first = self.output_csv or self.embeddings
+        return status_beside(first) if first else None
+
+
+def parse_args(argv: list[str] | None = None) -> PredictSettings:
     """Parse the command line; remember which flags were typed; apply the demo preset without --input_csv; check
-    the flags' ranges and the preprocessing flags (before anything is loaded)."""
+    the flags' ranges, the preprocessing flags and the outputs (before anything is loaded); the settings."""
     def presets(args) -> None:
         args.demo = args.input_csv is None
         if args.demo:
@@ -88,191 +128,155 @@ def parse_args(argv: list[str] | None = None):
 
             found = RunFolder(DEMO_DIR).best_or_last() or RunFolder(DEMO_DIR).best
             cli_args.apply_preset(args, dict(DEMO_PRESET, finetune=found), "demo")
-    return cli_args.parse(get_args_parser(), argv, presets)
+
+    def settings(args) -> PredictSettings:
+        from util.triple import to_3tuple
+
+        if args.finetune is None:
+            raise UserError("--finetune (the checkpoint to predict with) is required with --input_csv.")
+        if args.output_csv is None and args.embeddings is None:
+            raise UserError("Pass --output_csv (predictions) and/or --embeddings (embedding file).")
+        return cli_args.settings_of(
+            PredictSettings, args, input_size=to_3tuple(args.input_size, "--input_size") if args.input_size else None,
+            overrides=cli_args.typed_preprocess(args, PREPROCESS_FLAGS), typed=cli_args.typed_flags(args))
+    return cli_args.parse(get_args_parser(), argv, presets, settings)
 
 
 # --help and bad values are answered here, before the heavy imports below (a fraction of a second, not 10 s, 1 GB)
 cli_args.parse_before_imports(__name__, get_args_parser)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import engine_predict as io  # noqa: E402
+from engine_predict import PredictDataset, collate_rows, predict_batch, segment_volume  # noqa: E402
 from models_build import load_for_inference  # noqa: E402
-from models_vit3d import pool_tokens  # noqa: E402
-from util.task import predict_io as io  # noqa: E402
-from util.distributed import all_gather_objects, barrier, cleanup, init_distributed_mode, is_main_process  # noqa: E402
 from util.atomic import ensure_writable_dir  # noqa: E402
-from util.errors import UserError, run_main  # noqa: E402
-from util.task.predict_io import PredictDataset, collate_rows, row_error  # noqa: E402
-from util.volume.preprocess import PreprocessConfig, to_input_grid  # noqa: E402
-from util.runtime import autocast, resolve_precision, torch_threads  # noqa: E402
+from util.cli import run_main  # noqa: E402
+from util.distributed import all_gather_objects, barrier, cleanup, init_distributed, is_main_process  # noqa: E402
+from util.runtime import Runtime, resolve_precision, torch_threads  # noqa: E402
+from util.task.record import read_record  # noqa: E402
 from util.train.trainer import worker_init  # noqa: E402
-from util.triple import to_3tuple  # noqa: E402
+from util.volume.preprocess import PreprocessConfig  # noqa: E402
 
 
-def prepare_demo(args) -> None:
+@dataclass(frozen=True)
+class Device:
+    """Where the model runs: the device and the precision resolved for it."""
+    device: str
+    precision: str
+
+
+def prepare_demo(s: PredictSettings) -> None:
     from util.data.demo import make_demo_data
 
-    if not os.path.isfile(args.finetune):
-        raise FileNotFoundError(f"The demo needs a finetuned checkpoint at {args.finetune}; make it with "
+    if not os.path.isfile(s.finetune):
+        raise FileNotFoundError(f"The demo needs a finetuned checkpoint at {s.finetune}; make it with "
                                 f"`python main_pretrain.py && python main_finetune.py` (their demo presets).")
     if is_main_process():
         make_demo_data("demo_data")
     barrier()
 
 
-def load_model(args):
+def load_model(s: PredictSettings, dev: Device):
     """The model in eval mode, its meta, and the PreprocessConfig prediction uses."""
-    input_size = to_3tuple(args.input_size, "--input_size") if args.input_size else None
+    rec = read_record(s.finetune)
     try:  # pretraining checkpoints: 'token' pooling keeps the MAE's final norm (embeddings = MAE latent)
-        model, meta, saved = load_for_inference(args.finetune, args.device, input_size, global_pool="token",
-                                                head_mode=args.head_mode)
+        model, meta, saved = load_for_inference(rec, dev.device, s.input_size, global_pool="token",
+                                                head_mode=s.head_mode)
     except (RuntimeError, KeyError) as e:
-        raise UserError(f"Checkpoint {args.finetune} does not match the model its metadata describes "
+        raise UserError(f"Checkpoint {s.finetune} does not match the model its metadata describes "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}).") from None
-    if input_size and meta.input_size != input_size:
+    if s.input_size and meta.input_size != s.input_size:
         print(f"Note: --input_size is ignored for finetuned checkpoints (this one runs at {list(meta.input_size)}).")
-    return model, meta, preprocess_config(saved, meta, args)
+    return model, meta, preprocess_config(saved, meta, s)
 
 
-def preprocess_config(saved: dict | None, meta, args):
+def preprocess_config(saved: PreprocessConfig | None, meta, s: PredictSettings) -> PreprocessConfig:
     """The checkpoint's preprocessing (TANGERINE defaults when it has none); typed flags override it through
     PreprocessConfig.with_overrides, which validates the result (a reversed --window is refused)."""
-    cfg = PreprocessConfig.from_dict(saved) if saved else PreprocessConfig(size=meta.input_size)
-    changes = cli_args.typed_preprocess(args, PREPROCESS_FLAGS) if hasattr(args, "explicit") else {}
-    if "input_size" in getattr(args, "explicit", ()) and meta.task.headless:
+    cfg = saved or PreprocessConfig(size=meta.input_size)
+    changes = dict(s.overrides)
+    if "input_size" in s.typed and meta.task.headless:
         changes["size"] = meta.input_size
-    cfg = cfg.with_overrides(**changes)
+    new = cfg.with_overrides(**changes)
     typed = [k for k in PREPROCESS_FLAGS if k in changes]
-    if typed and saved:
-        print(f"Preprocessing overridden by {', '.join('--' + k for k in typed)}: prediction no longer sees "
+    differs = [k for k in typed if getattr(new, k) != getattr(cfg, k)]  # typing the stored value changes nothing
+    if differs and saved:
+        print(f"Preprocessing overridden by {', '.join('--' + k for k in differs)}: prediction no longer sees "
               f"exactly what training saw.")
-    elif typed:  # nothing stored to deviate from (TANGERINE, the original project's files): the flags complete it
-        print(f"{args.finetune} stores no preprocessing: the TANGERINE default at input {list(meta.input_size)} "
+    elif typed and not saved:  # nothing stored to deviate from (TANGERINE, the original project's files)
+        print(f"{s.finetune} stores no preprocessing: the TANGERINE default at input {list(meta.input_size)} "
               f"with {', '.join('--' + k for k in typed)} as typed.")
-    return cfg
+    return new
 
 
-def check_flags(args) -> None:
-    """Fail early, before any model is loaded, on missing or contradictory flags, on two outputs (or an output
-    and an input) that are the same file, on existing outputs and on output folders that cannot be written."""
-    if args.finetune is None:
-        raise UserError("--finetune (the checkpoint to predict with) is required with --input_csv.")
-    if args.output_csv is None and args.embeddings is None:
-        raise UserError("Pass --output_csv (predictions) and/or --embeddings (embedding file).")
-    if args.embeddings:
-        io.check_embedding_path(args.embeddings)
-    io.check_outputs(io.output_files(args.output_csv, args.embeddings), args.overwrite,
-                     inputs={"--input_csv": args.input_csv, "--finetune": args.finetune})
-    if args.save_inputs and is_main_process():
-        ensure_writable_dir(args.save_inputs, "--save_inputs folder")
+def check_flags(s: PredictSettings) -> None:
+    """Fail early, before any model is loaded, on two outputs (or an output and an input) that are the same file, on
+    existing outputs and on output folders that cannot be written."""
+    if s.embeddings:
+        io.check_embedding_path(s.embeddings)
+    io.check_outputs(io.output_files(s.output_csv, s.embeddings), s.overwrite,
+                     inputs={"--input_csv": s.input_csv, "--finetune": s.finetune})
+    if s.save_inputs and is_main_process():
+        ensure_writable_dir(s.save_inputs, "--save_inputs folder")
 
 
-def check_task(args, meta, paths: list[str]) -> list[str]:
+def check_task(s: PredictSettings, meta, paths: list[str]) -> list[str]:
     """Check the request fits the checkpoint's task; returns the label-map path of every row (segmentation)."""
-    task, ckpt = meta.task, args.finetune
-    if task.headless and not args.embeddings:
+    task, ckpt = meta.task, s.finetune
+    if task.headless and not s.embeddings:
         raise UserError(f"{ckpt} is a pretraining checkpoint (no task head): pass --embeddings PATH to extract "
                         f"embeddings, or a finetuned checkpoint to predict.")
-    if task.dense and args.embeddings:
+    if task.dense and s.embeddings:
         raise UserError(f"{ckpt} is a segmentation checkpoint: --embeddings needs a pretraining or a "
                         f"classification/regression checkpoint.")
-    if args.seg_output_dir and not task.dense:
+    if s.seg_output_dir and not task.dense:
         raise UserError(f"--seg_output_dir needs a segmentation checkpoint; {ckpt} is a {task.name} one.")
     if not task.dense:
         return []
-    if args.output_csv is None:
+    if s.output_csv is None:
         raise UserError("Segmentation needs --output_csv (it lists the label map of every row).")
-    seg_dir = args.seg_output_dir or os.path.splitext(args.output_csv)[0] + "_seg"
+    seg_dir = s.seg_output_dir or os.path.splitext(s.output_csv)[0] + "_seg"
     seg_paths = io.seg_output_paths(paths, seg_dir)
-    io.check_outputs(io.output_files(args.output_csv, args.embeddings, seg_paths), args.overwrite,
+    io.check_outputs(io.output_files(s.output_csv, s.embeddings, seg_paths), s.overwrite,
                      inputs={**{f"--input_csv row {i + 1}": p for i, p in enumerate(paths)},
-                             "--input_csv": args.input_csv, "--finetune": args.finetune})
+                             "--input_csv": s.input_csv, "--finetune": s.finetune})
     return seg_paths
 
 
-def build_loader(paths: list[str], rows: list[int], cfg, meta, args, rois: list | None = None) -> DataLoader:
+def build_loader(paths: list[str], rows: list[int], cfg, meta, s: PredictSettings, dev: Device,
+                 rois: list | None = None) -> DataLoader:
     seg = meta.task.dense
-    ds = PredictDataset(paths, rows, cfg, meta.input_size, keep_grid=seg, cache_dir=args.cache_dir,
-                        rois=rois, save_inputs=args.save_inputs)
-    return DataLoader(ds, batch_size=1 if seg else args.batch_size, shuffle=False, num_workers=args.num_workers,
-                      collate_fn=collate_rows, pin_memory=args.device.startswith("cuda"),
-                      prefetch_factor=2 if args.num_workers else None, worker_init_fn=worker_init)
+    ds = PredictDataset(paths, rows, cfg, meta.input_size, keep_grid=seg, cache_dir=s.cache_dir,
+                        rois=rois, save_inputs=s.save_inputs)
+    return DataLoader(ds, batch_size=1 if seg else s.batch_size, shuffle=False, num_workers=s.num_workers,
+                      collate_fn=collate_rows, pin_memory=dev.device.startswith("cuda"),
+                      prefetch_factor=2 if s.num_workers else None, worker_init_fn=worker_init)
 
 
-@torch.inference_mode()
-def predict_batch(model, images: torch.Tensor, meta, args) -> list[dict]:
-    """images [B, 1, D, H, W] -> one result dict per volume: `probs` [K] and/or `emb` [F] (numpy float32)."""
-    x = images.to(args.device, non_blocking=True)
-    task, emb, logits = meta.task, None, None
-    with autocast(args.precision, args.device):
-        if args.embeddings:
-            tokens = model.forward_features(x)
-            emb = pool_tokens(tokens.float(), EMBEDDING_POOLS[args.embedding_type]).cpu().numpy()
-            if not task.headless:
-                logits = model.forward_head(tokens)
-        else:
-            logits = model(x)
-    probs = task.probabilities(logits).cpu().numpy() if logits is not None else None
-    out = [{} for _ in range(len(x))]
-    for b, r in enumerate(out):
-        if probs is not None:
-            r["probs"] = probs[b]
-        if emb is not None:
-            r["emb"] = emb[b]
-    return out
-
-
-@torch.inference_mode()
-def segment_volume(model, image: torch.Tensor, grids: tuple[dict, dict], meta, args):
-    """image [1, D, H, W] in the preprocessed grid -> label map (sitk.Image) on the input image's own grid."""
-    from monai.inferers import sliding_window_inference
-
-    x = image[None].to(args.device, non_blocking=True)
-    k = meta.nb_classes
-    stitch = "cpu" if k * x.numel() * 4 > 2 ** 32 else args.device  # keep huge logit volumes off the GPU
-    with autocast(args.precision, args.device):
-        logits = sliding_window_inference(x, roi_size=meta.input_size,
-                                          sw_batch_size=args.sw_batch_size or args.batch_size,
-                                          predictor=lambda t: model(t).float(), overlap=args.sw_overlap,
-                                          mode="gaussian", device=stitch)
-    label = logits.argmax(1)[0].cpu().numpy().astype(np.uint8 if k <= 256 else np.uint16)
-    ref, orig = grids
-    return to_input_grid(label, io.image_on_grid(ref), io.image_on_grid(orig))
-
-
-def score_mask(label, row: int, masks: list[str] | None, meta) -> dict:
-    """{'dice': foreground Dice against the row's Mask file}, {'dice_error': why}, or {} without a Mask column."""
-    if masks is None:
-        return {}
-    try:
-        return {"dice": io.mask_dice(label, masks[row], meta.nb_classes)}
-    except (UserError, OSError, RuntimeError) as e:  # an unreadable mask never stops the prediction
-        return {"dice_error": row_error(masks[row], e)}
-
-
-def run_shard(model, loader: DataLoader, meta, args, seg_paths: list[str],
+def run_shard(model, loader: DataLoader, meta, s: PredictSettings, dev: Device, seg_paths: list[str],
               masks: list[str] | None = None) -> dict[int, dict]:
     """Predict this process's rows; returns {row: result}. With --strict it stops at the first failure.
     Segmentation rows with a Mask file also get their Dice (score_mask)."""
     results: dict[int, dict] = {}
-    failed = 0
+    failed, pool = 0, EMBEDDING_POOLS[s.embedding_type] if s.embeddings else None
     bar = tqdm(total=len(loader.dataset), unit="vol", desc="predict", disable=not is_main_process(),
                mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
     for batch in loader:
         for row, err in batch["failed"]:
             results[row] = {"error": err}
         failed += len(batch["failed"])
-        if failed and args.strict:
+        if failed and s.strict:
             break
         if batch["rows"] and meta.task.dense:
             for row, image, grids in zip(batch["rows"], batch["images"], batch["grids"]):
-                label = segment_volume(model, image, grids, meta, args)
+                label = segment_volume(model, image, grids, meta, dev.device, dev.precision,
+                                       s.sw_batch_size or s.batch_size, s.sw_overlap)
                 io.write_label_map(seg_paths[row], label)
-                results[row] = {"seg_path": seg_paths[row], **score_mask(label, row, masks, meta)}
+                results[row] = {"seg_path": seg_paths[row], **io.score_mask(label, row, masks, meta)}
         elif batch["rows"]:
-            results.update(zip(batch["rows"], predict_batch(model, batch["images"], meta, args)))
+            results.update(zip(batch["rows"], predict_batch(model, batch["images"], meta.task, dev.device,
+                                                                dev.precision, pool)))
         bar.update(len(batch["rows"]) + len(batch["failed"]))
         if failed:
             bar.set_postfix(failed=failed)
@@ -288,28 +292,28 @@ def gather_results(results: dict[int, dict]) -> dict[int, dict]:
     return merged
 
 
-def finish(args, df, paths: list[str], results: dict[int, dict], meta, embed_dim: int) -> int:
+def finish(s: PredictSettings, df, paths: list[str], results: dict[int, dict], meta, embed_dim: int) -> int:
     """Write the outputs (rank 0) and return the exit status: 0, or 2 when any row failed."""
     failed = sorted(i for i, r in results.items() if r.get("error"))
-    if failed and args.strict:
+    if failed and s.strict:
         i = failed[0]
         print(f"Row {i + 1} ({paths[i] or 'empty path'}) failed: {results[i]['error']} Stopped because of "
               f"--strict; no output file was written.", file=sys.stderr)
         return 2
     if is_main_process():
-        if args.output_csv:
-            io.write_predictions(args.output_csv, io.prediction_table(df, results, meta))
-            print(f"Predictions for {len(df)} rows written to {args.output_csv}")
-        score = io.score_against_labels(df, results, meta, args.label_column)
+        if s.output_csv:
+            io.write_predictions(s.output_csv, io.prediction_table(df, results, meta))
+            print(f"Predictions for {len(df)} rows written to {s.output_csv}")
+        score = io.score_against_labels(df, results, meta, s.label_column)
         if score:
             print(score)
         if meta.task.dense:
             for line in io.score_against_masks(df, results):
                 print(line)
-        if args.embeddings:
-            dim = embed_dim * (2 if args.embedding_type == "cat" else 1)
-            io.write_embeddings(args.embeddings, df, results, dim)
-            print(f"Embeddings [{len(df)}, {dim}] ({args.embedding_type}) written to {args.embeddings}")
+        if s.embeddings:
+            dim = embed_dim * (2 if s.embedding_type == "cat" else 1)
+            io.write_embeddings(s.embeddings, df, results, dim)
+            print(f"Embeddings [{len(df)}, {dim}] ({s.embedding_type}) written to {s.embeddings}")
     if failed:
         i = failed[0]
         print(f"{len(failed)} of {len(df)} rows failed (see the error column); first: row {i + 1}: "
@@ -318,37 +322,39 @@ def finish(args, df, paths: list[str], results: dict[int, dict], meta, embed_dim
     return 0
 
 
-def main(args) -> int:
-    init_distributed_mode(args)
+def main(s: PredictSettings) -> int:
+    rt: Runtime = init_distributed(s.device)
     torch_threads()
-    if args.demo:
-        prepare_demo(args)
-    check_flags(args)
-    args.precision = resolve_precision(args.precision, args.device)
-    df, paths = io.read_input_table(args.input_csv)
-    model, meta, cfg = load_model(args)
-    seg_paths = check_task(args, meta, paths)
+    if s.demo:
+        prepare_demo(s)
+    check_flags(s)
+    dev = Device(rt.device, resolve_precision(s.precision, rt.device))
+    df, paths = io.read_input_table(s.input_csv)
+    model, meta, cfg = load_model(s, dev)
+    seg_paths = check_task(s, meta, paths)
     if cfg.roi and meta.task.dense:
-        raise UserError(f"{args.finetune} is a segmentation checkpoint: --roi_mm boxes are for classification, "
+        raise UserError(f"{s.finetune} is a segmentation checkpoint: --roi_mm boxes are for classification, "
                         f"regression and embeddings.")
-    rois = io.row_rois(df, args.input_csv, cfg)  # lesion-level rows: each row's point or Mask (else None)
-    rows = io.shard_rows(paths, args.rank, args.world_size, by_scan=rois is not None)  # no padding
-    loader = build_loader(paths, rows, cfg, meta, args, rois)
-    what = f"embeddings ({args.embedding_type})" if meta.task.headless else meta.task.name
-    print(f"{args.finetune}: {meta.model} {what}, input {meta.input_size}, {len(paths)} rows on "
-          f"{args.world_size} process(es), precision {args.precision}, preprocessing {cfg.to_dict()}")
-    masks = io.mask_paths(df, args.input_csv) if meta.task.dense else None
-    results = gather_results(run_shard(model, loader, meta, args, seg_paths, masks))
-    code = finish(args, df, paths, results, meta, getattr(model, "embed_dim", 0))
-    if args.save_inputs:
-        print(f"Inputs as fed to the model: {args.save_inputs}/rowNNNN_<scan>.nii.gz and .png (rows from 1)")
+    rois = io.row_rois(df, s.input_csv, cfg)  # lesion-level rows: each row's point or Mask (else None)
+    rows = io.shard_rows(paths, rt.rank, rt.world_size, by_scan=rois is not None)  # no padding
+    loader = build_loader(paths, rows, cfg, meta, s, dev, rois)
+    what = f"embeddings ({s.embedding_type})" if meta.task.headless else meta.task.name
+    print(f"{s.finetune}: {meta.model} {what}, input {meta.input_size}, {len(paths)} rows on "
+          f"{rt.world_size} process(es), precision {dev.precision}, preprocessing {cfg.to_dict()}")
+    masks = io.mask_paths(df, s.input_csv) if meta.task.dense else None
+    results = gather_results(run_shard(model, loader, meta, s, dev, seg_paths, masks))
+    code = finish(s, df, paths, results, meta, getattr(model, "embed_dim", 0))
+    if s.save_inputs:
+        print(f"Inputs as fed to the model: {s.save_inputs}/rowNNNN_<scan>.nii.gz and .png (rows from 1)")
     cleanup()
     return code
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """Parse `argv` (default: the command line), run, return the exit status (0, or 2 when rows failed)."""
-    return run_main(main, parse_args(argv))
+    """Parse `argv` (default: the command line) into settings, run, return the exit status (0, or 2 when rows
+    failed)."""
+    s = parse_args(argv)
+    return run_main(main, s, s.status_path)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,17 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from util import args as cli_args
+from util.errors import UserError
+from util.nn.registry import ModelSpec
+from util.run_folder import RunFolder
+from util.train.settings import Optimization, RunOptions
+
+if TYPE_CHECKING:  # (SimpleITK is imported after the parser: --help answers at once)
+    from util.volume.preprocess import PreprocessConfig
 
 DEMO_DIR = "demo_data"
 # Demo: 8^3 patches (512 tokens of a 64^3 phantom, fine enough for lungs and body outline to come back), about
@@ -54,16 +63,56 @@ def get_args_parser():
     return p
 
 
-def parse_args(argv: list[str] | None = None):
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Every setting of a pretraining run, resolved once from the flags (see `parse_args`), then only read.
+
+    data_path/val_path: the training table and the held-out one (None: none); init: --init (continued pretraining);
+    save_every/vis_every: numbered checkpoints and pictures every N epochs; demo: no --data_path was given; typed:
+    the flags the user typed."""
+    model: ModelSpec
+    optim: Optimization
+    run: RunOptions
+    preprocess: PreprocessConfig
+    data_path: str
+    val_path: str | None
+    cache_dir: str | None
+    skip_bad: bool
+    intensity_jitter: float
+    crops_per_volume: int
+    mask_ratio: float
+    norm_pix_loss: bool
+    init: str | None
+    save_every: int
+    vis_every: int
+    demo: bool
+    typed: frozenset
+
+    @property
+    def status_path(self) -> str:
+        return RunFolder(self.run.output_dir).status
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainSettings:
     """Parse `argv` (default: the command line); the demo preset when no --data_path is given, else say which
-    TANGERINE recipe defaults apply (only those not typed); then the flags' cross checks."""
+    TANGERINE recipe defaults apply (only those not typed); then the flags' cross checks and the settings."""
     def presets(args) -> None:
         args.demo = args.data_path is None
         if args.demo:
             cli_args.apply_preset(args, DEMO_PRESET, "demo")
+            args.data_path = os.path.join(DEMO_DIR, "pretrain.csv")  # written by the demo before the data is read
         else:
             cli_args.announce_defaults(args, "TANGERINE recipe", TANGERINE_FLAGS)
-    return cli_args.parse(get_args_parser(), argv, presets)
+
+    def settings(args) -> PretrainSettings:
+        if args.init and args.resume not in (None, "", "none", "auto"):
+            raise UserError(f"--init {args.init} and --resume {args.resume} exclude each other: --init starts a new "
+                            f"run from a model's weights, --resume continues a run with its optimizer.")
+        return cli_args.settings_of(
+            PretrainSettings, args, model=cli_args.model_spec(args), optim=cli_args.optimization(args),
+            run=cli_args.run_options(args, args.output_dir), preprocess=cli_args.preprocess_config(args),
+            typed=cli_args.typed_flags(args))
+    return cli_args.parse(get_args_parser(), argv, presets, settings)
 
 
 cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad values: answered before torch loads
@@ -71,107 +120,67 @@ cli_args.parse_before_imports(__name__, get_args_parser)  # --help and bad value
 # the heavy imports come after the parser on purpose (`--help` in a fraction of a second, not 10 s and 1 GB)
 import torch  # noqa: E402
 
-import models_mae3d  # noqa: E402
+import models_mae3d  # noqa: E402, F401  (registers the MAE factories)
 from datasets_three_d import Custom3DDataset  # noqa: E402
-from engine_pretrain import MaskedReconstruction, evaluate_reconstruction, reconstruction_picture  # noqa: E402
-from models_build import pretrain_workload  # noqa: E402
-from util.train import budget, trainer  # noqa: E402
+from engine_pretrain import MaskedReconstruction, PretrainEpochs  # noqa: E402
+from models_build import describe_step, load_mae_init, pretrain_workload  # noqa: E402
 from util.atomic import atomic_write, write_text  # noqa: E402
-from util.checkpoint import CheckpointNotFoundError, load_checkpoint, save_atomic  # noqa: E402
+from util.checkpoint import CheckpointNotFoundError, save_atomic  # noqa: E402
+from util.cli import run_main  # noqa: E402
 from util.distributed import all_gather_objects, barrier, cleanup, is_main_process  # noqa: E402
-from util.errors import UserError, run_main  # noqa: E402
 from util.logger import TBLogger, describe_outputs  # noqa: E402
-from util.run_folder import RunFolder  # noqa: E402
-from util.train.fit import TrainData, args_record, fit  # noqa: E402
+from util.nn.registry import create_model  # noqa: E402
+from util.runtime import Runtime  # noqa: E402
+from util.task.record import CheckpointRecord, ManifestRef, read_record  # noqa: E402
+from util.train import budget, trainer  # noqa: E402
+from util.train.fit import TrainData, fit  # noqa: E402
 from util.train.loop import TrainParts  # noqa: E402
 from util.train.lr_decay import param_groups_weight_decay  # noqa: E402
+from util.train.settings import TrainSettings  # noqa: E402
 from util.data.sampler import EvalShardSampler  # noqa: E402
 
 
-def build_data(args, preprocess):
-    """Training set, sampler and loader; a held-out loader for --val_path (None without it)."""
-    if args.demo:
+def build_data(s: PretrainSettings, train: TrainSettings):
+    """Training set, sampler and loader; the shown volume's set and a held-out loader for --val_path (None
+    without it)."""
+    if s.demo:
         from util.data.demo import make_demo_data
 
         if is_main_process():
             make_demo_data(DEMO_DIR)
         barrier()
-        args.data_path = args.data_path or os.path.join(DEMO_DIR, "pretrain.csv")
-    ds = Custom3DDataset(args.data_path, input_size=args.input_size, train=True, preprocess=preprocess,
-                         cache_dir=args.cache_dir, seed=args.seed, skip_bad=args.skip_bad,
-                         intensity_jitter=args.intensity_jitter, crops_per_volume=args.crops_per_volume)
-    sampler, loader = trainer.train_loader(ds, args, args.data_path)
-    shown = Custom3DDataset(args.val_path or args.data_path, input_size=args.input_size, train=False,
-                            preprocess=preprocess, cache_dir=args.cache_dir, skip_bad=args.skip_bad)
+    ds = Custom3DDataset(s.data_path, input_size=s.model.input_size, train=True, preprocess=s.preprocess,
+                         cache_dir=s.cache_dir, seed=s.run.seed, skip_bad=s.skip_bad,
+                         intensity_jitter=s.intensity_jitter, crops_per_volume=s.crops_per_volume)
+    sampler, loader = trainer.train_loader(ds, train, s.run.num_workers, s.data_path)
+    shown = Custom3DDataset(s.val_path or s.data_path, input_size=s.model.input_size, train=False,
+                            preprocess=s.preprocess, cache_dir=s.cache_dir, skip_bad=s.skip_bad)
     val = None
-    if args.val_path:
-        val = torch.utils.data.DataLoader(shown, batch_size=args.batch_size, num_workers=0,
-                                          sampler=EvalShardSampler(len(shown), args.rank, args.world_size))
+    if s.val_path:
+        val = torch.utils.data.DataLoader(shown, batch_size=train.batch_size, num_workers=0,
+                                          sampler=EvalShardSampler(len(shown), train.rank, train.world_size))
     return ds, sampler, loader, shown, val
 
 
-def build_model(args):
-    model = models_mae3d.MODEL_FACTORIES[args.model](img_size=tuple(args.input_size), patch_size=tuple(args.patch_size),
-                                                     norm_pix_loss=args.norm_pix_loss)
-    if args.grad_checkpointing:
+def build_model(s: PretrainSettings, device: str):
+    model = create_model(s.model.name, **s.model.kwargs(), norm_pix_loss=s.norm_pix_loss)
+    if s.run.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    model.to(args.device)
-    if args.compile:
+    model.to(device)
+    if s.run.compile:
         for blk in list(model.blocks) + list(model.decoder_blocks):
             blk.compile(dynamic=False)  # static shapes: one graph per (block, sequence length)
     return model
 
 
-def step_cost(args) -> None:
+def step_cost(s: PretrainSettings, train: TrainSettings) -> None:
     """Say what a step costs (memory; on CPU also time) and refuse a run that cannot fit (util.train.budget)."""
-    if not args.demo and "model" not in args.explicit and not args.device.startswith("cuda"):
-        print(f"WARNING: no --model typed, so this is the TANGERINE recipe: {args.model} at "
-              f"{'x'.join(map(str, args.input_size))}, made for GPUs. For a first run on a CPU try --model "
+    if not s.demo and "model" not in s.typed and not train.device.startswith("cuda"):
+        print(f"WARNING: no --model typed, so this is the TANGERINE recipe: {s.model.name} at "
+              f"{'x'.join(map(str, s.model.input_size))}, made for GPUs. For a first run on a CPU try --model "
               f"mae_vit_tiny_patch16 --input_size 64 --patch_size 8 (the demo's model).", flush=True)
-    workload, what = pretrain_workload(args)
-    budget.check_run(args, workload, what, "--batch_size, --input_size or --model (a smaller one), or add "
-                                           "--grad_checkpointing")
-
-
-class PretrainEpochs:
-    """Pretraining's part of the epoch skeleton (util.train.fit): every checkpoint holds the recipe and the
-    preprocessing; every --save_every epochs a numbered checkpoint too; every --vis_every epochs (and the last) the
-    held-out score and the reconstruction picture. `epoch` counts from 0 (as checkpoints store it); every name
-    and line counts from 1."""
-
-    def __init__(self, args, model, dataset, recipe: dict, preprocess, tb, shown, val):
-        self.args, self.model, self.dataset, self.recipe, self.preprocess = args, model, dataset, recipe, preprocess
-        self.tb, self.shown, self.val, self.folder = tb, shown, val, RunFolder(args.output_dir)
-
-    def checkpoint_fields(self) -> dict:
-        return dict(recipe=self.recipe, preprocess=self.preprocess.to_dict())
-
-    def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
-        args, done = self.args, epoch + 1
-        stats["epoch"] = done  # log.txt counts epochs from 1, like the console and the file names
-        if self.dataset.bad_files:
-            stats["skipped_files"] = list(self.dataset.bad_files)
-        also = []
-        if args.save_every and done % args.save_every == 0 and done < args.epochs:  # the last: link_final_checkpoint
-            also.append(self.folder.numbered(done))
-        if args.vis_every and (done % args.vis_every == 0 or done == args.epochs):
-            self.picture(done, stats)
-        return stats, also
-
-    def picture(self, done: int, stats: dict) -> None:
-        """The held-out score (every rank) and the reconstruction picture of the shown volume (rank 0)."""
-        args, model = self.args, self.model
-        title = f"epoch {done}/{args.epochs}  train loss {stats['loss']:.4f}"
-        if self.val is not None:
-            score = evaluate_reconstruction(model, self.val, args.mask_ratio, args.device, args.precision, args.seed)
-            stats.update({f"val_{k}": v for k, v in score.items()})
-            title += f"  held-out MSE {score['recon_mse']:.4f} (trivial {score['baseline_mse']:.4f})"
-            print(f"epoch {done}/{args.epochs}: held-out masked-patch MSE {score['recon_mse']:.4g}, trivial "
-                  f"reconstruction {score['baseline_mse']:.4g} (ratio {score['ratio']:.2f})")
-        if is_main_process():
-            pic = reconstruction_picture(model, self.shown[0][0], self.folder.picture(done), args.mask_ratio,
-                                         args.device, args.precision, title)
-            self.tb.image("reconstruction", pic, done)
+    budget.check_run(pretrain_workload(s.model, s.mask_ratio), describe_step(s.model, train, s.run), "--batch_size, "
+                     "--input_size or --model (a smaller one), or add --grad_checkpointing", train, s.run)
 
 
 def link_final_checkpoint(output_dir: str, epochs: int) -> bool:
@@ -194,100 +203,102 @@ def link_final_checkpoint(output_dir: str, epochs: int) -> bool:
     return bool(linked)
 
 
-def initial_weights(args) -> str | None:
-    """The recipe's record of --init: 'NAME sha256:HEX' (rank 0 hashes the file once, every rank gets it), so a
-    resumed run that would switch to other initial weights is refused; None without --init."""
-    if not args.init:
+def initial_weights(init: str | None) -> str | None:
+    """The recipe's record of --init: 'NAME sha256:HEX' (rank 0 hashes the file, or a model folder's weights, once;
+    every rank gets it), so a resumed run that would switch to other initial weights is refused; None without
+    --init."""
+    if not init:
         return None
-    if not os.path.isfile(args.init):
-        raise CheckpointNotFoundError(f"--init {args.init} does not exist.")
+    if not os.path.exists(init):
+        raise CheckpointNotFoundError(f"--init {init} does not exist.")
     digest = None
     if is_main_process():
-        from util.data.manifest import file_sha256
+        from util.model_folder import content_sha256
 
         t0 = time.time()
-        digest = file_sha256(args.init)
+        digest = content_sha256(init)
         if time.time() - t0 > 2:
-            print(f"--init {args.init}: sha256 of {os.path.getsize(args.init) / 2**30:.1f} GiB in "
-                  f"{time.time() - t0:.0f}s")
-    return f"{os.path.basename(args.init)} sha256:{all_gather_objects(digest)[0]}"
+            print(f"--init {init}: sha256 in {time.time() - t0:.0f}s")
+    return f"{os.path.basename(os.path.normpath(init))} sha256:{all_gather_objects(digest)[0]}"
 
 
-def start_weights(args, recipe: dict, parts: TrainParts):
+def start_weights(s: PretrainSettings, train: TrainSettings, recipe: dict, parts: TrainParts):
     """--resume first (a restart continues its checkpoint, --init then only checked by the recipe), else the
     --init weights into the fresh model. Returns (epoch to run, progress inside it or None)."""
-    path, ckpt = trainer.load_resume(args, recipe)
+    path, rec = trainer.load_resume(s.run, recipe, s.preprocess)
     if path:
-        if args.init:
-            print(f"--resume {args.resume} wins over --init: continuing {path}, not loading {args.init} "
+        if s.init:
+            print(f"--resume {s.run.resume} wins over --init: continuing {path}, not loading {s.init} "
                   f"(--resume none starts over from it).")
-        return trainer.restore(path, ckpt, parts, f"--model {args.model} {tuple(args.input_size)}", args.epochs)
-    if args.init:
-        from models_build import load_mae_init
-
-        load_mae_init(parts.model, load_checkpoint(args.init), args.init)
-        if not {"blr", "lr"} & args.explicit:
-            print(f"--init: this run warms up to the peak lr of a run from scratch ({args.lr:.3g}), which can undo "
-                  f"part of what {os.path.basename(args.init)} learned (the demo: held-out ratio 0.46 -> 0.59 in one "
-                  f"epoch); continued pretraining usually wants a quarter of it (--blr {args.blr / 4:.3g}) and "
-                  f"--warmup_epochs 1 (README, Continued pretraining).")
+        return trainer.restore(path, rec, parts, f"--model {s.model.name} {s.model.input_size}", s.optim.epochs)
+    if s.init:
+        load_mae_init(parts.model, read_record(s.init, f"--init {s.init}"), s.init)
+        if not {"blr", "lr"} & s.typed:
+            print(f"--init: this run warms up to the peak lr of a run from scratch ({train.schedule.lr:.3g}), which "
+                  f"can undo part of what {os.path.basename(os.path.normpath(s.init))} learned (the demo: held-out "
+                  f"ratio 0.46 -> 0.59 in one epoch); continued pretraining usually wants a quarter of it (--blr "
+                  f"{s.optim.blr / 4:.3g}) and --warmup_epochs 1 (README, Continued pretraining).")
     return 0, None
 
 
-def main(args) -> None:
-    if args.init and args.resume not in (None, "", "none", "auto"):
-        raise UserError(f"--init {args.init} and --resume {args.resume} exclude each other: --init starts a new "
-                        f"run from a model's weights, --resume continues a run with its optimizer.")
-    trainer.start(args)
-    args.log_dir = args.log_dir or args.output_dir
-    with trainer.open_output_dir(args):
-        pretrain(args)
+def main(s: PretrainSettings) -> None:
+    rt, train = trainer.start(s.run, s.optim)
+    with trainer.open_output_dir(s.run.output_dir):
+        pretrain(s, rt, train)
     cleanup()
 
 
-def pretrain(args) -> None:
+def pretrain(s: PretrainSettings, rt: Runtime, train: TrainSettings) -> None:
     """Data, model, optimizer, resume, then the epochs (util.train.fit); rank 0 writes every file."""
-    step_cost(args)
-    preprocess = cli_args.preprocess_config(args)
-    dataset, sampler, loader, shown, val = build_data(args, preprocess)
-    model = build_model(args)
-    groups = param_groups_weight_decay(model, args.weight_decay, model.no_weight_decay())
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=args.device.startswith("cuda"))
-    parts = TrainParts(model, trainer.wrap_ddp(model, args), optimizer, trainer.grad_scaler(args))
-    recipe = trainer.recipe_of(args, dict(data_path=os.path.abspath(args.data_path), mask_ratio=args.mask_ratio,
-                                          norm_pix_loss=args.norm_pix_loss, preprocess=preprocess.to_dict(),
-                                          init=initial_weights(args), table=trainer.table_fingerprint(dataset)))
-    start_epoch, progress = start_weights(args, recipe, parts)
-    folder = RunFolder(args.output_dir)
-    if trainer.already_complete(args, start_epoch, progress, folder.pretrained):
+    step_cost(s, train)
+    dataset, sampler, loader, shown, val = build_data(s, train)
+    model = build_model(s, train.device)
+    groups = param_groups_weight_decay(model, s.optim.weight_decay, model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=train.schedule.lr, betas=(0.9, 0.95), fused=rt.cuda)
+    parts = TrainParts(model, trainer.wrap_ddp(model, rt), optimizer, trainer.grad_scaler(train))
+    recipe = trainer.recipe_of(s.model, train, dict(data_path=os.path.abspath(s.data_path), mask_ratio=s.mask_ratio,
+                                                    norm_pix_loss=s.norm_pix_loss, init=initial_weights(s.init),
+                                                    table=trainer.table_fingerprint(dataset)))
+    start_epoch, progress = start_weights(s, train, recipe, parts)
+    folder = RunFolder(s.run.output_dir)
+    if trainer.already_complete(s.run.output_dir, s.optim.epochs, start_epoch, progress, folder.pretrained):
         return
     if val is not None:
-        trainer.check_readable(shown, f"--val_path {args.val_path}")
-    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input {args.input_size}, "
-          f"{len(dataset.paths)} volumes, effective batch {args.effective_batch}, lr {args.lr:.3g}, precision "
-          f"{args.precision}, {args.world_size} process(es) x {args.num_workers} loader workers")
-    print(describe_outputs(args.output_dir, args.log_dir, pictures=bool(args.vis_every),
-                           demo=DEMO_DIR if args.demo else None))
-    if is_main_process():  # the scans it trains on, for main_evaluate.py --pretraining (name, digest in 'args')
+        trainer.check_readable(shown, f"--val_path {s.val_path}")
+    print(f"{s.model.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, input "
+          f"{list(s.model.input_size)}, {len(dataset.paths)} volumes, effective batch {train.effective_batch}, lr "
+          f"{train.schedule.lr:.3g}, precision {train.precision}, {train.world_size} process(es) x "
+          f"{s.run.num_workers} loader workers")
+    print(describe_outputs(s.run.output_dir, s.run.log_dir, pictures=bool(s.vis_every),
+                           demo=DEMO_DIR if s.demo else None))
+    manifest = None
+    if is_main_process():  # the scans it trains on, for main_evaluate.py --pretraining (name and digest recorded)
         from util.data.manifest import write_manifest
 
-        args.data_manifest, args.data_manifest_sha256 = write_manifest(list(dataset.paths), args.output_dir)
-        write_text(folder.args, json.dumps(args_record(args), indent=1))
-    t_start, tb = time.time(), TBLogger(args.log_dir)
-    epochs = PretrainEpochs(args, model, dataset, recipe, preprocess, tb, shown, val)
-    objective = MaskedReconstruction(list(dataset.paths), args.device, args.mask_ratio)
-    fit(args, parts, TrainData(dataset, sampler, loader), objective, epochs, start_epoch, progress, tb)
+        manifest = ManifestRef(*write_manifest(list(dataset.paths), s.run.output_dir))
+    flags = cli_args.flags_record(s, lr=train.schedule.lr, effective_batch=train.effective_batch,
+                                  precision=train.precision, warmup_epochs=train.schedule.warmup_epochs,
+                                  world_size=train.world_size)
+    base = CheckpointRecord(weights={}, args=flags, recipe=recipe, preprocess=s.preprocess, data_manifest=manifest)
     if is_main_process():
-        save_atomic({"model": model.state_dict(), "args": args_record(args), "preprocess": preprocess.to_dict()},
-                    folder.pretrained)
-        how = "a hard link to it" if link_final_checkpoint(args.output_dir, args.epochs) else "a copy"
+        write_text(folder.args, json.dumps(base.stored_args(), indent=1))
+    t_start, tb = time.time(), TBLogger(s.run.log_dir)
+    epochs = PretrainEpochs(model, dataset, base, tb, shown, val, folder, train, s.mask_ratio, s.save_every,
+                            s.vis_every, s.run.seed)
+    objective = MaskedReconstruction(list(dataset.paths), train.device, s.mask_ratio)
+    fit(s.run, train, parts, TrainData(dataset, sampler, loader, s.cache_dir), objective, epochs, start_epoch,
+        progress, tb)
+    if is_main_process():
+        save_atomic(base.but(weights=model.state_dict(), recipe={}).to_dict(), folder.pretrained)
+        how = "a hard link to it" if link_final_checkpoint(s.run.output_dir, s.optim.epochs) else "a copy"
         print(f"Done in {time.time() - t_start:.0f}s. Wrote {folder.pretrained} (weights), checkpoint-last.pth (and "
-              f"checkpoint-{args.epochs}.pth, {how}), log.txt" + (", reconstruction-*.png" if args.vis_every else ""))
+              f"checkpoint-{s.optim.epochs}.pth, {how}), log.txt" + (", reconstruction-*.png" if s.vis_every else ""))
 
 
 def cli_main(argv: list[str] | None = None):
-    """Parse `argv` (default: the command line) with parse_args, run."""
-    return run_main(main, parse_args(argv))
+    """Parse `argv` (default: the command line) into settings, run."""
+    s = parse_args(argv)
+    return run_main(main, s, s.status_path)
 
 
 if __name__ == "__main__":

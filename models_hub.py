@@ -19,12 +19,12 @@ import torch
 import models_mae3d  # noqa: F401 - registers the MAE factories
 import models_vit3d  # noqa: F401 - registers the ViT factories
 from models_build import build_model_from_meta, meta_from_weights
-from util.checkpoint import load_checkpoint, state_dict_of
 from util.errors import UserError
 from util.model_folder import (CONFIG, FORMAT, FORMAT_VERSION, LIBRARY, WEIGHTS, ModelFolderError, content_sha256,
                                meta_of)
 from util.nn.registry import create_model, entry, sibling
 from util.task.meta import RunMeta
+from util.task.record import CheckpointRecord, read_record
 from util.version import version_record
 from util.volume.preprocess import PREPROCESS_VERSION, PreprocessConfig
 
@@ -75,9 +75,9 @@ def from_pretrained(source, *, encoder_only: bool = False, revision: str | None 
     [N, 1+L, E]; `forward`: pooled features), the decoder or head left out by name, not by a lenient load.
     """
     folder = resolve(source, revision, cache_dir, local_files_only)
-    ckpt = load_checkpoint(folder)
-    config = ckpt["model_folder"]
-    model, sd = build(config, state_dict_of(ckpt), encoder_only, folder)
+    rec = read_record(folder)
+    config = rec.folder_config
+    model, sd = build(config, rec.weights, encoder_only, folder)
     load_strict(model, sd, folder)
     return model.to(device).eval(), config
 
@@ -102,7 +102,7 @@ def build(config: dict, sd: dict, encoder_only: bool = False, where: str = CONFI
     widths = dict(embed_dim=arch["embed_dim"], depth=arch["depth"], num_heads=arch["num_heads"],
                   mlp_ratio=arch["mlp_ratio"], in_chans=arch["in_chans"])
     if not encoder_only:
-        return build_model_from_meta(meta, **widths), sd
+        return build_model_from_meta(meta, **{k: v for k, v in widths.items() if k != "in_chans"}), sd
     if arch["kind"] == "unetr":  # its ViT: under encoder., class-token pooling with its final norm
         sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     elif arch["kind"] == "mae":
@@ -145,26 +145,24 @@ def load_input(path, config: dict) -> torch.Tensor:
 
 
 # --- describing a checkpoint (main_export.py) --------------------------------------------------------------------
-def describe(ckpt: dict, source: str, input_size=None, head_mode: str | None = None) -> dict:
-    """config.json (without its 'weights' record) of a loaded checkpoint: ours (pretraining, finetuning of every
+def describe(rec: CheckpointRecord, source: str, input_size=None, head_mode: str | None = None) -> dict:
+    """config.json (without its 'weights' record) of a checkpoint's record: ours (pretraining, finetuning of every
     task), TANGERINE-shaped weights with or without the decoder, the original project's files, or a model folder
     (its sections kept, the repository version renewed)."""
-    if "model_folder" in ckpt:
-        old = ckpt["model_folder"]
+    if rec.folder_config is not None:
+        old = rec.folder_config
         prov = {**old["provenance"], "repository": version_record()}
         return {k: v for k, v in old.items() if k not in ("weights", "onnx")} | {"provenance": prov}
-    sd = state_dict_of(ckpt)
-    stored = ckpt.get("meta")
-    if stored is None and any(k.startswith("encoder.blocks.") for k in sd):
+    sd = rec.weights
+    if rec.meta is None and any(k.startswith("encoder.blocks.") for k in sd):
         raise UserError(f"{source} holds a segmentation model but no 'meta' saying its classes and sizes; only "
                         f"segmentation checkpoints written by main_finetune.py can be exported.")
-    meta = RunMeta.from_dict(stored, source) if stored is not None else \
-        meta_from_weights(ckpt, input_size, "token", head_mode)
+    meta = rec.meta or meta_from_weights(rec, input_size, "token", head_mode)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_name": LIBRARY,
-            "architecture": _architecture(meta, sd, ckpt.get("args") or {}),
-            "preprocessing": _preprocessing(ckpt.get("preprocess"), meta),
-            "task": _task(meta, "checkpoint" if stored is not None else "weights"),
-            "provenance": _provenance(ckpt, source)}
+            "architecture": _architecture(meta, sd, rec.args),
+            "preprocessing": _preprocessing(rec.preprocess, meta),
+            "task": _task(meta, "checkpoint" if rec.meta is not None else "weights"),
+            "provenance": _provenance(rec, source)}
 
 
 def _architecture(meta: RunMeta, sd: dict, args: dict) -> dict:
@@ -186,12 +184,11 @@ def _architecture(meta: RunMeta, sd: dict, args: dict) -> dict:
     return arch
 
 
-def _preprocessing(stored: dict | None, meta: RunMeta) -> dict:
-    """The checkpoint's preprocessing (validated), or for a file that stores none (TANGERINE, the original
-    project's) the TANGERINE default at the model's input size, marked as such."""
-    if stored:
-        return {"origin": "checkpoint", "version": PREPROCESS_VERSION,
-                "settings": PreprocessConfig.from_dict(stored).to_dict()}
+def _preprocessing(stored: PreprocessConfig | None, meta: RunMeta) -> dict:
+    """The checkpoint's preprocessing, or for a file that stores none (TANGERINE, the original project's) the
+    TANGERINE default at the model's input size, marked as such."""
+    if stored is not None:
+        return {"origin": "checkpoint", "version": PREPROCESS_VERSION, "settings": stored.to_dict()}
     return {"origin": "tangerine-default", "version": PREPROCESS_VERSION,
             "settings": PreprocessConfig(size=tuple(meta.input_size)).to_dict(),
             "note": "the checkpoint stored no preprocessing: TANGERINE's (the whole volume resampled to the input "
@@ -208,22 +205,21 @@ def _task(meta: RunMeta, origin: str) -> dict:
             "extra": {k: v for k, v in record.items() if k not in META_FIELDS}}
 
 
-def _provenance(ckpt: dict, source: str) -> dict:
-    args = _public(ckpt.get("args") or {})
-    manifest = args.get("data_manifest")
-    recipe = _public(ckpt["recipe"]) if ckpt.get("recipe") else None
+def _provenance(rec: CheckpointRecord, source: str) -> dict:
+    args = _public(rec.stored_args())
+    manifest = rec.data_manifest
     return {"source_file": os.path.basename(os.path.normpath(source)), "source_sha256": content_sha256(source),
-            "epochs_completed": _epochs_completed(ckpt), "recipe": recipe, "args": args,
-            "data_manifest": manifest, "data_manifest_sha256": args.get("data_manifest_sha256"),
+            "epochs_completed": _epochs_completed(rec), "recipe": _public(rec.recipe) if rec.recipe else None,
+            "args": args, "data_manifest": manifest.name if manifest else None,
+            "data_manifest_sha256": manifest.sha256 if manifest else None,
             "data_manifest_included": False, "repository": version_record(),
             "paths": "absolute paths of the training run are reduced to their file names"}
 
 
-def _epochs_completed(ckpt: dict) -> int | None:
+def _epochs_completed(rec: CheckpointRecord) -> int | None:
     """Whole epochs behind the weights: a checkpoint's 'epoch' is the last one finished, counted from 0 (one written
     inside an epoch, with 'progress', has finished the epochs before it)."""
-    epoch = ckpt.get("epoch")
-    return None if not isinstance(epoch, int) else epoch + (0 if ckpt.get("progress") else 1)
+    return None if rec.epoch is None else rec.epoch + (0 if rec.progress else 1)
 
 
 def _public(value):

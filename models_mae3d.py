@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from util.nn.patch_embed import PatchEmbed3D, patchify, unpatchify
 from util.nn.pos_embed import get_3d_sincos_pos_embed
-from util.nn.registry import SIZES, register_model, registered, create_model
+from util.nn.registry import SIZES, register_model
 
 
 def fixed_pos_embed(embed_dim: int, grid_size: Sequence[int], device: torch.device | None = None) -> nn.Parameter:
@@ -264,8 +264,3 @@ def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT3D:
 def mae_vit_huge_patch16(**kwargs) -> MaskedAutoencoderViT3D:
     """ViT-H/16 encoder (1280 x 32, 16 heads), decoder 512 x 8."""
     return _build("huge", **kwargs)
-
-
-# TRANSITION (removed once every caller uses util.nn.registry)
-ENCODER_SIZES = {n: (s.embed_dim, s.depth, s.num_heads) for n, s in SIZES.items()}
-MODEL_FACTORIES = {n: (lambda n=n: (lambda **kw: create_model(n, **kw)))() for n in registered("mae")}

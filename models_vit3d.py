@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 
 from models_mae3d import fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks, run_blocks
-from util.checkpoint import encoder_weights, load_checkpoint
 from util.errors import UserError
 from util.nn.patch_embed import PatchEmbed3D
 from util.nn.pos_embed import get_3d_sincos_pos_embed
-from util.nn.registry import SIZES, create_model, entry, model_names, register_model, registered
+from util.nn.registry import SIZES, create_model, entry, model_names, register_model
+from util.task.record import CheckpointRecord, read_record
 from util.triple import to_3tuple
 
 GLOBAL_POOLS = ("avg", "token", "cat")
@@ -159,20 +159,17 @@ def vit_huge_patch16(**kwargs) -> VisionTransformer3D:
     return _build("huge", **kwargs)
 
 
-# TRANSITION (removed once every caller uses util.nn.registry)
-VIT_FACTORIES = {n: (lambda n=n: (lambda **kw: create_model(n, **kw)))() for n in registered("vit")}
-
-
 # Model keys a pretrained encoder may lack: the task head and the pooling norms (freshly initialised), and the
 # positional table (regenerated for the model's grid). Any other missing key means another architecture.
 EXPECTED_MISSING = ("head.", "fc_norm.", "norm.", "pos_embed")
 
 
-def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.PathLike | dict,
+def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.PathLike | dict | CheckpointRecord,
                             verbose: bool = True) -> dict[str, list[str]]:
     """Load an MAE (or ViT) checkpoint into a VisionTransformer3D, possibly of another input size.
 
-    `checkpoint` is a path or a loaded dict in any container util.checkpoint.state_dict_of reads. Decoder keys
+    `checkpoint` is a path (a file or a model folder), its CheckpointRecord (util.task.record), or a loaded dict in
+    any container the record reads (TANGERINE's {'model': ...}, {'state_dict': ...}, a raw state dict). Decoder keys
     and `mask_token` are dropped, `pos_embed` is regenerated for the model's grid, `head.*` is dropped unless it
     fits the model's head, checkpoint keys the model lacks (e.g. `norm.*` for 'avg' pooling) are dropped.
 
@@ -183,11 +180,16 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
     Returns:
         dict(loaded=[...], dropped=[...], missing=[...]) of key names.
     """
-    name = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "the checkpoint"
-    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    if not isinstance(ckpt, dict):
-        raise UserError(f"expected a state dict or {{'model': state_dict}}, got {type(ckpt).__name__}.")
-    sd = encoder_weights(ckpt)  # a segmentation checkpoint's encoder too
+    if isinstance(checkpoint, (str, os.PathLike)):
+        rec = read_record(checkpoint)
+    elif isinstance(checkpoint, dict):
+        rec = CheckpointRecord.from_dict(checkpoint)
+    elif isinstance(checkpoint, CheckpointRecord):
+        rec = checkpoint
+    else:
+        raise UserError(f"expected a checkpoint path, record or state dict, got {type(checkpoint).__name__}.")
+    name = rec.source
+    sd = rec.encoder_weights()  # a segmentation checkpoint's encoder too
     own = model.state_dict()
     loaded, dropped, to_load = [], [], {}
     for key, value in sd.items():

@@ -35,9 +35,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-import models_mae3d  # noqa: E402
+import models_mae3d  # noqa: E402, F401  (registers the MAE factories)
+from util.nn.registry import create_model, model_names  # noqa: E402
 from util.atomic import atomic_write, write_text  # noqa: E402
-from util.checkpoint import CheckpointWriter, first_non_finite, load_checkpoint, save_atomic  # noqa: E402
+from util.checkpoint import CheckpointWriter, load_checkpoint, save_atomic  # noqa: E402
+from util.finite import first_non_finite  # noqa: E402
 from util import checkpoint_verify  # noqa: E402
 from util.checkpoint_verify import verify  # noqa: E402
 
@@ -46,7 +48,7 @@ def training_state(model_name: str, device: str, quick: bool) -> dict:
     """{'model', 'optimizer', 'epoch', 'args'} after one AdamW step (so the optimizer holds both moments)."""
     kw = dict(depth=2, decoder_depth=1, img_size=32) if quick else {}
     with torch.device(device):
-        model = models_mae3d.MODEL_FACTORIES[model_name](**kw)
+        model = create_model(model_name, **kw)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     for p in model.parameters():
         if p.requires_grad:
@@ -182,7 +184,7 @@ def report(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser("bench_checkpoint", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="mae_vit_large_patch16", choices=sorted(models_mae3d.MODEL_FACTORIES))
+    p.add_argument("--model", default="mae_vit_large_patch16", choices=model_names("mae"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out_dir", default=None, help="folder on the disk to measure (default: a temporary folder)")
     p.add_argument("--repeats", type=int, default=3)

@@ -99,14 +99,15 @@ def step_time(model: str, size: int, patch: int, batch: int) -> dict:
     estimate, with the matmul rate measured just before."""
     import torch
 
-    import models_mae3d
+    import models_mae3d  # noqa: F401  (registers the MAE factories)
+    from util.nn.registry import create_model
     from models_build import pretrain_workload
     from util.train.budget import estimate
     from types import SimpleNamespace
 
     torch.set_num_threads(1)  # one thread: CPU time is then what the step costs, whatever else runs here
     torch.manual_seed(0)
-    mae = models_mae3d.MODEL_FACTORIES[model](img_size=size, patch_size=patch)
+    mae = create_model(model, img_size=size, patch_size=patch)
     opt = torch.optim.AdamW(mae.parameters(), lr=1e-4)
     x = torch.rand(batch, 1, size, size, size)
 

@@ -48,11 +48,12 @@ def bench_config(size: str, img: int, args, workdir: str) -> dict:
     import torch
 
     import main_export
-    import models_mae3d
+    import models_mae3d  # noqa: F401  (registers the MAE factories)
+    from util.nn.registry import create_model
     from models_hub import from_pretrained
 
     torch.manual_seed(0)
-    mae = models_mae3d.MODEL_FACTORIES[f"mae_vit_{size}_patch16"](img_size=img)
+    mae = create_model(f"mae_vit_{size}_patch16", img_size=img)
     path, folder = os.path.join(workdir, f"{size}{img}.pth"), os.path.join(workdir, f"{size}{img}")
     torch.save({"model": mae.state_dict()}, path)
     del mae
@@ -90,10 +91,11 @@ def bench_config(size: str, img: int, args, workdir: str) -> dict:
 
 def bench_load(size: str, img: int, args, workdir: str) -> dict:
     import main_export
-    import models_mae3d
+    import models_mae3d  # noqa: F401  (registers the MAE factories)
+    from util.nn.registry import create_model
     from util.checkpoint import load_checkpoint, save_atomic
 
-    mae = models_mae3d.MODEL_FACTORIES[f"mae_vit_{size}_patch16"](img_size=img)
+    mae = create_model(f"mae_vit_{size}_patch16", img_size=img)
     path, folder = os.path.join(workdir, f"load-{size}.pth"), os.path.join(workdir, f"load-{size}")
     save_atomic({"model": mae.state_dict()}, path)
     del mae

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import models_mae3d  # noqa: E402
+import models_mae3d  # noqa: E402, F401  (registers the MAE factories)
+from util.nn.registry import create_model, model_names  # noqa: E402
 from bench.baseline_mae3d import baseline_from  # noqa: E402
 from bench.gpu_timing import (apply_fp8, fp8_skip_reason, is_oom, matmul_peak_tflops, release, sync,  # noqa: E402
                               timed)
@@ -72,7 +73,7 @@ def parse_configs(spec: str) -> list[Config]:
             cfg = Config(parts[0], *(int(p) for p in parts[1:])) if 3 <= len(parts) <= 4 else None
         except ValueError:
             cfg = None
-        if (cfg is None or cfg.model not in models_mae3d.MODEL_FACTORIES or min(cfg.img, cfg.batch, cfg.patch) < 1
+        if (cfg is None or cfg.model not in model_names("mae") or min(cfg.img, cfg.batch, cfg.patch) < 1
                 or cfg.img % cfg.patch):
             raise SystemExit(f"--configs item '{item}' must be SIZE:IMG:BATCH[:PATCH] with SIZE one of tiny, small, "
                              f"base, large, huge and IMG a multiple of PATCH (e.g. large:256:8).")
@@ -94,7 +95,7 @@ def build(cfg: Config, variant: str, args, device: torch.device) -> torch.nn.Mod
     kw = dict(img_size=cfg.img, patch_size=cfg.patch, **(QUICK_MODEL_KW if args.quick else {}))
     torch.manual_seed(args.seed)
     with torch.device(device):
-        model = models_mae3d.MODEL_FACTORIES[cfg.model](**kw)
+        model = create_model(cfg.model, **kw)
     if variant == "baseline":
         return baseline_from(model)
     if variant == "fp8":

@@ -14,7 +14,8 @@ import torch
 
 import datasets_three_d_fine as fine
 import util.volume.preprocess
-from datasets_three_d import Custom3DDataset, PreprocessConfig
+from datasets_three_d import Custom3DDataset
+from util.volume.preprocess import PreprocessConfig
 from util.errors import UserError
 from util.volume.cache import QMAX, SUFFIX, CacheSettings, VolumeCache, decode, encode
 

@@ -126,7 +126,7 @@ def test_an_earlier_npy_cache_is_refused_with_how_to_rebuild_it(tmp_path):
         Custom3DDataset(str(tmp_path / "t.csv"), input_size=8, cache_dir=str(old))
     r = run_in_process("main_cache.py", "--csv", tmp_path / "t.csv", "--cache_dir", old, "--input_size", 8)
     lines = [s for s in r.stderr.splitlines() if s.strip() and not s.startswith("ResourceWarning")]
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: --cache_dir {old}: ") and \
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: --cache_dir {old}: ") and \
         "fill it again with main_cache.py" in lines[0], r.stderr
 
 
@@ -144,7 +144,7 @@ def test_the_folder_records_its_settings_and_refuses_others(tmp_path):
     assert stored is not None and stored.dtype == np.uint16 and -1200 < hu.min() < hu.max() < 1000
     r = run_in_process("main_cache.py", "--csv", tmp_path / "t.csv", "--cache_dir", cache, "--input_size", 8,
                        "--cache_step", 1)
-    assert r.returncode == 1 and "was filled with --cache_step 2 (codec zstd" in r.stderr, r.stderr
+    assert r.returncode == 2 and "was filled with --cache_step 2 (codec zstd" in r.stderr, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ import torch
 
 from tests.helpers import make_hostile_checkpoint
 from util import checkpoint as ck
+from util.plain import plain
+from util.task.record import CheckpointRecord, find_resume
 
 
 def test_hostile_pickle_is_refused_and_never_runs(tmp_path):
@@ -50,16 +52,16 @@ def test_torn_and_foreign_files_are_reported_as_corrupt(tmp_path):
 
 def test_find_resume_skips_a_torn_last_checkpoint(tmp_path, capsys):
     for e in (1, 3):
-        ck.save_atomic({"epoch": e, "model": {}}, tmp_path / f"checkpoint-{e}.pth")
+        ck.save_atomic({"epoch": e, "model": {"w": torch.ones(1)}, "optimizer": {}}, tmp_path / f"checkpoint-{e}.pth")
     (tmp_path / "checkpoint-last.pth").write_bytes(b"PK\x03\x04 torn")
-    path, state = ck.find_resume(tmp_path)
-    assert path.endswith("checkpoint-3.pth") and state["epoch"] == 3
+    path, rec = find_resume(tmp_path)
+    assert path.endswith("checkpoint-3.pth") and rec.epoch == 3
     assert "WARNING" in capsys.readouterr().out
 
 
-def test_state_dict_of_strips_ddp_and_compile_prefixes():
+def test_the_record_strips_ddp_and_compile_prefixes():
     sd = {"model": {"module.blocks.0.attn.qkv.weight": 1, "_orig_mod.cls_token": 2, "blocks.1._orig_mod.x": 3}}
-    assert ck.state_dict_of(sd) == {"blocks.0.attn.qkv.weight": 1, "cls_token": 2, "blocks.1.x": 3}
+    assert CheckpointRecord.from_dict(sd).weights == {"blocks.0.attn.qkv.weight": 1, "cls_token": 2, "blocks.1.x": 3}
 
 
 def test_plain_makes_args_loadable_with_weights_only(tmp_path):
@@ -67,6 +69,6 @@ def test_plain_makes_args_loadable_with_weights_only(tmp_path):
     from pathlib import Path
 
     ns = argparse.Namespace(input_size=(1, 2, 3), out=Path("/x"), lr=None, flag=True)
-    ck.save_atomic({"args": ck.plain(vars(ns))}, tmp_path / "a.pth")
+    ck.save_atomic({"args": plain(vars(ns))}, tmp_path / "a.pth")
     assert ck.load_checkpoint(tmp_path / "a.pth")["args"] == {"input_size": [1, 2, 3], "out": "/x", "lr": None,
                                                               "flag": True}

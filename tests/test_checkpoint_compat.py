@@ -19,7 +19,7 @@ import models_mae3d
 import models_vit3d
 from tests.bad_inputs import good_volume
 from tests.helpers import load, run_in_process
-from util.checkpoint import load_checkpoint
+from util.task.record import read_record
 
 SIZE = 32
 
@@ -63,9 +63,9 @@ def finetune_args(root, init, out, *extra):
 
 def test_the_original_training_dict_with_a_namespace_loads_with_weights_only(cases):
     root, mae, _ = cases
-    ckpt = load_checkpoint(root / "original_mae.pth")
-    assert ckpt["args"]["input_size"] == SIZE and ckpt["args"]["model"] == "mae_vit_tiny_patch16"
-    assert ckpt["epoch"] == 399 and torch.equal(ckpt["model"]["cls_token"], mae.cls_token)
+    rec = read_record(root / "original_mae.pth")
+    assert rec.args["input_size"] == SIZE and rec.args["model"] == "mae_vit_tiny_patch16"
+    assert rec.epoch == 399 and torch.equal(rec.weights["cls_token"], mae.cls_token)
 
 
 @pytest.mark.parametrize("init", ["original_mae.pth", "encoder_only.pth", "encoder_only_ddp.pth", "state_dict.pth",
@@ -117,6 +117,6 @@ def test_an_encoder_with_fewer_blocks_stops_with_one_sentence(cases, tmp_path):
     root, _, _ = cases
     r = run_in_process("main_finetune.py", *finetune_args(root, "two_blocks.pth", tmp_path / "x"))
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
     assert "two_blocks.pth" in err[0] and "2 blocks" in err[0] and "12" in err[0]
     assert not (tmp_path / "x" / "checkpoint-last.pth").exists()

@@ -13,8 +13,10 @@ import SimpleITK as sitk
 import torch
 
 import datasets_three_d_fine as fine
-from datasets_three_d import (Augment3D, Custom3DDataset, PreprocessConfig, center_crop_or_pad, random_crop,
-                              read_path_table)
+from datasets_three_d import Custom3DDataset
+from util.data.augment import Augment3D, center_crop_or_pad, random_crop
+from util.data.path_table import read_path_table
+from util.volume.preprocess import PreprocessConfig
 from tests.bad_inputs import build_bad_files
 
 
@@ -144,7 +146,7 @@ def test_finetune_labels_binary_multiclass_multilabel_regression(table):
     assert fine.Custom3DDataset(str(table), input_size=8, nb_classes=5).nb_classes == 5
     ml = fine.Custom3DDataset(str(table), input_size=8, label_columns=["A", "B"])
     y = ml[1][1]
-    assert ml.multilabel and y.dtype == torch.float32 and y.tolist() == [1.0, 0.0] and ml.label_names == ["A", "B"]
+    assert ml.task_type.multi_label and y.dtype == torch.float32 and y.tolist() == [1.0, 0.0] and ml.label_names == ["A", "B"]
     assert ml.nb_classes == 2 and ml.class_counts == [2, 2]
     rg = fine.Custom3DDataset(str(table), input_size=8, label_columns=["Size"], regression=True)
     assert rg[3][1].dtype == torch.float32 and rg[3][1].shape == () and float(rg[3][1]) == 1.5

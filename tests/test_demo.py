@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
-from datasets_three_d import PreprocessConfig, load_volume_and_mask, read_path_table
+from util.data.path_table import read_path_table
+from util.volume.preprocess import PreprocessConfig, load_volume_and_mask
 from util.data.demo import make_demo_data, make_phantom
 
 

@@ -1,9 +1,11 @@
-"""The error boundary: user-caused errors end as one line with status 1, a bug keeps its traceback."""
+"""The error boundary: user-caused errors end as one line with status 2 (a refusal), a bug keeps its traceback
+(status 1)."""
 import pytest
 import torch
 
 from util.checkpoint import CorruptCheckpointError, UnsafeCheckpointError
-from util.errors import UserError, run_main
+from util.cli import run_main
+from util.errors import UserError
 from util.volume.io import VolumeError
 
 
@@ -18,11 +20,11 @@ def _raise(exc):
                                  CorruptCheckpointError("ckpt.pth is truncated."),
                                  UnsafeCheckpointError("ckpt.pth needs pickle."),
                                  FileNotFoundError(2, "No such file or directory", "/data/missing.csv")])
-def test_user_caused_errors_are_one_line_and_status_1(exc, capsys, monkeypatch):
+def test_user_caused_errors_are_one_line_and_status_2(exc, capsys, monkeypatch):
     monkeypatch.delenv("MAE3D_DEBUG", raising=False)
     with pytest.raises(SystemExit) as e:
         run_main(_raise(exc), None)
-    assert e.value.code == 1
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
 
@@ -55,6 +57,6 @@ def test_a_user_error_raised_in_a_loader_worker_stays_one_line(capsys, monkeypat
 
     with pytest.raises(SystemExit) as e:
         run_main(main, None)
-    assert e.value.code == 1
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: /data/case0.nii.gz: the gzip stream is corrupt (CRC mismatch)."

@@ -45,7 +45,7 @@ def test_failed_checkpoint_write_then_resume_logs_each_epoch_once(data, tmp_path
 
     monkeypatch.setattr(util.checkpoint, "save_atomic", disk_full_at_second_epoch)
     r = run_in_process("main_pretrain.py", *args)
-    assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "No space left on device" in r.stderr, r.stderr[-2000:]
     assert load(out / "checkpoint-last.pth")["epoch"] == 0  # epoch 1 (counted from 1) is the last one on disk
     assert logged_epochs(out) == [1, 2]  # epoch 2 was logged before its write failed
     assert status(out) is None  # a failed run records no planned end
@@ -66,7 +66,7 @@ def test_preempted_run_records_75_after_its_checkpoint_and_the_next_run_replaces
     assert s["status"] == 75 and "preempted" in s["meaning"] and "checkpoint-last.pth" in s["message"]
     assert load(out / "checkpoint-last.pth")["progress"]["step"] == 2  # on disk before the status was written
     r = run_in_process("main_pretrain.py", *args, "--model", "mae_vit_small_patch16")  # refused: another recipe
-    assert r.returncode == 1 and status(out) is None  # the stale 75 is gone: a job script must not requeue
+    assert r.returncode == 2 and status(out) is None  # the stale 75 is gone: a job script must not requeue
     r = run_in_process("main_pretrain.py", *args)
     assert r.returncode == 0 and status(out)["status"] == 0 and not status(out)["torchrun"]
 

@@ -20,6 +20,7 @@ from models_hub import from_pretrained
 from tests.bad_inputs import good_volume
 from tests.helpers import run_in_process, state_dicts_equal
 from util.checkpoint import load_checkpoint, save_atomic
+from util.task.record import read_record
 from util.data.manifest import read_manifest, write_manifest
 from util.run_folder import MANIFEST
 from util.task.meta import RunMeta
@@ -40,7 +41,7 @@ def tiny_finetuned(path, mode: str, nb_classes: int, seed: int = 0, pool: str = 
     meta = dict(task=task.family, mode=mode, model="vit_tiny_patch16", nb_classes=nb_classes,
                 nb_outputs=task.nb_outputs(nb_classes, len(columns)), label_names=names, label_columns=columns,
                 input_size=list(SIZE), patch_size=[16, 16, 16], global_pool=pool, feature_size=8, **meta_extra)
-    model = build_model_from_meta(meta)
+    model = build_model_from_meta(RunMeta.from_dict(meta))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.startswith(("head.", "out.")):
@@ -180,7 +181,7 @@ def test_tangerine_shaped_weights_keep_their_encoder_features(volumes, tmp_path,
     if decoder:  # the whole MAE, decoder included, with the file's tensors
         assert state_dicts_equal(model.state_dict(), mae.state_dict())
     encoder, _ = from_pretrained(tmp_path / "folder", encoder_only=True)
-    reference, _, _ = load_for_inference(str(tmp_path / "tangerine.pth"), global_pool="token")
+    reference, _, _ = load_for_inference(read_record(tmp_path / "tangerine.pth"), global_pool="token")
     x = torch.rand(2, 1, *SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(encoder.forward_features(x), reference.forward_features(x))
@@ -208,7 +209,7 @@ def test_finetune_and_init_from_a_folder_load_what_the_checkpoint_loads(volumes,
     for source in (tmp_path / "mae.pth", tmp_path / "folder"):
         torch.manual_seed(0)
         model = models_mae3d.mae_vit_tiny_patch16(img_size=(64, 64, 64), decoder_depth=1)
-        load_mae_init(model, load_checkpoint(source), str(source))
+        load_mae_init(model, read_record(source), str(source))
         loaded.append(model.state_dict())
     assert state_dicts_equal(*loaded)
 

@@ -155,7 +155,7 @@ def test_finetune_bad_labels_and_foreign_architecture(corpus, tmp_path):
 
 def test_prediction_survives_every_bad_volume_and_keeps_existing_output(corpus, tmp_path):
     import models_vit3d
-    from datasets_three_d import PreprocessConfig
+    from util.volume.preprocess import PreprocessConfig
 
     root, files, goods = corpus
     model = models_vit3d.vit_tiny_patch16(img_size=16, num_classes=1)

@@ -15,6 +15,8 @@ import main_finetune
 import models_mae3d
 from tests.helpers import load, save_tiny_mae
 from util.nn.pos_embed import get_3d_sincos_pos_embed
+from util.task.meta import RunMeta
+from util.task.record import read_record
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,8 @@ def test_binary_from_mae_at_other_size_writes_self_contained_checkpoints_and_res
     assert list(out.glob("events.out.tfevents.*"))
     from models_build import load_for_inference
 
-    model, meta2, pre = load_for_inference(str(out / "checkpoint-last.pth"))
-    assert meta2.to_dict() == meta and pre == ckpt["preprocess"]  # the typed record is what was stored
+    model, meta2, pre = load_for_inference(read_record(out / "checkpoint-last.pth"))
+    assert meta2.to_dict() == meta and pre.to_dict() == ckpt["preprocess"]  # the typed record is what was stored
     assert model(torch.rand(2, 1, 32, 64, 64)).shape == (2, 1)
 
 
@@ -140,13 +142,13 @@ def test_segmentation_with_spacing_validates_whole_volumes_by_sliding_window(dem
     line = log_lines(out)[0]
     assert 0 <= line["val_dice"] <= 1 and "val_dice_1" in line
     # the eval set holds whole volumes, larger than the 32^3 training crops on some axis
-    parser = main_finetune.get_args_parser()
-    a = parser.parse_args(args)
-    a.input_size = (32, 32, 32)
-    from datasets_three_d import PreprocessConfig
+    from dataclasses import replace
 
-    ds = main_finetune.make_dataset(demo["val"], False, a,
-                                    PreprocessConfig.from_dict(load(out / "checkpoint-last.pth")["preprocess"]))
+    from util.volume.preprocess import PreprocessConfig
+
+    s = main_finetune.parse_args(args)
+    s = replace(s, preprocess=PreprocessConfig.from_dict(load(out / "checkpoint-last.pth")["preprocess"]))
+    ds = main_finetune.make_dataset(demo["val"], False, s, s.task)
     img, mask = ds[0]
     assert img.shape[1:] == mask.shape and any(s > 32 for s in mask.shape)
 
@@ -161,24 +163,18 @@ def test_linprobe_freezes_encoder_and_reloads_for_prediction(demo, mae64, tmp_pa
     assert torch.equal(ckpt["model"]["blocks.3.mlp.fc1.weight"], mae["module.blocks.3.mlp.fc1.weight"])
     from models_build import load_for_inference
 
-    model, _, _ = load_for_inference(str(out / "checkpoint-last.pth"))
+    model, _, _ = load_for_inference(read_record(out / "checkpoint-last.pth"))
     assert isinstance(model.head[0], torch.nn.BatchNorm1d) and model(torch.rand(1, 1, 64, 64, 64)).shape == (1, 1)
 
 
-def _parsed(*extra):
-    args = main_finetune.get_args_parser().parse_args(ft_args({"train": "t.csv", "val": "v.csv", "cache": "c"},
-                                                              "unused", *extra))
-    args.device, args.input_size, args.patch_size = "cpu", (32, 64, 64), (16, 16, 16)
-    return args
-
-
 def test_mae_trained_at_64_loads_into_a_32x64x64_classifier(tmp_path):
+    from models_build import finetune_model
+
     mae64 = save_tiny_mae(tmp_path / "mae.pth")
-    args = _parsed("--finetune", str(mae64))
-    meta = dict(task="classification", mode="binary", model=args.model, nb_classes=2, nb_outputs=1,
-                label_names=["0", "1"], input_size=[32, 64, 64], patch_size=[16, 16, 16], global_pool="avg",
-                linprobe=False)
-    model = main_finetune.build_model(args, meta)
+    meta = RunMeta.from_dict(dict(task="classification", mode="binary", model="vit_tiny_patch16", nb_classes=2,
+                                  nb_outputs=1, label_names=["0", "1"], input_size=[32, 64, 64],
+                                  patch_size=[16, 16, 16], global_pool="avg", linprobe=False))
+    model = finetune_model(meta, read_record(mae64), str(mae64))
     mae = load(mae64)["model"]
     sd = model.state_dict()
     assert torch.equal(sd["blocks.11.attn.qkv.weight"], mae["module.blocks.11.attn.qkv.weight"])
@@ -190,12 +186,12 @@ def test_mae_trained_at_64_loads_into_a_32x64x64_classifier(tmp_path):
 
 def test_layer_decay_groups_scale_lr_from_head_to_patch_embedding():
     from models_build import build_model_from_meta
-    from util.train.lr_sched import Schedule, adjust_learning_rate
-    from util.train.loop import TrainSettings
+    from util.train.lr_sched import adjust_learning_rate
+    from util.train.settings import Schedule, TrainSettings
 
     meta = dict(mode="binary", model="vit_tiny_patch16", nb_outputs=1, input_size=[32, 64, 64],
                 patch_size=[16, 16, 16])
-    model = build_model_from_meta(meta)
+    model = build_model_from_meta(RunMeta.from_dict(meta))
     schedule = Schedule(lr=1.0, epochs=10, warmup_epochs=0)
     opt = engine_finetune.build_optimizer(model, TrainSettings("cpu", schedule=schedule), weight_decay=0.05,
                                           layer_decay=0.5)
@@ -215,7 +211,7 @@ def test_layer_decay_groups_scale_lr_from_head_to_patch_embedding():
 def test_encoder_mismatch_fails_with_one_sentence_naming_key_and_shapes(demo, mae64, tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main_finetune.cli_main(ft_args(demo, tmp_path / "x", "--model", "vit_small_patch16", "--finetune", mae64))
-    assert err.value.code == 1
+    assert err.value.code == 2
     msg = capsys.readouterr().err.strip().splitlines()[-1]  # one "error: ..." line, no traceback
     assert msg.startswith("error:") and "cls_token" in msg and "(1, 1, 192)" in msg and "(1, 1, 384)" in msg and msg.count("\n") == 0
 
@@ -258,8 +254,7 @@ def test_demo_preset_finetunes_demo_checkpoint_and_explicit_flags_win(demo, tmp_
 def test_linprobe_optimizer_trains_the_head_at_a_small_batch():
     """At batch 16 the MAE LARS recipe must still fit a linearly separable rule on frozen features."""
     from engine_finetune import build_optimizer
-    from util.train.lr_sched import Schedule
-    from util.train.loop import TrainSettings
+    from util.train.settings import Schedule, TrainSettings
 
     torch.manual_seed(0)
     feats = torch.randn(512, 192) * 3 + 1
@@ -285,8 +280,9 @@ def test_linprobe_head_evaluates_like_it_trains_on_features_of_small_variance():
     theirs (not still the initial running_var of 1), or every evaluation logit is squashed towards zero."""
     from models_build import build_model_from_meta
 
-    model = build_model_from_meta(dict(model="vit_tiny_patch16", input_size=[16, 16, 16], patch_size=[16, 16, 16],
-                                       nb_outputs=1, mode="binary", linprobe=True))
+    model = build_model_from_meta(RunMeta.from_dict(dict(model="vit_tiny_patch16", input_size=[16, 16, 16],
+                                                         patch_size=[16, 16, 16], nb_outputs=1, mode="binary",
+                                                         linprobe=True)))
     bn = model.head[0]
     torch.manual_seed(0)
     feats = 0.8 + 3e-3 * torch.randn(64, model.num_features)

@@ -52,7 +52,7 @@ def test_a_refused_init_leaves_no_output_folder(demo, tmp_path):
     small = save_tiny_mae(tmp_path / "ckpt" / "tiny_patch16.pth", size=32)  # patch 16: the run asks for 8
     out = tmp_path / "new" / "run"
     r = pretrain(demo["pretrain"], out, epochs=1, init=small, patch_size=8)
-    assert r.returncode == 1 and "--patch_size 16 16 16" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "--patch_size 16 16 16" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "new").exists()
 
 
@@ -64,7 +64,7 @@ def test_a_training_table_edited_in_place_is_a_recipe_change(demo, tmp_path):
     assert pretrain(table, out, epochs=1).returncode == 0
     rows.to_csv(table, index=False)  # 4 -> 8 rows, same file name
     r = pretrain(table, out, epochs=2)
-    assert r.returncode == 1 and "table 4 rows sha256:" in r.stderr and "-> 8 rows sha256:" in r.stderr, r.stderr
+    assert r.returncode == 2 and "table 4 rows sha256:" in r.stderr and "-> 8 rows sha256:" in r.stderr, r.stderr
     assert "--allow_recipe_change" in r.stderr
     r = pretrain(table, out, epochs=2, allow_recipe_change=True)
     assert r.returncode == 0 and "changed recipe" in r.stdout
@@ -76,7 +76,7 @@ def test_a_broken_held_out_file_stops_the_run_before_the_first_epoch(demo, tmp_p
     pd.DataFrame({"Path": [absolute(demo["pretrain"])["Path"][0], str(bad)]}).to_csv(val, index=False)
     out = tmp_path / "run"
     r = pretrain(demo["pretrain"], out, epochs=1, val_path=val, vis_every=1)
-    assert r.returncode == 1 and "truncated.nii.gz" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "truncated.nii.gz" in r.stderr, r.stderr[-2000:]
     assert "epoch 1/1 [" not in r.stdout and not (out / "checkpoint-last.pth").exists(), r.stdout[-2000:]
 
 
@@ -143,7 +143,7 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_read_or_w
     out, cache = tmp_path / "run", tmp_path / "cache"
     r = run_in_process("main_pretrain.py", "--data_path", demo["pretrain"], "--output_dir", out, "--cache_dir", cache,
                        "--device", "cpu", "--num_workers", 0)
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "WARNING: no --model typed, so this is the TANGERINE recipe: mae_vit_large_patch16 at 256x256x256" \
         in r.stdout
     assert "Estimated cost of one step (mae_vit_large_patch16, 256x256x256 in 16x16x16 patches, batch 8, fp32)" \
@@ -156,13 +156,13 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_read_or_w
     # the same machine, a run that fits: it says its cost and trains; --no_memory_check starts one that does not
     monkeypatch.setattr(budget, "available_memory", lambda device: (0.01 * 2 ** 30, "available (MemAvailable)"))
     r = pretrain(demo["pretrain"], out, epochs=1)
-    assert r.returncode == 1 and "--no_memory_check" in r.stderr
+    assert r.returncode == 2 and "--no_memory_check" in r.stderr
     r = pretrain(demo["pretrain"], out, epochs=1, no_memory_check=True)
     assert r.returncode == 0 and "Estimated cost of one step (mae_vit_tiny_patch16, 16x16x16" in r.stdout
     r = run_in_process("main_finetune.py", "--train_csv", demo["train"], "--finetune", out / "checkpoint-last.pth",
                        "--epochs", 1, "--batch_size", 2, "--num_workers", 0, "--device", "cpu", "--output_dir",
                        tmp_path / "ft")
-    assert r.returncode == 1 and "Estimated cost of one step (vit_tiny_patch16" in r.stdout, r.stdout[-2000:]
+    assert r.returncode == 2 and "Estimated cost of one step (vit_tiny_patch16" in r.stdout, r.stdout[-2000:]
     assert "--no_memory_check" in r.stderr and not (tmp_path / "ft").exists()
 
 

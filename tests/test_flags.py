@@ -43,11 +43,12 @@ def test_help_imports_no_torch_and_shows_no_useless_defaults(script):
 
 
 def test_model_names_in_the_parser_are_the_factories():
-    import models_mae3d
-    import models_vit3d
+    import models_mae3d  # noqa: F401
+    import models_vit3d  # noqa: F401
+    from util.nn.registry import registered
 
-    assert sorted(cli_args.MAE_MODELS) == sorted(models_mae3d.MODEL_FACTORIES)
-    assert sorted(cli_args.VIT_MODELS) == sorted(models_vit3d.VIT_FACTORIES)
+    assert list(cli_args.MAE_MODELS) == registered("mae")
+    assert list(cli_args.VIT_MODELS) == registered("vit")
 
 
 @pytest.mark.parametrize("script, argv, needle", [
@@ -95,7 +96,7 @@ def test_the_rank_0_process_alone_says_which_recipe_defaults_apply(monkeypatch, 
     line = capsys.readouterr().out.strip()
     assert line.startswith("Using the TANGERINE recipe for the flags you did not type: patch_size=[16], "
                            "mask_ratio=0.75, epochs=400, warmup_epochs=40, blr=0.00015"), line
-    assert "model=" not in line and "input_size" not in line and args.input_size == (64, 64, 64)
+    assert "model=" not in line and "input_size" not in line and args.model.input_size == (64, 64, 64)
     everything = ["--model", "mae_vit_tiny_patch16", "--input_size", "64", "--patch_size", "8", "--mask_ratio",
                   "0.6", "--epochs", "3", "--warmup_epochs", "1", "--blr", "1e-3"]
     main_pretrain.parse_args(["--data_path", "x.csv", *everything])
@@ -133,14 +134,17 @@ def test_a_typed_preprocessing_override_is_validated_like_a_new_config():
 def test_main_predict_applies_typed_flags_only_through_the_validated_override():
     import main_predict
 
-    saved = PreprocessConfig(size=(32, 32, 32), window=(-1000.0, 400.0)).to_dict()
+    from dataclasses import replace
+
+    saved = PreprocessConfig(size=(32, 32, 32), window=(-1000.0, 400.0))
     meta = RunMeta.from_dict({"mode": "multiclass", "model": "vit_tiny_patch16", "input_size": [32, 32, 32],
                               "nb_classes": 3, "nb_outputs": 3})
-    args = main_predict.parse_args(["--input_csv", "x.csv", "--orientation", "ras"])
-    assert main_predict.preprocess_config(saved, meta, args).orientation == "RAS"
-    args.window, args.explicit = [800.0, -1200.0], args.explicit | {"window"}  # as if parsing had let it through
+    s = main_predict.parse_args(["--input_csv", "x.csv", "--output_csv", "p.csv", "--finetune", "c.pth",
+                                 "--orientation", "ras"])
+    assert main_predict.preprocess_config(saved, meta, s).orientation == "RAS"
+    s = replace(s, overrides={**s.overrides, "window": [800.0, -1200.0]})  # as if parsing had let it through
     with pytest.raises(UserError, match="LO < HI"):
-        main_predict.preprocess_config(saved, meta, args)
+        main_predict.preprocess_config(saved, meta, s)
 
 
 def test_two_outputs_or_an_output_and_an_input_may_not_be_the_same_file(tmp_path):
@@ -148,11 +152,11 @@ def test_two_outputs_or_an_output_and_an_input_may_not_be_the_same_file(tmp_path
     table.write_text("Path\nv.nii.gz\n")
     base = ["--input_csv", table, "--finetune", tmp_path / "ckpt.pth", "--device", "cpu", "--num_workers", 0]
     r = run_in_process("main_predict.py", *base, "--output_csv", tmp_path / "p.csv", "--embeddings", tmp_path / "p.csv")
-    assert r.returncode == 1 and "--embeddings" in r.stderr and "same file as --output_csv" in r.stderr, r.stderr
+    assert r.returncode == 2 and "--embeddings" in r.stderr and "same file as --output_csv" in r.stderr, r.stderr
     r = run_in_process("main_predict.py", *base, "--output_csv", table, "--overwrite")
-    assert r.returncode == 1 and "same file as --input_csv (an input of this run)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "same file as --input_csv (an input of this run)" in r.stderr, r.stderr
     assert table.read_text() == "Path\nv.nii.gz\n"
     (tmp_path / "a_file").write_text("x")
     r = run_in_process("main_predict.py", *base, "--output_csv", tmp_path / "a_file" / "p.csv")
-    assert r.returncode == 1 and "not a writable folder" in r.stderr and "--output_csv" in r.stderr, r.stderr
+    assert r.returncode == 2 and "not a writable folder" in r.stderr and "--output_csv" in r.stderr, r.stderr
     assert "ckpt.pth" not in r.stderr  # refused before the checkpoint was even looked at

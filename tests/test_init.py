@@ -12,8 +12,8 @@ import torch
 import models_mae3d
 import models_vit3d
 from models_build import load_mae_init
+from util.task.record import CheckpointRecord, read_record
 from tests.helpers import load, run_in_process, run_script, state_dicts_equal, tiny_pretrain_args
-from util.checkpoint import load_checkpoint
 from util.data.demo import make_demo_data
 from util.errors import UserError
 
@@ -32,7 +32,7 @@ def test_tangerine_style_file_loads_encoder_and_decoder_at_a_new_grid(capsys):
     model = fresh_model(32)
     table, dec_table = model.pos_embed.clone(), model.decoder_pos_embed.clone()
     ckpt = {"model": {"module." + k: v for k, v in src.items()}}  # DDP prefixes, as TANGERINE's files have
-    keys = load_mae_init(model, ckpt, "tangerine.pth")
+    keys = load_mae_init(model, CheckpointRecord.from_dict(ckpt), "tangerine.pth")
     out = model.state_dict()
     assert all(torch.equal(out[k], src[k]) for k in out if "pos_embed" not in k)  # every weight, decoder too
     assert torch.equal(out["pos_embed"], table) and torch.equal(out["decoder_pos_embed"], dec_table)  # 2^3 grid
@@ -48,7 +48,7 @@ def test_encoder_only_file_gets_a_fresh_decoder_said_in_one_line(tmp_path, capsy
     torch.save({"state_dict": src}, path)
     model = fresh_model(32)
     decoder = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("decoder_")}
-    keys = load_mae_init(model, load_checkpoint(path), str(path))
+    keys = load_mae_init(model, read_record(path), str(path))
     out = model.state_dict()
     assert all(torch.equal(out[k], src[k]) for k in src if k != "pos_embed")
     assert all(torch.equal(out[k], v) for k, v in decoder.items())  # the constructor's initialisation, kept
@@ -63,13 +63,13 @@ def test_original_project_training_checkpoint_and_a_vit_without_final_norm(tmp_p
     torch.save({"model": src, "optimizer": {"state": {}, "param_groups": []}, "epoch": 399, "scaler": {},
                 "args": argparse.Namespace(input_size=64, model="mae_vit_tiny_patch16")}, path)
     model = fresh_model(32)
-    load_mae_init(model, load_checkpoint(path), str(path))
+    load_mae_init(model, read_record(path), str(path))
     assert torch.equal(model.state_dict()["blocks.11.mlp.fc2.weight"], src["blocks.11.mlp.fc2.weight"])
     torch.manual_seed(3)
     vit = models_vit3d.vit_tiny_patch16(img_size=32, global_pool="avg", num_classes=2)  # fc_norm, head, no norm
     model = fresh_model(32)
     norm = model.norm.weight.clone()
-    keys = load_mae_init(model, {"model": vit.state_dict()}, "vit.pth")
+    keys = load_mae_init(model, CheckpointRecord.from_dict({"model": vit.state_dict()}), "vit.pth")
     assert torch.equal(model.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
     assert torch.equal(model.norm.weight, norm) and keys["missing"][:2] == ["norm.weight", "norm.bias"]
     assert {"head.weight", "fc_norm.weight"} <= set(keys["dropped"])
@@ -84,15 +84,16 @@ def test_original_project_training_checkpoint_and_a_vit_without_final_norm(tmp_p
 ])
 def test_files_that_do_not_fit_are_refused_in_one_sentence(ckpt, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(").replace(")", r"\)")):
-        load_mae_init(fresh_model(32), ckpt, "x.pth")
+        load_mae_init(fresh_model(32), CheckpointRecord.from_dict(ckpt), "x.pth")
 
 
 def test_init_with_resume_path_is_refused(tmp_path):
     r = run_in_process("main_pretrain.py", "--init", tmp_path / "a.pth", "--resume", tmp_path / "b.pth",
                        "--output_dir", tmp_path / "out")
-    assert r.returncode != 0
-    assert r.stderr.strip().splitlines()[-1].endswith("exclude each other: --init starts a new run from a model's "
-                                                      "weights, --resume continues a run with its optimizer.")
+    assert r.returncode == 2  # refused with the flags, before anything is read or written
+    line = r.stderr.strip().splitlines()[-1]
+    assert "exclude each other: --init starts a new run from a model's weights, --resume continues a run with its " \
+           "optimizer" in line and line.startswith("error: ") and not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 from tests.bad_inputs import good_volume
 from tests.helpers import run_in_process
 from util.data.path_table import read_path_table
-from util.task.predict_io import read_input_table
+from engine_predict import read_input_table
 from util.volume.io import read_image
 
 
@@ -44,7 +44,7 @@ def test_an_empty_label_cell_is_called_empty(folder, tmp_path):
                        "--input_size", 16, "--device", "cpu", "--num_workers", 0, "--batch_size", 2,
                        "--output_dir", tmp_path / "f")
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
     assert "gap.csv" in err[0] and "row 2 (line 3)" in err[0] and "column 'Label'" in err[0] and "empty" in err[0]
     assert "nan" not in err[0]
 
@@ -73,7 +73,7 @@ def test_a_bad_mask_reads_the_same_with_or_without_loader_workers(folder, tmp_pa
                        workers, "--batch_size", 2, "--epochs", 1, "--output_dir", tmp_path / "f", "--feature_size",
                        8)
     err = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert r.returncode == 1 and len(err) == 1, r.stderr[-2000:]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]
     assert err[0] == f"error: {tmp_path / 'm.nii.gz'}: holds label values 7..7; expected 0..1 (pass nb_classes to " \
                      f"the dataset, --nb_classes to the script)."
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import re
 import shutil
-from argparse import Namespace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import SimpleITK as sitk
@@ -18,10 +16,14 @@ import torch
 
 import models_mae3d
 import models_vit3d
-from models_build import adopt_encoder_sizes, build_model_from_meta
+from models_build import adopt_encoder, build_model_from_meta
 from tests.bad_inputs import cut_file, flip_bytes, good_volume, zero_spacing
 from tests.helpers import run_in_process
-from util.checkpoint import NonFiniteCheckpointError, find_resume, load_checkpoint, save_atomic
+from util.checkpoint import NonFiniteCheckpointError, load_checkpoint, save_atomic
+from util.nn.registry import ModelSpec
+from util.task.meta import RunMeta
+from util.task.record import find_resume, read_record
+from util.volume.preprocess import PreprocessConfig
 from util.errors import UserError
 from util.data.path_table import read_csv_table, read_path_table
 from util.volume.io import VolumeError, read_image
@@ -112,7 +114,7 @@ def tiny_classifier(path: Path, nan_key: str | None = None) -> Path:
     meta = dict(task="classification", mode="multiclass", model="vit_tiny_patch16", nb_classes=3, nb_outputs=3,
                 label_names=["a", "b", "c"], input_size=[32, 32, 32], patch_size=[16, 16, 16], global_pool="avg")
     torch.manual_seed(0)
-    sd = build_model_from_meta(meta).state_dict()
+    sd = build_model_from_meta(RunMeta.from_dict(meta)).state_dict()
     if nan_key:
         sd[nan_key][0, 0] = float("nan")
     save_atomic({"model": sd, "meta": meta, "args": {}}, path)
@@ -127,7 +129,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_key(tmp_path):
     (tmp_path / "in.csv").write_text("Path\nv.nii.gz\n")
     r = run_in_process("main_predict.py", "--input_csv", tmp_path / "in.csv", "--output_csv", tmp_path / "out.csv",
                        "--finetune", ckpt, "--device", "cpu", "--num_workers", 0)
-    assert r.returncode == 1 and f"error: Checkpoint {ckpt} holds NaN" in r.stderr
+    assert r.returncode == 2 and f"error: Checkpoint {ckpt} holds NaN" in r.stderr
     assert not (tmp_path / "out.csv").exists()
 
 
@@ -136,9 +138,9 @@ def test_resume_skips_a_checkpoint_with_inf_weights(tmp_path):
         sd = {"w": torch.ones(3)}
         if epoch == 1:
             sd["w"][1] = float("inf")
-        save_atomic({"model": sd, "epoch": epoch}, tmp_path / name)
-    path, ckpt = find_resume(tmp_path)
-    assert Path(path).name == "checkpoint-0.pth" and ckpt["epoch"] == 0
+        save_atomic({"model": sd, "epoch": epoch, "optimizer": {}}, tmp_path / name)
+    path, rec = find_resume(tmp_path)
+    assert Path(path).name == "checkpoint-0.pth" and rec.epoch == 0
 
 
 def test_a_bit_flipped_volume_in_a_table_with_trailing_delimiters_is_that_rows_error(tmp_path):
@@ -158,7 +160,7 @@ def test_a_segmentation_checkpoint_initialises_a_vit_from_its_encoder(tmp_path):
     meta = dict(task="segmentation", mode="segmentation", model="vit_tiny_patch16", nb_classes=2, nb_outputs=2,
                 label_names=["0", "1"], input_size=[32, 32, 32], patch_size=[16, 16, 16], feature_size=8)
     torch.manual_seed(0)
-    seg = build_model_from_meta(meta)
+    seg = build_model_from_meta(RunMeta.from_dict(meta))
     save_atomic({"model": seg.state_dict(), "meta": meta}, tmp_path / "seg.pth")
     vit = models_vit3d.vit_tiny_patch16(img_size=32, patch_size=16, num_classes=2)
     info = models_vit3d.load_pretrained_encoder(vit, tmp_path / "seg.pth", verbose=False)
@@ -170,15 +172,13 @@ def test_finetune_takes_patch_size_and_width_from_the_checkpoint_unless_typed(tm
     torch.manual_seed(0)
     mae = models_mae3d.mae_vit_small_patch16(img_size=32, patch_size=8, decoder_depth=1)
     torch.save({"model": mae.state_dict()}, tmp_path / "mae_p8.pth")
-    args = Namespace(finetune=str(tmp_path / "mae_p8.pth"), model="vit_large_patch16", patch_size=(16, 16, 16),
-                     input_size=(32, 32, 32), explicit=set())
-    adopt_encoder_sizes(args)
-    assert args.model == "vit_small_patch16" and args.patch_size == (8, 8, 8)
+    rec, path = read_record(tmp_path / "mae_p8.pth"), str(tmp_path / "mae_p8.pth")
+    spec, pre = ModelSpec("vit_large_patch16", 32, 16), PreprocessConfig(size=(32, 32, 32))
+    got, _ = adopt_encoder(rec, spec, pre, frozenset(), path)
+    assert got.name == "vit_small_patch16" and got.patch_size == (8, 8, 8)
     assert "its encoder sets --model vit_small_patch16, --patch_size 8 8 8" in capsys.readouterr().out
-    typed = Namespace(**{**vars(args), "model": "vit_base_patch16", "patch_size": (16, 16, 16),
-                         "explicit": {"model", "patch_size"}})
-    adopt_encoder_sizes(typed)
-    assert typed.model == "vit_base_patch16" and typed.patch_size == (16, 16, 16)
+    typed, _ = adopt_encoder(rec, ModelSpec("vit_base_patch16", 32, 16), pre, frozenset({"model", "patch_size"}), path)
+    assert typed.name == "vit_base_patch16" and typed.patch_size == (16, 16, 16)
 
 
 def test_main_finetune_of_a_patch_8_encoder_runs_without_patch_flags(tmp_path):

@@ -7,6 +7,7 @@ Layering of ``util/`` (a module imports only util modules of its own layer or lo
 """
 import ast
 import functools
+import re
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,100 @@ def test_documents_the_code_cites_exist():
                 if doc.split("/")[-1] not in outputs and not (ROOT / doc).is_file():
                     bad.append(f"{_rel(path)}:{n}: {doc}")
     assert not bad, "cited documents that do not exist:\n" + "\n".join(bad)
+
+
+def _project_module(mod, top):
+    """`mod` as a project module name (util.x.y, or a root module), or None for the standard library and packages."""
+    parts = mod.split(".")
+    if parts[0] in top:
+        return parts[0]
+    if parts[0] != "util":
+        return None
+    for n in range(len(parts), 1, -1):  # the longest prefix that is a module file or a package
+        if ROOT.joinpath(*parts[:n]).with_suffix(".py").is_file() or ROOT.joinpath(*parts[:n]).is_dir():
+            return ".".join(parts[:n])
+    return "util"
+
+
+def test_no_import_cycles():
+    """Project modules import each other without cycles, imports inside functions included (a lazy import that
+    closes a cycle hides a design problem; util/errors -> exit_status -> atomic -> errors was one)."""
+    top = {p.stem for p in _root_files()}
+    graph = {}
+    for path in [*_root_files(), *_tree_files(UTIL)]:
+        me = _module_name(path)
+        deps = {_project_module(mod, top) for _, mod in _scan(path)[1]}
+        graph[me] = sorted(d for d in deps if d and d != me and not me.startswith(d + "."))  # not a parent package
+    index, low, stack, on, cycles = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(" <-> ".join(sorted(comp)))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+PARSE_STEP = {"parse", "parse_args", "presets", "apply_preset"}  # the functions that may change a Namespace
+
+
+def test_nothing_writes_to_args_after_the_parse_step():
+    """Flags become typed settings once, right after parsing: outside the parse step (util/args.py's parse and
+    apply_preset, a script's parse_args and its presets) no code assigns to `args.X` or calls setattr(args, ...)."""
+    bad = []
+    for path in [*_root_files(), *_tree_files(UTIL)]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]:
+            if func.name in PARSE_STEP:
+                continue
+            inner = {id(n) for f in ast.walk(func) if f is not func and isinstance(f, ast.FunctionDef)
+                     and f.name in PARSE_STEP for n in ast.walk(f)}
+            for node in ast.walk(func):
+                if id(node) in inner:
+                    continue
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for t in targets:
+                    for e in ast.walk(t):
+                        if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "args":
+                            bad.append(f"{_rel(path)}:{node.lineno}: {func.name} writes args.{e.attr}")
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr" \
+                        and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "args":
+                    bad.append(f"{_rel(path)}:{node.lineno}: {func.name} calls setattr(args, ...)")
+    assert not bad, "writes to args after the parse step:\n" + "\n".join(sorted(set(bad)))
+
+
+def test_file_names_are_built_in_the_run_folder_module_only():
+    """A file name built in an f-string (literal parts without spaces, one of them with a file extension, e.g.
+    f"checkpoint-{n}.pth") appears only in util/run_folder.py, where every name a script writes is spelt."""
+    ext = re.compile(r"\.(pth|pt|json|txt|png|csv|gz|npy|nii|nrrd|mha|vol|lock|md|onnx|safetensors)\b")
+    bad = []
+    for path in [*_root_files(), *_tree_files(UTIL)]:
+        if _rel(path) == "util/run_folder.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.JoinedStr):
+                continue
+            parts = [v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)]
+            if parts and not any(c.isspace() for p in parts for c in p) and any(ext.search(p) for p in parts):
+                bad.append(f"{_rel(path)}:{node.lineno}: {ast.unparse(node)}")
+    assert not bad, "file names built outside util/run_folder.py:\n" + "\n".join(bad)

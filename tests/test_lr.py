@@ -1,6 +1,5 @@
 """Layer-wise lr decay groups and the warmup + cosine schedule."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.nn as nn
 
 from util.train.lr_decay import param_groups_lrd, param_groups_weight_decay
 from util.train.lr_sched import adjust_learning_rate
+from util.train.settings import Schedule
 
 
 class TinyBlock(nn.Module):
@@ -95,7 +95,7 @@ class _FakeOptimizer:
 
 
 def test_schedule_warmup_then_cosine():
-    args = SimpleNamespace(lr=1e-3, min_lr=1e-5, warmup_epochs=2, epochs=10)
+    args = Schedule(lr=1e-3, min_lr=1e-5, warmup_epochs=2, epochs=10)
     opt = _FakeOptimizer([{"params": [], "lr_scale": 0.5}])
     assert adjust_learning_rate(opt, 0.0, args) == 0.0
     assert adjust_learning_rate(opt, 1.0, args) == pytest.approx(5e-4)
@@ -109,7 +109,7 @@ def test_schedule_warmup_then_cosine():
 
 
 def test_schedule_without_warmup():
-    args = SimpleNamespace(lr=2e-3, warmup_epochs=0, epochs=4)
+    args = Schedule(lr=2e-3, warmup_epochs=0, epochs=4)
     opt = _FakeOptimizer([{"params": []}])
     assert adjust_learning_rate(opt, 0.0, args) == pytest.approx(2e-3)
     assert adjust_learning_rate(opt, 4.0, args) == pytest.approx(0.0, abs=1e-12)
@@ -118,9 +118,9 @@ def test_schedule_without_warmup():
 
 
 def test_the_warmup_is_maes_and_a_too_long_warmup_is_fitted_to_a_short_run():
-    from util.train.lr_sched import fit_warmup
+    from util.train.settings import fit_warmup
 
-    args = SimpleNamespace(lr=1e-3, min_lr=0.0, warmup_epochs=2, epochs=10)
+    args = Schedule(lr=1e-3, min_lr=0.0, warmup_epochs=2, epochs=10)
     opt = _FakeOptimizer([{"params": []}])
     steps = 4  # optimizer steps per epoch
     lrs = [adjust_learning_rate(opt, i / steps, args) for i in range(10 * steps)]
@@ -131,7 +131,7 @@ def test_the_warmup_is_maes_and_a_too_long_warmup_is_fitted_to_a_short_run():
     assert fit_warmup(5, 50) == (5, None)
     warmup, line = fit_warmup(40, 1)  # the smoke run `--epochs 1` with the pretraining recipe's warmup
     assert warmup == 0.5 and "--warmup_epochs 40" in line and "--epochs 1" in line and "0.5 epochs" in line
-    short = SimpleNamespace(lr=1e-3, min_lr=0.0, warmup_epochs=warmup, epochs=1)
+    short = Schedule(lr=1e-3, min_lr=0.0, warmup_epochs=warmup, epochs=1)
     lrs = [adjust_learning_rate(opt, i / 8, short) for i in range(8)]
     # without the fit every step stayed below 1/40 of the peak; now the run reaches it and decays
     assert max(lrs) == pytest.approx(1e-3) and min(lrs[1:]) > 1e-4

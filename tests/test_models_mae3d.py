@@ -3,6 +3,8 @@ import math
 
 import pytest
 import torch
+
+from util.nn.registry import create_model
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -65,19 +67,19 @@ def test_large_state_dict_matches_tangerine(large_meta):
 
 
 def test_module_prefixed_checkpoint_loads_strict(large_meta, tmp_path):
-    from util.checkpoint import load_checkpoint, state_dict_of
+    from util.task.record import CheckpointRecord, read_record
 
     ckpt = {"model": {f"module.{k}": v for k, v in large_meta.state_dict().items()}}
     with torch.device("meta"):
         fresh = mm.mae_vit_large_patch16()
-    fresh.load_state_dict(state_dict_of(ckpt), strict=True)
+    fresh.load_state_dict(CheckpointRecord.from_dict(ckpt).weights, strict=True)
     # the same on real tensors through a file, in every container TANGERINE users have: values survive
     src = tiny_mae()
     for container in ("model", "state_dict", "model_state", None):
         weights = {f"module.{k}": v for k, v in src.state_dict().items()}
         torch.save(weights if container is None else {container: weights}, tmp_path / "w.pth")
         dst = tiny_mae(norm_pix_loss=True)
-        dst.load_state_dict(state_dict_of(load_checkpoint(tmp_path / "w.pth")), strict=True)
+        dst.load_state_dict(read_record(tmp_path / "w.pth").weights, strict=True)
         assert torch.equal(dst.decoder_pred[0].weight, src.decoder_pred[0].weight), container
 
 
@@ -96,7 +98,7 @@ def analytic_params(e, depth, de, ddepth, img=256, patch=16, c=1) -> int:
     ("mae_vit_huge_patch16", (1280, 32, 512, 8))])
 def test_factories_build_at_256_with_expected_sizes(name, dims):
     with torch.device("meta"):
-        model = mm.MODEL_FACTORIES[name]()
+        model = create_model(name)
     assert model.img_size == (256, 256, 256) and model.num_patches == 4096
     assert sum(p.numel() for p in model.parameters()) == analytic_params(*dims)
 

@@ -4,6 +4,8 @@ import pickle
 import pytest
 import torch
 
+from util.nn.registry import create_model
+
 import models_mae3d as mm
 import models_vit3d as mv
 from util.nn.pos_embed import get_3d_sincos_pos_embed
@@ -155,7 +157,7 @@ def analytic_vit_params(e: int, depth: int, num_classes: int = 2) -> int:
                                           ("vit_huge_patch16", 1280, 32)])
 def test_vit_factories(name, e, depth):
     with torch.device("meta"):
-        model = mv.VIT_FACTORIES[name]()
+        model = create_model(name)
     assert model.embed_dim == e and model.depth == depth and model.grid_size == (16, 16, 16)
     assert sum(p.numel() for p in model.parameters()) == analytic_vit_params(e, depth)
 

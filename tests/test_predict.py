@@ -11,11 +11,11 @@ import torch
 
 import main_predict
 import models_mae3d
-from datasets_three_d import PreprocessConfig, load_volume
+from util.volume.preprocess import PreprocessConfig, load_volume
 from tests.bad_inputs import build_bad_files, good_volume
 from tests.helpers import run_script
 from util.task.meta import RunMeta
-from util.task import predict_io as io
+import engine_predict as io
 from util.checkpoint import save_atomic
 from models_build import build_model_from_meta
 from util.task.tasks import task_named
@@ -31,7 +31,7 @@ def tiny_finetuned(path, mode="multiclass", nb_classes=3, size=SIZE, preprocess=
                 model="vit_tiny_patch16", nb_classes=nb_classes, nb_outputs=task_named(mode).nb_outputs(nb_classes, 1),
                 label_names=labels, input_size=list(size), patch_size=[16, 16, 16], global_pool="avg",
                 feature_size=8, **meta_extra)
-    model = build_model_from_meta(meta)
+    model = build_model_from_meta(RunMeta.from_dict(meta))
     with torch.no_grad():  # a random but non-trivial head, so probabilities differ between volumes
         for name, p in model.named_parameters():
             if name.startswith("head."):
@@ -187,15 +187,16 @@ def _same_scan_three_ways(root) -> list[str]:
 
 
 def test_checkpoint_preprocessing_is_used_unless_a_flag_is_typed():
-    saved = PreprocessConfig(size=(32, 32, 32), window=(-1000.0, 400.0), orientation="RAS").to_dict()
+    saved = PreprocessConfig(size=(32, 32, 32), window=(-1000.0, 400.0), orientation="RAS")
     meta = RunMeta.from_dict({"mode": "multiclass", "model": "vit_tiny_patch16", "input_size": [32, 32, 32],
                               "nb_classes": 3, "nb_outputs": 3})
-    cfg = main_predict.preprocess_config(saved, meta, main_predict.parse_args(["--input_csv", "x.csv"]))
+    flags = ["--input_csv", "x.csv", "--output_csv", "p.csv", "--finetune", "c.pth"]
+    cfg = main_predict.preprocess_config(saved, meta, main_predict.parse_args(flags))
     assert tuple(cfg.window) == (-1000.0, 400.0) and cfg.orientation == "RAS"
-    typed = main_predict.parse_args(["--input_csv", "x.csv", "--window", "-500", "500"])
+    typed = main_predict.parse_args([*flags, "--window", "-500", "500"])
     cfg = main_predict.preprocess_config(saved, meta, typed)
     assert tuple(cfg.window) == (-500.0, 500.0) and cfg.orientation == "RAS"
-    tangerine = main_predict.preprocess_config(None, meta, main_predict.parse_args(["--input_csv", "x.csv"]))
+    tangerine = main_predict.preprocess_config(None, meta, main_predict.parse_args(flags))
     assert tangerine.to_dict() == PreprocessConfig(size=(32, 32, 32)).to_dict()
 
 

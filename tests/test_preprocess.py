@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from datasets_three_d import (PreprocessConfig, VolumeError, load_volume, load_volume_and_mask, preprocess_image,
-                              preprocess_mask, read_image, to_input_grid)
+from util.volume.io import VolumeError, read_image
+from util.volume.preprocess import (PreprocessConfig, load_volume, load_volume_and_mask, preprocess_image, preprocess_mask,
+                                    to_input_grid)
 from datasets_three_d_fine import resample_to_256
 from tests.bad_inputs import build_bad_files
 from util.errors import UserError

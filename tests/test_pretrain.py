@@ -70,8 +70,8 @@ def _fixed_noise_model():
 @pytest.mark.parametrize("accum", [2])
 def test_accumulation_matches_bigger_batch(accum):
     from engine_pretrain import MaskedReconstruction
-    from util.train.lr_sched import Schedule
-    from util.train.loop import TrainParts, TrainSettings, train_one_epoch
+    from util.train.loop import TrainParts, train_one_epoch
+    from util.train.settings import Schedule, TrainSettings
 
     torch.manual_seed(1)
     vols = torch.rand(2, 1, 32, 32, 32)

@@ -19,7 +19,7 @@ def data(tmp_path_factory):
 
 def error_line(r) -> str:
     lines = [x for x in r.stderr.splitlines() if x.startswith("error:")]
-    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     return lines[0]
 
 

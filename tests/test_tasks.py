@@ -10,6 +10,7 @@ import torch
 import models_mae3d
 import models_vit3d
 from models_build import meta_from_weights
+from util.task.record import CheckpointRecord
 from util.errors import UserError
 from util.task.meta import RunMeta
 from util.task.tasks import (TASKS, BinaryTask, EmbeddingTask, MultiClassTask, MultiLabelTask, RegressionTask,
@@ -99,10 +100,10 @@ def test_run_meta_fills_what_older_checkpoints_lack_and_round_trips():
 
 def test_checkpoints_without_meta_get_a_run_meta_from_their_weights():
     mae = models_mae3d.mae_vit_tiny_patch16(img_size=32, decoder_depth=1)
-    meta = meta_from_weights({"model": mae.state_dict()})
+    meta = meta_from_weights(CheckpointRecord.from_dict({"model": mae.state_dict()}))
     assert meta.task == EmbeddingTask() and meta.task.headless and meta.input_size == (32, 32, 32)
     assert meta.to_dict()["task"] == "embedding" and meta.nb_outputs == 0
     clf = models_vit3d.vit_tiny_patch16(img_size=32, num_classes=1, global_pool="avg")
-    meta = meta_from_weights({"model": clf.state_dict()})  # the original project's finetuned classifier
+    meta = meta_from_weights(CheckpointRecord.from_dict({"model": clf.state_dict()}))  # the original project's finetuned classifier
     assert meta.task == BinaryTask() and meta.nb_classes == 2 and meta.global_pool == "avg"
-    assert meta_from_weights({"model": clf.state_dict()}, head_mode="regression").task == RegressionTask()
+    assert meta_from_weights(CheckpointRecord.from_dict({"model": clf.state_dict()}), head_mode="regression").task == RegressionTask()

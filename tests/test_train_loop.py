@@ -5,7 +5,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from util.errors import UserError
-from util.train.loop import NonFiniteLossError, TrainParts, TrainSettings, train_one_epoch
+from util.train.loop import NonFiniteLossError, TrainParts, train_one_epoch
+from util.train.settings import TrainSettings
 
 # Tensor methods that copy a value to the host (on a GPU each waits for the whole stream).
 HOST_READS = {"item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy", "__format__", "__array__"}

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from util.task.visualize import BACKGROUND, MASK_COLOUR, ROW_TITLES, grid_layout, save_reconstruction_figure
+from util.volume.figure import BACKGROUND, MASK_COLOUR, ROW_TITLES, grid_layout, save_reconstruction_figure
 
 
 def _grid_shape(cell: int, title_lines: int = 0) -> tuple[int, int, int]:

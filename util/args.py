@@ -13,14 +13,17 @@ import os
 import sys
 from typing import Callable
 
+from dataclasses import fields, is_dataclass
+
+from util.plain import plain
 from util.errors import UserError
+from util.nn.registry import ModelSpec, model_names
 from util.runtime import default_num_workers
 from util.task.flags import is_dense
-from util.triple import check_sizes
+from util.triple import to_3tuple
+from util.train.settings import Optimization, RunOptions
 
-SIZES = ("tiny", "small", "base", "large", "huge")  # models_mae3d.ENCODER_SIZES (tests/test_flags.py checks it)
-MAE_MODELS = tuple(f"mae_vit_{s}_patch16" for s in SIZES)  # the keys of models_mae3d.MODEL_FACTORIES
-VIT_MODELS = tuple(f"vit_{s}_patch16" for s in SIZES)  # the keys of models_vit3d.VIT_FACTORIES
+MAE_MODELS, VIT_MODELS = model_names("mae"), model_names("vit")  # util.nn.registry: the one table of models
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 INTERPOLATORS = ("bspline", "linear", "nearest")
 
@@ -209,9 +212,12 @@ def announce_defaults(args, name: str, flags) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
-          presets: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
-    """Parse `argv` (default sys.argv[1:]), record the typed flags in args.explicit, apply `presets(args)`, then run
-    the rules between flags (`check_args`); a broken rule ends like a bad value: one `error: ...` line, status 2."""
+          presets: Callable[[argparse.Namespace], None] | None = None,
+          settings: Callable[[argparse.Namespace], object] | None = None):
+    """The parse step, the one place flags are read and changed: parse `argv` (default sys.argv[1:]), record the
+    typed flags in args.explicit, apply `presets(args)`, run the rules between flags (`check_args`), then turn the
+    Namespace into the script's frozen settings (`settings(args)`; the Namespace itself without it). A broken rule
+    ends like a bad value: one `error: ...` line, status 2."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
@@ -219,15 +225,19 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None,
         presets(args)
     try:
         check_args(args)
+        return settings(args) if settings is not None else args
     except UserError as e:
         parser.error(str(e))
-    return args
 
 
 def check_args(args) -> None:
-    """The rules between flags, for whichever of them the script has: sizes as 3-tuples with the input a multiple
-    of the patch, and preprocessing flags that make a valid PreprocessConfig (LO < HI, a real orientation)."""
-    check_sizes(args)
+    """The rules between flags, for whichever of them the script has: sizes of one or three positive ints with the
+    input a multiple of the patch, and preprocessing flags that make a valid PreprocessConfig (LO < HI, a real
+    orientation)."""
+    if getattr(args, "model", None) and getattr(args, "patch_size", None):
+        ModelSpec(args.model, args.input_size, args.patch_size)
+    elif getattr(args, "input_size", None):
+        to_3tuple(args.input_size, "--input_size")
     if is_dense(getattr(args, "task", None)) and getattr(args, "roi_mm", None):
         raise UserError("--roi_mm makes each row a box around a point or a label for classification or regression; "
                         "it cannot be combined with --task segmentation.")
@@ -253,7 +263,65 @@ def preprocess_config(args):
     """The PreprocessConfig of the preprocessing flags and --input_size (training, main_cache.py)."""
     from util.volume.preprocess import PreprocessConfig
 
-    return PreprocessConfig(orientation=args.orientation, size=tuple(args.input_size),
+    return PreprocessConfig(orientation=args.orientation, size=to_3tuple(args.input_size, "--input_size"),
                             spacing=tuple(args.spacing) if args.spacing else None,
                             window=tuple(args.window), interpolator=args.interpolator,
                             **{k: getattr(args, k) for k in ROI_FLAGS if hasattr(args, k)})
+
+
+# --- from flags to typed settings (the edge: nothing after the parse step reads a Namespace) ------------------------
+def typed_flags(args) -> frozenset[str]:
+    """The flags the user typed (presets and recipes never override them)."""
+    return frozenset(args.explicit)
+
+
+def settings_of(cls, args, **given):
+    """A frozen settings dataclass `cls` whose fields are `given`, or else the flag of the same name (lists become
+    tuples, so the settings are hashable and never share a list with the Namespace)."""
+    def flag(name):
+        value = getattr(args, name)
+        return tuple(value) if isinstance(value, list) else value
+
+    return cls(**{f.name: given[f.name] if f.name in given else flag(f.name) for f in fields(cls)})
+
+
+def model_spec(args) -> ModelSpec:
+    """--model, --input_size, --patch_size."""
+    return ModelSpec(args.model, args.input_size, args.patch_size)
+
+
+def optimization(args) -> Optimization:
+    """The optimisation flags of add_training_args."""
+    return settings_of(Optimization, args)
+
+
+def run_options(args, output_dir: str) -> RunOptions:
+    """The run flags of add_training_args, with the output folder the script resolved (its default filled in)."""
+    return settings_of(RunOptions, args, output_dir=output_dir, log_dir=args.log_dir or output_dir,
+                       resume=args.resume or "none")
+
+
+def flags_record(settings, **resolved) -> dict:
+    """A script's settings as the plain dict checkpoints store as 'args' (flag name -> value; the preprocessing is
+    left out: it is stored once, as 'preprocess'), plus `resolved` values (the peak lr, the effective batch, ...)."""
+    from util.task.tasks import Task  # (torch: only when a run records its flags, never for --help)
+
+    out: dict = {}
+
+    def walk(obj) -> None:
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Task):  # the flags it came from (--task, --regression); its name is in 'meta'
+                out.update(task=value.family, regression=value.continuous)
+            elif isinstance(value, ModelSpec):
+                out.update(model=value.name, input_size=value.input_size, patch_size=value.patch_size,
+                           in_chans=value.in_chans)
+            elif type(value).__name__ == "PreprocessConfig":
+                continue
+            elif is_dataclass(value):
+                walk(value)
+            elif f.name != "typed":
+                out[f.name] = value
+
+    walk(settings)
+    return plain({**out, **resolved})

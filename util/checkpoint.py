@@ -28,12 +28,12 @@ from util.atomic import atomic_write
 from util.checkpoint_verify import ChecksummedFile, CorruptCheckpointError, verify
 from util.checkpoint_verify import DamagedCheckpointError  # noqa: F401 - raised by load_checkpoint, caught by callers
 from util.errors import UserError
+from util.finite import first_non_finite
 from util.faults import fault_point
 from util.run_folder import RunFolder
 
 SAFE_CLASSES = (argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath,
                 pathlib.PureWindowsPath)
-WEIGHT_CONTAINERS = ("model", "state_dict", "model_state")
 PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -47,23 +47,6 @@ class NonFiniteCheckpointError(CorruptCheckpointError):
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):
     """The checkpoint path does not exist (an OSError too, for callers that catch those)."""
-
-
-def plain(obj):
-    """Convert argparse values (tuples, Paths, Namespaces, numpy scalars) to plain JSON-like Python types."""
-    if isinstance(obj, argparse.Namespace):
-        obj = vars(obj)
-    if isinstance(obj, dict):
-        return {str(k): plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, pathlib.PurePath):
-        return str(obj)
-    if hasattr(obj, "item"):
-        return obj.item()
-    return str(obj)
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -187,8 +170,8 @@ def _os_error_in_chain(e: BaseException) -> OSError | None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True after checking its checksums. A raw state dict comes back as is; an
-    `args` Namespace becomes a dict. Refuses with one sentence: a file whose checksum or zip structure shows damage
+    """Load a checkpoint with weights_only=True after checking its checksums; what its keys mean is read by
+    util.task.record.CheckpointRecord. Refuses with one sentence: a file whose checksum or zip structure shows damage
     (naming the record), files that need code to load (naming the class), and files whose floating tensors hold NaN
     or Inf (naming the first key; find_resume skips those like a corrupt file)."""
     path = str(path)
@@ -211,8 +194,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise NonFiniteCheckpointError(f"Checkpoint {path} holds NaN or infinite values in {bad!r}; every output "
                                        f"computed from it would be wrong (the run that wrote it diverged, or the "
                                        f"file is damaged), so it is refused.")
-    if isinstance(ckpt.get("args"), argparse.Namespace):  # the original project's misc.save_model
-        ckpt["args"] = plain(ckpt["args"])
     return ckpt
 
 
@@ -259,30 +240,6 @@ def _torch_load(path: str, map_location):
             f"Checkpoint {path} is truncated, corrupt or not a torch checkpoint ({type(e).__name__}).") from None
 
 
-def first_non_finite(obj, key: str = "") -> str | None:
-    """The dotted key of the first floating (or complex) tensor in `obj` (nested dicts/lists) holding NaN or Inf."""
-    if isinstance(obj, torch.Tensor):
-        return key if (obj.is_floating_point() or obj.is_complex()) and not _all_finite(obj) else None
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    for k, v in items:
-        bad = first_non_finite(v, f"{key}.{k}" if key else str(k))
-        if bad is not None:
-            return bad
-    return None
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in `t`. aminmax reads it once without a temporary (NaN propagates to both ends): 25x faster
-    than isfinite(t).all() on a CPU, which matters for a 3.76 GiB checkpoint."""
-    if t.numel() == 0:
-        return True
-    try:
-        low, high = torch.aminmax(t)
-    except (RuntimeError, NotImplementedError):  # complex and float8 tensors have no aminmax (float8 no isfinite)
-        return bool(torch.isfinite(t if t.is_complex() else t.float()).all())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
 def strip_prefixes(sd: dict) -> dict:
     """State dict keys without DDP / torch.compile prefixes (`module.`, `_orig_mod.`, also inside the key)."""
     out = {}
@@ -291,46 +248,6 @@ def strip_prefixes(sd: dict) -> dict:
             k = k.split(".", 1)[1]
         out[k.replace("._orig_mod.", ".")] = v
     return out
-
-
-def state_dict_of(ckpt: dict) -> dict:
-    """The model weights of a loaded checkpoint: under 'model', 'state_dict' or 'model_state', or the dict itself
-    when its values are tensors (a raw state dict); prefixes stripped. {} when there are none."""
-    for key in WEIGHT_CONTAINERS:
-        if isinstance(ckpt.get(key), dict):
-            return strip_prefixes(ckpt[key])
-    return strip_prefixes({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
-
-
-def encoder_weights(ckpt: dict) -> dict:
-    """`state_dict_of(ckpt)`, or for a segmentation checkpoint (a UNETR3D: the ViT under `encoder.`) its encoder's
-    weights without that prefix, so any of our checkpoints can initialise a ViT."""
-    sd = state_dict_of(ckpt)
-    if not any(k.startswith("blocks.") for k in sd) and any(k.startswith("encoder.blocks.") for k in sd):
-        return {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    return sd
-
-
-def find_resume(output_dir: str | os.PathLike) -> tuple[str | None, dict | None]:
-    """The newest intact checkpoint in `output_dir`: checkpoint-last.pth, else the newest numbered one; (None, None)
-    when there is none. A damaged, cut or non-finite file is skipped with a warning naming it and what failed; when
-    every file is so, UserError (starting over would overwrite them). An unsafe one raises (it was not written by us).
-    """
-    folder = RunFolder(str(output_dir))
-    refused = []
-    for path in ([folder.last] if os.path.isfile(folder.last) else []) + folder.numbered_checkpoints():
-        try:
-            ckpt = load_checkpoint(path)
-        except CorruptCheckpointError as e:
-            print(f"WARNING: {e} Trying an older checkpoint.")
-            refused.append(os.path.basename(path))
-            continue
-        if "epoch" in ckpt and "model" in ckpt:
-            return path, ckpt
-    if refused:
-        raise UserError(f"No intact checkpoint to resume in {output_dir}: {', '.join(refused)} refused (see the "
-                        f"warnings above); pass --resume none to start over, which overwrites them.")
-    return None, None
 
 
 def best_or_last(folder: str | os.PathLike) -> str | None:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from util.errors import UserError, user_error_types
+from util.runtime import Runtime
 
 
 def is_dist() -> bool:
@@ -33,34 +34,33 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_distributed_mode(args) -> None:
-    """Set args.distributed, rank, world_size, gpu and device from the torchrun environment.
+def init_distributed(device: str | None = None) -> Runtime:
+    """The Runtime of this process, with the process group joined under torchrun.
 
-    Without torchrun variables this is a single process on `args.device` ('cuda' when available, else 'cpu').
-    Under torchrun the backend is NCCL when CUDA is used and gloo on CPU.
+    `device`: 'cuda', 'cpu' or None (cuda when available). Without torchrun variables this is one process. Under
+    torchrun the backend is NCCL when CUDA is used and gloo on CPU.
     """
-    want = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         print("CUDA is not available: running on CPU.")
         want = "cpu"
-    args.rank, args.world_size, args.gpu = 0, 1, 0
-    args.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
-    if args.distributed:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world, local = 0, 1, 0
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
     if want.startswith("cuda"):
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
+        torch.cuda.set_device(local)
+        want = f"cuda:{local}"
     else:
-        args.device = "cpu"
-    if args.distributed:
-        backend = "nccl" if args.device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, store=_round_store(args.rank, args.world_size),
-                                rank=args.rank, world_size=args.world_size, timeout=_TIMEOUT,
-                                device_id=torch.device(args.device) if backend == "nccl" else None)
+        want = "cpu"
+    rt = Runtime(rank, world, local, want)
+    if rt.distributed:
+        backend = "nccl" if rt.cuda else "gloo"
+        dist.init_process_group(backend=backend, store=_round_store(rank, world), rank=rank, world_size=world,
+                                timeout=_TIMEOUT, device_id=torch.device(want) if backend == "nccl" else None)
         dist.barrier()
     _quiet_non_main()
+    return rt
 
 
 _TIMEOUT = datetime.timedelta(minutes=30)

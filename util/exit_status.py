@@ -3,15 +3,17 @@
 Where: `exit_status.json` in a training run's --output_dir (main_cache.py: --cache_dir); main_predict.py writes
 `<its output>.exit_status.json` beside its output file instead, never a file of the folder's own run.
 
-Statuses: 0 done; 2 done, but some rows failed (main_predict.py, main_cache.py); 75 preempted (SIGTERM/SIGUSR1)
-after a checkpoint was written: rerun the same command; 130 stopped by Ctrl-C; 1 failed.
+Statuses: 0 done; 2 done, but some rows failed (main_predict.py, main_cache.py), or refused (a bad flag, file,
+row or checkpoint: one sentence, and no status file); 75 preempted (SIGTERM/SIGUSR1) after a checkpoint was
+written: rerun the same command; 130 stopped by Ctrl-C; 1 failed (a bug: its traceback).
 
 Under torchrun the launcher's own status is 0 or 1 whatever its workers return (and 1, with its own traceback,
 when it gets SIGTERM itself), and it restarts (`--max-restarts`) workers that exit with anything but 0. So rank 0
 writes the real status to `exit_status.json` when a run reaches one of its planned ends (0, 2, 75, 130; after the
 checkpoint of a stop is on disk), and under torchrun the workers of a run whose outputs are complete (0, 2) exit
 0: torchrun reports no crash and does not run the work again. The file is removed when a run starts, so a run that
-failed (status 1) or was killed has none.
+was refused or failed, or was killed, has none. Where each script writes it is its settings' `status_path`
+(util.run_folder names the files).
 """
 from __future__ import annotations
 
@@ -21,10 +23,8 @@ import socket
 import time
 
 from util.atomic import write_text
-from util.run_folder import STATUS
-
-STATUS_FILE = STATUS
 EXIT_PREEMPTED, EXIT_INTERRUPTED, EXIT_ROWS_FAILED = 75, 130, 2
+EXIT_REFUSED = 2  # a refusal (a bad flag, file, row or checkpoint): one sentence, no status file
 
 
 class Preempted(Exception):
@@ -45,25 +45,12 @@ def under_torchrun() -> bool:
     return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
 
 
-def status_path(args) -> str | None:
-    """`exit_status.json` in the folder the run owns (--output_dir of training, --cache_dir of main_cache.py); for
-    main_predict.py, which writes files into folders other runs may own (embeddings beside a training run's
-    checkpoints), `<output>.exit_status.json` beside its first output (--output_csv, else --embeddings), so it
-    never replaces another run's status file. None when the script has no output."""
-    folder = getattr(args, "output_dir", None) or getattr(args, "cache_dir", None)
-    if folder:
-        return os.path.join(folder, STATUS_FILE)
-    output = getattr(args, "output_csv", None) or getattr(args, "embeddings", None)
-    return f"{os.path.abspath(output)}.{STATUS_FILE}" if output else None
-
-
 def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def clear(args) -> None:
-    """Rank 0, at the start of a run: remove the status file of an earlier run."""
-    path = status_path(args)
+def clear(path: str | None) -> None:
+    """Rank 0, at the start of a run: remove the status file of an earlier run (None: the script has none)."""
     if path and _rank0():
         try:
             os.remove(path)
@@ -71,10 +58,9 @@ def clear(args) -> None:
             pass
 
 
-def record(args, code: int, message: str = "") -> int:
-    """Rank 0 writes {'status', 'meaning', 'message', ...} for a planned end; returns the status this process
-    exits with (0 instead of 2 under torchrun: the outputs are complete)."""
-    path = status_path(args)
+def record(path: str | None, code: int, message: str = "") -> int:
+    """Rank 0 writes {'status', 'meaning', 'message', ...} to `path` for a planned end; returns the status this
+    process exits with (0 instead of 2 under torchrun: the outputs are complete)."""
     if path and _rank0() and code in MEANINGS and os.path.isdir(os.path.dirname(path)):
         info = {"status": code, "meaning": MEANINGS[code], "message": message, "torchrun": under_torchrun(),
                 "host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}

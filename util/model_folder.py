@@ -26,6 +26,7 @@ import shutil
 import tempfile
 
 from util.errors import UserError
+from util.finite import first_non_finite
 
 FORMAT, FORMAT_VERSION, LIBRARY = "mae3d-model-folder", 1, "mae3d"
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "README.md"
@@ -152,7 +153,6 @@ def read_weights(folder, config: dict) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from util.checkpoint import first_non_finite  # the one NaN/Inf scan (util.checkpoint imports this module late)
 
     path = os.path.join(os.fspath(folder), WEIGHTS)
     recorded = config["weights"].get("sha256")

@@ -24,6 +24,39 @@ TEST_METRICS, EVAL_METRICS = "test_metrics.json", "eval_metrics.json"
 _NUMBERED = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
+def status_beside(output: str) -> str:
+    """The status file of a run that writes into folders other runs may own (main_predict.py): beside its output,
+    `<output>.exit_status.json`, never another run's exit_status.json."""
+    return f"{os.path.abspath(output)}.{STATUS}"
+
+
+def seg_output_name(stem: str, row: int | None = None) -> str:
+    """main_predict.py's label map of a scan: `<stem>_seg.nii.gz`, or `<stem>_row<row>_seg.nii.gz` (rows from 1)
+    when several rows share the stem."""
+    return f"{stem}_seg.nii.gz" if row is None else f"{stem}_row{row}_seg.nii.gz"
+
+
+@dataclass(frozen=True)
+class DemoFolder:
+    """The files of the demo data (util.data.demo), relative to its folder: tables and phantoms."""
+    path: str
+
+    def table(self, split: str) -> str:
+        return os.path.join(self.path, f"{split}.csv")
+
+    @staticmethod
+    def pretrain_image(i: int) -> str:
+        return f"images/pretrain_{i:03d}.nii.gz"
+
+    @staticmethod
+    def case_image(i: int) -> str:
+        return f"images/case_{i:03d}.nii.gz"
+
+    @staticmethod
+    def case_mask(i: int) -> str:
+        return f"masks/case_{i:03d}_effusion.nii.gz"
+
+
 def numbered(epoch: int) -> str:
     return f"checkpoint-{epoch}.pth"
 
@@ -61,6 +94,10 @@ class RunFolder:
     @property
     def args(self) -> str:
         return self.file(ARGS)
+
+    @property
+    def status(self) -> str:
+        return self.file(STATUS)
 
     def numbered(self, epoch: int) -> str:
         return self.file(numbered(epoch))

@@ -4,8 +4,27 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from dataclasses import dataclass
 
 # torch and numpy are imported inside the functions that need them: the scripts' parsers (--help) use this module
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank among `world_size` processes (torchrun), its GPU index on the machine
+    (`local_rank`) and its device ('cuda:N' or 'cpu')."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
 
 
 def available_cpus() -> int:

@@ -26,15 +26,3 @@ def to_3tuple(x: Any, name: str = "value", kind: type = int) -> tuple:
 def optional_3tuple(x: Any, name: str = "value", kind: type = int) -> tuple | None:
     """`to_3tuple`, with None passed through."""
     return None if x is None else to_3tuple(x, name, kind)
-
-
-def check_sizes(args) -> None:
-    """args.input_size / args.patch_size (those it has) as 3-tuples, the input a multiple of the patch on every
-    axis; one sentence otherwise."""
-    if getattr(args, "input_size", None) is not None:
-        args.input_size = to_3tuple(args.input_size, "--input_size")
-    if getattr(args, "patch_size", None) is not None:
-        args.patch_size = to_3tuple(args.patch_size, "--patch_size")
-        if args.input_size is not None and any(s % p for s, p in zip(args.input_size, args.patch_size)):
-            raise UserError(f"--input_size {args.input_size} must be a multiple of --patch_size {args.patch_size} "
-                            f"on every axis.")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
+from util.run_folder import DemoFolder
 from util.atomic import atomic_write, write_text
 
 DEMO_VERSION = 2
@@ -125,7 +126,8 @@ def make_demo_data(root: str = "demo_data", n_pretrain: int = 24, n_labeled: int
     Idempotent: when root/manifest.json records the same parameters the existing files are reused.
     Returns {'root', 'pretrain', 'train', 'val', 'predict', 'manifest'} paths.
     """
-    out = {k: os.path.join(root, f"{k}.csv") for k in ("pretrain", "train", "val", "predict")}
+    folder = DemoFolder(root)
+    out = {k: folder.table(k) for k in ("pretrain", "train", "val", "predict")}
     out.update(root=root, manifest=os.path.join(root, "manifest.json"))
     params = dict(version=DEMO_VERSION, n_pretrain=n_pretrain, n_labeled=n_labeled, seed=seed)
     try:
@@ -140,7 +142,7 @@ def make_demo_data(root: str = "demo_data", n_pretrain: int = 24, n_labeled: int
     for i in range(n_pretrain):
         rng = np.random.default_rng([seed, 0, i])
         hu, _, sp = make_phantom(rng, effusion=bool(rng.random() < 0.5))
-        pre.append(f"images/pretrain_{i:03d}.nii.gz")
+        pre.append(folder.pretrain_image(i))
         _write(_to_image(hu, sp, ras=i % 3 == 2), os.path.join(root, pre[-1]))
     n_train, n_val = n_labeled // 2, n_labeled // 4
     rng = np.random.default_rng([seed, 2])
@@ -154,7 +156,7 @@ def make_demo_data(root: str = "demo_data", n_pretrain: int = 24, n_labeled: int
         anatomy = i - i % 2 if i < n_train - n_train % 2 else i
         hu, mask, sp = make_phantom(np.random.default_rng([seed, 1, anatomy]), effusion=bool(label),
                                     effusion_rng=np.random.default_rng([seed, 3, i]))
-        img, msk = f"images/case_{i:03d}.nii.gz", f"masks/case_{i:03d}_effusion.nii.gz"
+        img, msk = folder.case_image(i), folder.case_mask(i)
         _write(_to_image(hu, sp, ras=i % 3 == 2), os.path.join(root, img))
         _write(_to_image(mask, sp, ras=False), os.path.join(root, msk))
         rows.append({"Path": img, "Label": int(label), "Mask": msk})

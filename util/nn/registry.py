@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from util.errors import UserError
+from util.triple import to_3tuple
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,44 @@ class ModelEntry:
 _ENTRIES: dict[str, ModelEntry] = {FAMILIES[f].format(size=s): ModelEntry(FAMILIES[f].format(size=s), f, size)
                                    for f in FAMILIES for s, size in SIZES.items()}
 _FACTORIES: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model a run builds: a registry name and its input. Sizes are (D, H, W); the input is a multiple of the
+    patch on every axis (one sentence naming the flags otherwise)."""
+    name: str
+    input_size: tuple[int, int, int]
+    patch_size: tuple[int, int, int]
+    in_chans: int = 1
+
+    def __post_init__(self) -> None:
+        entry(self.name)
+        set_ = object.__setattr__
+        set_(self, "input_size", to_3tuple(self.input_size, "--input_size"))
+        set_(self, "patch_size", to_3tuple(self.patch_size, "--patch_size"))
+        if any(s % p for s, p in zip(self.input_size, self.patch_size)):
+            raise UserError(f"--input_size {self.input_size} must be a multiple of --patch_size {self.patch_size} on "
+                            f"every axis.")
+
+    @property
+    def family(self) -> str:
+        return entry(self.name).family
+
+    @property
+    def size(self) -> Size:
+        return entry(self.name).size
+
+    def kwargs(self) -> dict:
+        """The factory keywords of this spec (create_model(spec.name, **spec.kwargs()))."""
+        return dict(img_size=self.input_size, patch_size=self.patch_size, in_chans=self.in_chans)
+
+    def as_family(self, family: str) -> "ModelSpec":
+        """The same input with the model of the same size in `family` (an MAE's encoder: as_family('vit'))."""
+        return ModelSpec(sibling(self.name, family), self.input_size, self.patch_size, self.in_chans)
+
+    def describe(self) -> str:
+        return f"{self.name} at {'x'.join(map(str, self.input_size))} in {'x'.join(map(str, self.patch_size))} patches"
 
 
 def model_names(family: str) -> tuple[str, ...]:

@@ -62,8 +62,6 @@ class RunMeta:
     def from_dict(cls, d: dict, source: str = "the checkpoint") -> "RunMeta":
         """The record of a stored 'meta' dict; fills what older checkpoints of this repository lack (pooling,
         decoder width, linear probe, channels, label columns, patch size, class count and names). One sentence when a required key is missing."""
-        if isinstance(d, RunMeta):
-            return d
         d = dict(d)
         missing = [k for k in ("mode", "model", "input_size", "nb_outputs") if k not in d]
         if missing:

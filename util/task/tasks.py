@@ -338,13 +338,10 @@ def as_task(task: str | Task) -> Task:
     return task if isinstance(task, Task) else task_named(task)
 
 
-def from_flags(task: str | Task = "classification", regression: bool = False, n_label_columns: int = 1,
+def from_flags(task: str = "classification", regression: bool = False, n_label_columns: int = 1,
                multilabel: bool | None = None) -> Task:
     """The task of main_finetune.py's flags (--task, --regression, --label_columns) before the classes are known:
-    one label column gives a single-label task that `resolve(nb_classes)` makes binary or multi-class. A Task is
-    returned as it is."""
-    if isinstance(task, Task):
-        return task
+    one label column gives a single-label task that `resolve(nb_classes)` makes binary or multi-class."""
     if task not in FLAG_CHOICES:
         raise UserError(f"task must be one of {FLAG_CHOICES}, got {task!r}.")
     if is_dense(task):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from util.errors import UserError
+from util.train.settings import RunOptions, TrainSettings
 
 GiB = 2 ** 30
 # Saved for backward by one transformer block, per token, in units of the block's width: the residual input,
@@ -228,17 +229,17 @@ def local_processes() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def check_run(args, workload: Workload, what: str, hint: str) -> Estimate:
+def check_run(workload: Workload, what: str, hint: str, train: TrainSettings, run: RunOptions) -> Estimate:
     """Rank 0 of each machine says what a step will cost; every process refuses a run that cannot fit (unless
     --no_memory_check). Returns the estimate."""
-    procs = 1 if args.device.startswith("cuda") else local_processes()
-    kw = dict(batch=args.batch_size, precision=args.precision, device=args.device, num_workers=args.num_workers,
-              distributed=args.distributed)
-    est = estimate(workload, grad_checkpointing=args.grad_checkpointing, **kw)
-    alt = None if args.grad_checkpointing else estimate(workload, grad_checkpointing=True, rate=est.rate, **kw)
+    procs = 1 if train.device.startswith("cuda") else local_processes()
+    kw = dict(batch=train.batch_size, precision=train.precision, device=train.device, num_workers=run.num_workers,
+              distributed=train.distributed)
+    est = estimate(workload, grad_checkpointing=run.grad_checkpointing, **kw)
+    alt = None if run.grad_checkpointing else estimate(workload, grad_checkpointing=True, rate=est.rate, **kw)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         print(report(est, what, procs), flush=True)
-    if not getattr(args, "no_memory_check", False):
-        available, where = available_memory(args.device)
+    if not run.no_memory_check:
+        available, where = available_memory(train.device)
         check_fits(est, available, where, hint, procs, alt)
     return est

@@ -9,28 +9,31 @@
         stop here when a stop was asked for
     wait for the last checkpoint write
 
-What each checkpoint holds beyond the weights, optimizer, scaler, epoch and args comes from the script's
-`checkpoint_fields()`; the file names come from util.run_folder. The checkpoint writer belongs to the run.
+What each checkpoint holds beyond the weights, optimizer, scaler, epoch and progress comes from the script's
+`checkpoint_record()` (util.task.record.CheckpointRecord); the file names come from util.run_folder. The checkpoint writer belongs to the run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from util.checkpoint import CheckpointWriter, plain
+from util.checkpoint import CheckpointWriter
 from util.data.dataset import cache_use_line
 from util.distributed import barrier, is_main_process
 from util.logger import Pace, append_json_log
 from util.run_folder import RunFolder
-from util.train.loop import EpochProgress, Objective, TrainParts, train_one_epoch
-from util.train.trainer import begin_epoch, settings, step_control
+from util.task.record import CheckpointRecord, EpochProgress
+from util.train.loop import Objective, TrainParts, train_one_epoch
+from util.train.settings import RunOptions, TrainSettings
+from util.train.trainer import begin_epoch, step_control
 
 
 class EpochEnd(Protocol):
     """A script's part of the skeleton."""
 
-    def checkpoint_fields(self) -> dict:
-        """What every checkpoint of the run holds besides model, optimizer, scaler, epoch and args."""
+    def checkpoint_record(self) -> CheckpointRecord:
+        """What every checkpoint of the run holds besides the weights, optimizer, scaler, epoch and progress (which
+        fit fills in): the flags, recipe, preprocessing, and for finetuning the meta, best epoch and metrics."""
 
     def end_epoch(self, epoch: int, stats: dict) -> tuple[dict, list[str]]:
         """After the epoch's training (`stats`: its loss, lr, ...): evaluate, draw, pick the best. Returns the
@@ -39,28 +42,28 @@ class EpochEnd(Protocol):
 
 @dataclass
 class TrainData:
-    """The training set, its sampler (seeded per epoch, resumable mid-epoch) and its loader."""
+    """The training set, its sampler (seeded per epoch, resumable mid-epoch), its loader and the --cache_dir it reads
+    (None: no cache)."""
     dataset: object
     sampler: object
     loader: object
+    cache_dir: str | None = None
 
 
 class Checkpoints:
     """The run's checkpoint files: rank 0 copies the state to the CPU (every rank waits for that) and a background
     thread writes it atomically while training goes on; `flush` waits until it is on disk."""
 
-    def __init__(self, args, parts: TrainParts, fields: Callable[[], dict]):
-        self.args, self.parts, self.fields, self.writer = args, parts, fields, CheckpointWriter()
+    def __init__(self, parts: TrainParts, base: Callable[[], CheckpointRecord]):
+        self.parts, self.base, self.writer = parts, base, CheckpointWriter()
 
     def save(self, paths: list[str], epoch: int, progress: EpochProgress | None = None,
              background: bool = True) -> None:
         if is_main_process():
             p = self.parts
-            state = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(), "epoch": epoch,
-                     "scaler": p.scaler.state_dict(), "args": args_record(self.args), **self.fields()}
-            if progress is not None:
-                state["progress"] = vars(progress)
-            self.writer.save(state, paths, background)
+            rec = self.base().but(weights=p.model.state_dict(), optimizer=p.optimizer.state_dict(), epoch=epoch,
+                                  scaler=p.scaler.state_dict(), progress=progress)
+            self.writer.save(rec.to_dict(), paths, background)
         barrier()
 
     def flush(self) -> None:
@@ -78,29 +81,24 @@ class Checkpoints:
             print(f"WARNING: {e}", flush=True)
 
 
-def args_record(args) -> dict:
-    """The flags of a run as plain data (what checkpoints store as 'args')."""
-    return plain({k: v for k, v in vars(args).items() if k != "explicit"})
-
-
-def fit(args, parts: TrainParts, data: TrainData, objective: Objective, script: EpochEnd, start_epoch: int,
-        progress: EpochProgress | None, tb) -> None:
-    """Run the epochs from `start_epoch` (and `progress` inside it, after a mid-epoch resume) to args.epochs."""
-    folder, control, pace = RunFolder(args.output_dir), step_control(args), Pace()
-    checkpoints = Checkpoints(args, parts, script.checkpoint_fields)
-    run_settings = settings(args)
-    run_settings.epoch_line = bool(getattr(script, "prints_epoch_line", False))
+def fit(run: RunOptions, train: TrainSettings, parts: TrainParts, data: TrainData, objective: Objective,
+        script: EpochEnd, start_epoch: int, progress: EpochProgress | None, tb) -> None:
+    """Run the epochs from `start_epoch` (and `progress` inside it, after a mid-epoch resume) to the schedule's
+    last epoch."""
+    folder, control, pace = RunFolder(run.output_dir), step_control(run, train), Pace()
+    checkpoints = Checkpoints(parts, script.checkpoint_record)
+    epochs = train.schedule.epochs
     try:
-        for epoch in range(start_epoch, args.epochs):
-            begin_epoch(epoch, data.sampler, data.dataset, progress, args)
+        for epoch in range(start_epoch, epochs):
+            begin_epoch(epoch, data.sampler, data.dataset, progress, train.batch_size)
 
             def mid_epoch(at: EpochProgress, final: bool, epoch=epoch) -> None:  # final: stopping, wait for it
                 checkpoints.save([folder.last], epoch, progress=at, background=not final)
 
-            stats = train_one_epoch(parts, data.loader, epoch, run_settings, objective, tb, start=progress,
+            stats = train_one_epoch(parts, data.loader, epoch, train, objective, tb, start=progress,
                                     control=control, checkpoint=mid_epoch, pace=pace)
             progress = None
-            line = cache_use_line(data.dataset, args.cache_dir, args.device) if epoch == start_epoch else None
+            line = cache_use_line(data.dataset, data.cache_dir, train.device) if epoch == start_epoch else None
             if line and is_main_process():  # (every rank counts its reads)
                 print(line)
             stats, also = script.end_epoch(epoch, stats)
@@ -108,9 +106,9 @@ def fit(args, parts: TrainParts, data: TrainData, objective: Objective, script: 
             if is_main_process():
                 tb.scalars({k: v for k, v in stats.items() if k != "epoch"}, epoch + 1, prefix="epoch/")
                 tb.flush()
-                append_json_log(args.output_dir, stats)
+                append_json_log(run.output_dir, stats)
             control.saved()  # checkpoint-last.pth of this epoch: the --save_every_minutes timer restarts
-            if control.stop_requested() and epoch + 1 < args.epochs:
+            if control.stop_requested() and epoch + 1 < epochs:
                 checkpoints.flush()
                 control.stop(epoch, None)
         checkpoints.flush()

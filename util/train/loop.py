@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
@@ -18,27 +18,12 @@ from util.errors import UserError
 from util.faults import fault_point
 from util.logger import Progress
 from util.runtime import autocast, step_seed
+from util.task.record import EpochProgress
+from util.train.settings import TrainSettings
 
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message names the epoch, the step and the batch's files."""
-
-
-@dataclass
-class TrainSettings:
-    """What the epoch loop needs (built from the command line by util.train.trainer)."""
-    device: str
-    precision: str = "fp32"
-    batch_size: int = 1
-    accum_iter: int = 1
-    clip_grad: float | None = None
-    print_freq: int = 20
-    world_size: int = 1
-    rank: int = 0
-    distributed: bool = False
-    seed: int = 0
-    schedule: lr_sched.Schedule = field(default_factory=lambda: lr_sched.Schedule(lr=1e-3, epochs=1))
-    epoch_line: bool = False  # the script prints its own line at each epoch's end: no progress line for the last step
 
 
 @dataclass
@@ -64,15 +49,6 @@ class Objective(Protocol):
 
     def describe(self, batch) -> list[str] | None:
         """The batch's file names (named when its loss is not finite), or None."""
-
-
-@dataclass
-class EpochProgress:
-    """Where an epoch stands: optimizer-aligned micro-steps done, and the running loss and coverage so far."""
-    step: int = 0
-    loss_sum: float = 0.0
-    count: int = 0
-    seen: list = field(default_factory=list)
 
 
 class FiniteWatch:

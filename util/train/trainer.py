@@ -13,35 +13,28 @@ import time
 import torch
 
 from util.atomic import ensure_writable_dir, remove_stale_tmp, write_text
-from util.checkpoint import find_resume, load_checkpoint, plain, state_dict_of
-from util.distributed import get_rank, get_world_size, init_distributed_mode, is_main_process, on_main_then_share
+from util.plain import plain
+from util.distributed import (Runtime, get_rank, get_world_size, init_distributed, is_main_process,
+                              on_main_then_share)
 from util.errors import UserError
-from util.train.lr_sched import Schedule, fit_warmup
-from util.triple import check_sizes
+from util.nn.registry import ModelSpec
 from util.train.preempt import StepControl
 from util.train.run_lock import RunLock
-from util.runtime import resolve_precision, seed_all, torch_threads
+from util.runtime import seed_all, torch_threads
 from util.data.sampler import EpochSampler
 from util.run_folder import RunFolder
-from util.train.loop import EpochProgress, TrainParts, TrainSettings
+from util.task.record import CheckpointRecord, EpochProgress, find_resume, read_record
+from util.train.loop import TrainParts
+from util.train.settings import Optimization, RunOptions, TrainSettings, resolve_training
+from util.volume.preprocess import PreprocessConfig
 
-# flags that define a run's recipe: resuming with other values is refused unless --allow_recipe_change
-RECIPE_FLAGS = ("model", "input_size", "patch_size", "seed", "lr", "effective_batch")
-
-
-def start(args) -> None:
-    """torchrun/device, threads, sizes checked, precision resolved, seeds."""
-    init_distributed_mode(args)
+def start(run: RunOptions, optim: Optimization, epoch_line: bool = False) -> tuple[Runtime, TrainSettings]:
+    """torchrun/device, threads, seeds; the TrainSettings of this runtime (util.train.settings.resolve_training)."""
+    rt = init_distributed(run.device)
     torch_threads()
-    check_sizes(args)
-    args.precision = resolve_precision(args.precision, args.device)
-    args.effective_batch = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:
-        args.lr = args.blr * args.effective_batch / 256
-    args.warmup_epochs, shortened = fit_warmup(args.warmup_epochs, args.epochs)
-    if shortened:
-        print(f"WARNING: {shortened}")
-    seed_all(args.seed + args.rank)
+    train = resolve_training(optim, run, rt, epoch_line)
+    seed_all(run.seed + rt.rank)
+    return rt, train
 
 
 class OutputDir:
@@ -71,16 +64,16 @@ class OutputDir:
                 break
 
 
-def open_output_dir(args):
-    """Create and lock --output_dir (rank 0), remove temporary files of killed writes; one sentence on failure.
+def open_output_dir(output_dir: str):
+    """Create and lock `output_dir` (rank 0), remove temporary files of killed writes; one sentence on failure.
     Returns a context manager that releases the lock and, after a refusal, removes the folders the run created
     and left empty (a no-op on other ranks)."""
-    out = OutputDir(args.output_dir)
+    out = OutputDir(output_dir)
 
     def prepare() -> None:
-        ensure_writable_dir(args.output_dir)
+        ensure_writable_dir(output_dir)
         out.lock.acquire()
-        remove_stale_tmp(args.output_dir)
+        remove_stale_tmp(output_dir)
 
     on_main_then_share(prepare)
     return out if is_main_process() else contextlib.nullcontext()
@@ -108,39 +101,32 @@ def check_readable(ds, flag: str) -> None:
         print(f"Read the {n} volumes of {flag} once before training ({time.time() - t0:.0f}s): all readable.")
 
 
-def already_complete(args, start_epoch: int, progress, final_file: str | None = None) -> bool:
+def already_complete(output_dir: str, epochs: int, start_epoch: int, progress,
+                     final_file: str | None = None) -> bool:
     """True (and one line) when the resumed checkpoint already holds every epoch of this run (and `final_file`,
     the file the run writes at its very end, exists): nothing is trained, no TensorBoard file is opened."""
-    if start_epoch < args.epochs or progress is not None or (final_file and not os.path.isfile(final_file)):
+    if start_epoch < epochs or progress is not None or (final_file and not os.path.isfile(final_file)):
         return False
-    print(f"Already complete: {args.output_dir} holds all {args.epochs} epochs of this run; nothing was trained "
+    print(f"Already complete: {output_dir} holds all {epochs} epochs of this run; nothing was trained "
           f"or written. Pass a larger --epochs to continue it, or another --output_dir for a new run.")
     return True
 
 
-def settings(args) -> TrainSettings:
-    return TrainSettings(device=args.device, precision=args.precision, batch_size=args.batch_size,
-                         accum_iter=args.accum_iter, clip_grad=args.clip_grad, print_freq=args.print_freq,
-                         world_size=args.world_size, rank=args.rank, distributed=args.distributed, seed=args.seed,
-                         schedule=Schedule(lr=args.lr, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                                           min_lr=args.min_lr))
-
-
-def train_loader(ds, args, what: str):
+def train_loader(ds, train: TrainSettings, num_workers: int, what: str):
     """(sampler, loader) of a training set: seeded per epoch, sharded over ranks, resumable mid-epoch."""
     k = getattr(ds, "crops_per_volume", 1)  # a user's dataset may not have this
-    per_rank = len(ds) // k // args.world_size * k
-    if per_rank < args.batch_size:
+    per_rank = len(ds) // k // train.world_size * k
+    if per_rank < train.batch_size:
         raise UserError(f"{what} has {len(ds) // k} volumes x {k} crops: fewer "
-                        f"than --batch_size {args.batch_size} per process x {args.world_size} processes; lower "
+                        f"than --batch_size {train.batch_size} per process x {train.world_size} processes; lower "
                         f"--batch_size or raise --crops_per_volume.")
     if hasattr(ds, "set_transport"):  # a user's own dataset may only give float32 items (the contract)
         ds.set_transport("uint16")  # cached volumes travel as stored, scaled on the device (util.data.transport)
-    sampler = EpochSampler(len(ds), args.rank, args.world_size, args.seed, group=k)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, pin_memory=args.device.startswith("cuda"),
-                                         prefetch_factor=4 if args.num_workers else None,
-                                         worker_init_fn=worker_init if args.num_workers else None)
+    sampler = EpochSampler(len(ds), train.rank, train.world_size, train.seed, group=k)
+    loader = torch.utils.data.DataLoader(ds, batch_size=train.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=num_workers, pin_memory=train.device.startswith("cuda"),
+                                         prefetch_factor=4 if num_workers else None,
+                                         worker_init_fn=worker_init if num_workers else None)
     return sampler, loader
 
 
@@ -180,46 +166,56 @@ def sigterm_from_parent_only(parent: int) -> None:
     threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
-def wrap_ddp(model, args):
-    if not args.distributed:
+def wrap_ddp(model, rt: Runtime):
+    if not rt.distributed:
         return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if args.device.startswith("cuda")
-                                                     else None)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[rt.local_rank] if rt.cuda else None)
 
 
-def grad_scaler(args) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler("cuda" if args.device.startswith("cuda") else "cpu", enabled=args.precision == "fp16")
+def grad_scaler(train: TrainSettings) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda" if train.device.startswith("cuda") else "cpu",
+                                enabled=train.precision == "fp16")
 
 
-def step_control(args) -> StepControl:
-    return StepControl(args.device, args.save_every_minutes, args.save_every_steps, RunFolder(args.output_dir).last,
-                       args.epochs)
+def step_control(run: RunOptions, train: TrainSettings) -> StepControl:
+    return StepControl(train.device, run.save_every_minutes, run.save_every_steps, RunFolder(run.output_dir).last,
+                       train.schedule.epochs)
 
 
-def recipe_of(args, extra: dict) -> dict:
-    """The values a resumed run must share with its checkpoint (RECIPE_FLAGS plus script-specific ones)."""
-    return plain({**{k: getattr(args, k) for k in RECIPE_FLAGS}, **extra})
+def recipe_of(model: ModelSpec, train: TrainSettings, extra: dict) -> dict:
+    """The values a resumed run must share with its checkpoint: the model, its sizes, the seed, the peak lr and
+    the effective batch, plus the script's own (data, task, ...)."""
+    return plain({"model": model.name, "input_size": model.input_size, "patch_size": model.patch_size,
+                  "seed": train.seed, "lr": train.schedule.lr, "effective_batch": train.effective_batch, **extra})
 
 
-def _recipe_changes(saved: dict, current: dict) -> list[str]:
-    return [f"{k} {saved[k]} -> {current[k]}" for k in current if k in saved and saved[k] != current[k]]
+def _recipe_changes(saved: CheckpointRecord, current: dict, preprocess: PreprocessConfig | None) -> list[str]:
+    old = saved.recipe
+    changes = [f"{k} {old[k]} -> {current[k]}" for k in current if k in old and old[k] != current[k]]
+    if preprocess is not None and saved.preprocess is not None and saved.preprocess != preprocess:
+        before, after = saved.preprocess.to_dict(), preprocess.to_dict()
+        changes += [f"{k} {before.get(k)} -> {after.get(k)}" for k in sorted(set(before) | set(after))
+                    if before.get(k) != after.get(k)]
+    return changes
 
 
-def load_resume(args, recipe: dict) -> tuple[str | None, dict]:
-    """The checkpoint to resume from (--resume auto/PATH/none) after the recipe check; (None, {}) for a fresh run."""
-    if args.resume in (None, "", "none"):
-        return None, {}
-    path, ckpt = find_resume(args.output_dir) if args.resume == "auto" else (args.resume, load_checkpoint(args.resume))
+def load_resume(run: RunOptions, recipe: dict,
+                preprocess: PreprocessConfig | None = None) -> tuple[str | None, CheckpointRecord | None]:
+    """The checkpoint to resume from (--resume auto/PATH/none) after the recipe check (the recipe's values and the
+    preprocessing); (None, None) for a fresh run."""
+    if run.fresh:
+        return None, None
+    path, rec = find_resume(run.output_dir) if run.resume == "auto" else (run.resume, read_record(run.resume))
     if path is None:
-        return None, {}
-    changes = _recipe_changes(ckpt.get("recipe") or {}, recipe)
-    if changes and not args.allow_recipe_change:
+        return None, None
+    changes = _recipe_changes(rec, recipe, preprocess)
+    if changes and not run.allow_recipe_change:
         raise UserError(f"{path} was made with another recipe ({'; '.join(changes)}); pass --allow_recipe_change to "
                         f"continue it anyway, --resume none to start over, or choose another --output_dir.")
     if changes:
         print(f"WARNING: resuming {path} with a changed recipe: {'; '.join(changes)}.")
-    trim_log(args.output_dir, int(ckpt["epoch"]) + (0 if ckpt.get("progress") else 1))
-    return path, ckpt
+    trim_log(run.output_dir, rec.epoch + (0 if rec.progress else 1))
+    return path, rec
 
 
 def trim_log(output_dir: str, done: int) -> None:
@@ -246,25 +242,25 @@ def _logged_epoch(line: str) -> int | None:
     return epoch if isinstance(epoch, int) else None
 
 
-def restore(path: str, ckpt: dict, parts: TrainParts, what: str, epochs: int) -> tuple[int, EpochProgress | None]:
+def restore(path: str, rec: CheckpointRecord, parts: TrainParts, what: str,
+            epochs: int) -> tuple[int, EpochProgress | None]:
     """Load model/optimizer/scaler state; returns (epoch to run, progress inside it or None)."""
     try:
-        parts.model.load_state_dict(state_dict_of(ckpt))
-        parts.optimizer.load_state_dict(ckpt["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
+        parts.model.load_state_dict(rec.weights)
+        parts.optimizer.load_state_dict(rec.optimizer)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
         first = str(e).strip().splitlines()[0][:300]
         raise UserError(f"{path} does not fit {what} ({first}); use another --output_dir or --resume none.") from None
-    if ckpt.get("scaler"):
-        parts.scaler.load_state_dict(ckpt["scaler"])
-    progress = ckpt.get("progress")
-    if progress:
-        print(f"Resumed from {path} (epoch {ckpt['epoch'] + 1}/{epochs}, step {progress['step']}).")
-        return int(ckpt["epoch"]), EpochProgress(**progress)
-    print(f"Resumed from {path} (after epoch {ckpt['epoch'] + 1} of {epochs}).")
-    return int(ckpt["epoch"]) + 1, None
+    if rec.scaler:
+        parts.scaler.load_state_dict(rec.scaler)
+    if rec.progress:
+        print(f"Resumed from {path} (epoch {rec.epoch + 1}/{epochs}, step {rec.progress.step}).")
+        return rec.epoch, rec.progress
+    print(f"Resumed from {path} (after epoch {rec.epoch + 1} of {epochs}).")
+    return rec.epoch + 1, None
 
 
-def begin_epoch(epoch: int, sampler, dataset, progress: EpochProgress | None, args) -> None:
+def begin_epoch(epoch: int, sampler, dataset, progress: EpochProgress | None, batch_size: int) -> None:
     """Point the sampler (at the resume step) and the dataset's augmentation at `epoch`."""
-    sampler.set_epoch(epoch, progress.step * args.batch_size if progress else 0)
+    sampler.set_epoch(epoch, progress.step * batch_size if progress else 0)
     dataset.set_epoch(epoch)
