@@ -14,13 +14,13 @@ import torch
 
 from util.atomic import ensure_writable_dir, remove_stale_tmp, write_text
 from util.plain import plain
-from util.distributed import (Runtime, get_rank, get_world_size, init_distributed, is_main_process,
+from util.distributed import (all_gather_objects, get_rank, get_world_size, init_distributed, is_main_process,
                               on_main_then_share)
 from util.errors import UserError
 from util.nn.registry import ModelSpec
 from util.train.preempt import StepControl
 from util.train.run_lock import RunLock
-from util.runtime import seed_all, torch_threads
+from util.runtime import Runtime, seed_all, torch_threads
 from util.data.sampler import EpochSampler
 from util.run_folder import RunFolder
 from util.task.record import CheckpointRecord, EpochProgress, find_resume, read_record
@@ -206,6 +206,7 @@ def load_resume(run: RunOptions, recipe: dict,
     if run.fresh:
         return None, None
     path, rec = find_resume(run.output_dir) if run.resume == "auto" else (run.resume, read_record(run.resume))
+    same_resume_point(path, rec, run.output_dir)
     if path is None:
         return None, None
     changes = _recipe_changes(rec, recipe, preprocess)
@@ -216,6 +217,19 @@ def load_resume(run: RunOptions, recipe: dict,
         print(f"WARNING: resuming {path} with a changed recipe: {'; '.join(changes)}.")
     trim_log(run.output_dir, rec.epoch + (0 if rec.progress else 1))
     return path, rec
+
+
+def same_resume_point(path: str | None, rec: CheckpointRecord | None, output_dir: str) -> None:
+    """Every rank resumes from the same point, or the run stops with one sentence: only rank 0 writes checkpoints,
+    so an --output_dir that is not one shared folder (a node-local path on a cluster) would let rank 0 resume while
+    the other nodes start over, and the weights would silently diverge."""
+    point = None if path is None else (os.path.basename(path), rec.epoch, rec.progress.step if rec.progress else None)
+    points = all_gather_objects(point)
+    if any(p != points[0] for p in points):
+        first = next(r for r, p in enumerate(points) if p != points[0])
+        raise UserError(f"--output_dir {output_dir}: rank 0 resumes from {points[0] or 'nothing'}, rank {first} from "
+                        f"{points[first] or 'nothing'}; every process must see the same folder (a shared file "
+                        f"system on several nodes), or the ranks train from different weights.")
 
 
 def trim_log(output_dir: str, done: int) -> None:
