@@ -57,6 +57,10 @@ def get_args_parser():
                         "N independent jobs, e.g. a SLURM array 1-N, cover every row once")
     p.add_argument("--report", action="store_true", help="cache nothing: list the rows still missing or failed "
                    "in <cache_dir>/missing.csv; exit status 2 when any is (the last pass after the shards)")
+    p.add_argument("--save_inputs", default=None, metavar="DIR",
+                   help="also write each row's cached input as training reads it (windowed to [0, 1]) for a person "
+                        "to check: DIR/<table>/rowNNNN_<scan>.nii.gz on its own geometry (it overlays the scan; a "
+                        "lesion box sits at its point) and rowNNNN_<scan>.png (its three mid-slices)")
     p.add_argument("--cache_step", type=cli_args.bounded(float, min=0, min_open=True), default=None, metavar="HU",
                    help="quantisation step of cached images in HU for a new --cache_dir (default 1: max error "
                         "0.5 HU, and -32768..32767 HU held; entries keep HU, so every --window reads them)")
@@ -96,6 +100,7 @@ class CacheJob:
     shard: tuple[int, int] | None
     report: bool
     cache_step: float | None
+    save_inputs: str | None
 
     @property
     def status_path(self) -> str:
@@ -159,6 +164,8 @@ def check_cache_dir(job: CacheJob) -> None:
     ensure_writable_dir(job.cache_dir, "--cache_dir")
     VolumeCache(job.cache_dir, cache_settings(job))  # refuses another format or other settings in one sentence
     cache_fill.read_failures(os.path.join(job.cache_dir, cache_fill.FAILURES_NAME))
+    if job.save_inputs:
+        ensure_writable_dir(job.save_inputs, "--save_inputs folder")
     if job.shard:
         os.makedirs(os.path.dirname(job.status_path), exist_ok=True)  # this shard's exit_status.json goes there
 
@@ -203,10 +210,12 @@ def main(job: CacheJob) -> int:
     print(f"Caching {len(rows)} rows{part} of {', '.join(job.csv)} into {job.cache_dir} with {rt.world_size} "
           f"process{'es' if rt.world_size > 1 else ''} x {workers} workers; preprocessing "
           f"{cfg.to_dict()} (key {cfg.key()}).")
-    result = cache_fill.fill_cache(rows, cfg, job.cache_dir, workers, rt.rank, rt.world_size)
+    result = cache_fill.fill_cache(rows, cfg, job.cache_dir, workers, rt.rank, rt.world_size, job.save_inputs)
     if is_main_process():
         report(job, rt, workers, cfg, rows, result, started)
     cleanup()
+    if job.save_inputs and is_main_process():
+        print(f"Inputs as training reads them: {job.save_inputs}/<table>/rowNNNN_<scan>.nii.gz and .png (rows from 1)")
     if result.stopped:
         raise Preempted(f"Cache fill stopped by {result.stopped} after {len(result.finished)} of {len(rows)} rows; "
                         f"rerun the same command to resume.", EXIT_PREEMPTED)

@@ -221,3 +221,36 @@ def test_finetuning_prints_one_line_per_epoch_when_an_epoch_is_one_step(demo, tm
     lines = [x for x in r.stdout.splitlines() if re.match(r"epoch \d+/3", x)]
     assert [x.split(":")[0] for x in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], lines
     assert all("train loss" in x and "val loss" in x for x in lines)
+
+
+def test_main_cache_save_inputs_writes_each_rows_cached_input_named_by_table_and_row(demo, tmp_path):
+    """main_cache.py --save_inputs: what training will read from the cache, row by row, on its geometry."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from util.volume.cache import VolumeCache
+    from util.volume.preprocess import PreprocessConfig, load_cached, read_image
+
+    table = absolute(demo["predict"]).iloc[:2]
+    scan = table["Path"][0]
+    img = read_image(scan)
+    centre = img.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 + 3 for n in img.GetSize()])
+    table.assign(coordX=centre[0], coordY=centre[1], coordZ=centre[2]).to_csv(tmp_path / "points.csv", index=False)
+    table.to_csv(tmp_path / "scans.csv", index=False)
+    stem = Path(scan).name.removesuffix(".nii.gz")
+    r = run_in_process("main_cache.py", "--csv", tmp_path / "scans.csv", "--cache_dir", tmp_path / "c",
+                       "--input_size", 32, "--workers", 1, "--save_inputs", tmp_path / "seen")
+    assert r.returncode == 0, r.stderr[-2000:]
+    fed = sitk.ReadImage(str(tmp_path / "seen" / "scans" / f"row0001_{stem}.nii.gz"))
+    cfg = PreprocessConfig(size=(32, 32, 32))
+    cached, _ = load_cached(scan, cfg, VolumeCache(tmp_path / "c"))
+    assert np.array_equal(sitk.GetArrayFromImage(fed), cached)  # what a training run reads from this cache
+    png = Image.open(tmp_path / "seen" / "scans" / f"row0001_{stem}.png")
+    assert png.size[0] > 3 * 150 and np.asarray(png).std() > 10
+    assert len(list((tmp_path / "seen" / "scans").glob("row0002_*.png"))) == 1
+    r = run_in_process("main_cache.py", "--csv", tmp_path / "points.csv", "--cache_dir", tmp_path / "c",
+                       "--input_size", 32, "--roi_mm", 40, 40, 40, "--workers", 1, "--save_inputs", tmp_path / "seen")
+    assert r.returncode == 0, r.stderr[-2000:]
+    box = sitk.ReadImage(str(tmp_path / "seen" / "points" / f"row0001_{stem}.nii.gz"))
+    mid = box.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in box.GetSize()])
+    assert np.allclose(mid, centre, atol=1e-6) and np.allclose(box.GetSpacing(), 40 / 32)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from util.data.cache_rows import (FAILURES_NAME, Row, drop_known_failures, known_failures,  # noqa: F401 - re-exported
                                   read_failures, read_rows, update_failures)
+from util.data.input_dump import save_input
 from util.distributed import all_gather_objects
 from util.errors import user_message
 from util.faults import fault_point
@@ -91,12 +92,26 @@ def _entry_bytes(cache: VolumeCache, keys: list[tuple]) -> int:
     return total
 
 
-def fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
+def fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache, save_inputs: str | None = None) -> dict:
     """Cache one row: {'status': 'done' | 'cached' | 'failed', 'bytes', 'seconds', and 'error', 'part' on failure}.
 
     When only the label map fails, the image is still cached (pretraining needs it) and the row fails with the
-    mask's error. Never raises for a bad row.
+    mask's error. With `save_inputs` (a folder) the cached input of the row, windowed as training reads it, is
+    written there for a person to look at (util.data.input_dump: <table>/rowNNNN_<scan>.nii.gz and .png). Never
+    raises for a bad row.
     """
+    out = _fill_row(row, cfg, cache)
+    if save_inputs and out["status"] in ("done", "cached"):
+        try:
+            image, _ = load_cached(row.path, cfg, cache, None, decoded=True, roi=row.roi)
+            folder = os.path.join(save_inputs, os.path.splitext(os.path.basename(row.table))[0] or "table")
+            save_input(folder, row.line, row.path, image, cfg, row.roi)
+        except ROW_ERRORS as e:
+            return {**out, "status": "failed", "part": "image", "error": f"--save_inputs: {_reason(e, row)}"}
+    return out
+
+
+def _fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
     t0 = time.perf_counter()
     if not row.path:
         return {"status": "failed", "part": "image", "error": f"{row.where}: has an empty 'Path' value; expected "
@@ -165,7 +180,8 @@ class _WorkerCache(VolumeCache):
                 os._exit(1)
 
 
-def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, parent: int) -> None:
+def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, parent: int,
+                 save_inputs: str | None) -> None:
     """Pool initializer: one thread, ignore Ctrl-C (the parent stops the pool), die at SIGTERM / SIGUSR1 (how the
     parent stops the pool; not the parent's handlers, inherited through fork), exit with the parent, claim a slot of
     `busy` ([pid, row] pairs through which the parent learns which row a killed worker was on)."""
@@ -179,7 +195,8 @@ def _init_worker(cache_dir: str, cfg: PreprocessConfig, rows: list[Row], busy, p
             if busy[2 * s] == 0 or (busy[2 * s + 1] < 0 and not _alive(busy[2 * s])):
                 busy[2 * s], busy[2 * s + 1], slot = os.getpid(), -1, s
                 break
-    _WORKER.update(cache=_WorkerCache(cache_dir, parent), cfg=cfg, rows=rows, busy=busy, slot=slot)
+    _WORKER.update(cache=_WorkerCache(cache_dir, parent), cfg=cfg, rows=rows, busy=busy, slot=slot,
+                   save_inputs=save_inputs)
 
 
 def _fill_task(i: int) -> dict:
@@ -189,7 +206,7 @@ def _fill_task(i: int) -> dict:
         w["busy"][2 * s + 1] = i
     try:
         fault_point(f"cache:worker:{i}")
-        return {**fill_row(w["rows"][i], w["cfg"], w["cache"]), "i": i}
+        return {**fill_row(w["rows"][i], w["cfg"], w["cache"], w["save_inputs"]), "i": i}
     finally:
         if s >= 0:
             w["busy"][2 * s + 1] = -1
@@ -267,7 +284,7 @@ def worker_signals() -> None:
 
 
 def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cache_dir: str, workers: int,
-               bar=None) -> Summary:
+               bar=None, save_inputs: str | None = None) -> Summary:
     """Cache rows `share` of `rows` with a pool of `workers` processes; returns this process's Summary. A stop
     signal ends the loop: the pool's workers are ended and joined before this returns (`Summary.stopped`)."""
     out, t0 = Summary(), time.perf_counter()
@@ -276,7 +293,7 @@ def fill_share(rows: list[Row], share: Sequence[int], cfg: PreprocessConfig, cac
     slots = threading.Semaphore(2 * workers)
     with StopSignals() as stop:
         with stop.blocked():  # the workers and the pool's threads (which fork replacements) start with them blocked
-            pool = ctx.Pool(workers, _init_worker, (cache_dir, cfg, rows, busy, os.getpid()))
+            pool = ctx.Pool(workers, _init_worker, (cache_dir, cfg, rows, busy, os.getpid(), save_inputs))
         _run_pool(pool, rows, share, busy, slots, stop, out, bar)
     out.seconds, out.stopped = time.perf_counter() - t0, stop.signal
     return out
@@ -334,14 +351,16 @@ def merge(parts: list[Summary]) -> Summary:
 
 
 def fill_cache(rows: list[Row], cfg: PreprocessConfig, cache_dir: str, workers: int, rank: int = 0,
-               world_size: int = 1) -> Summary:
+               world_size: int = 1, save_inputs: str | None = None) -> Summary:
     """Cache this rank's rows (rank, rank + world_size, ...), then gather the totals of every rank (all ranks
-    get the same merged Summary). A progress bar with volumes/s and ETA is shown on rank 0."""
+    get the same merged Summary). A progress bar with volumes/s and ETA is shown on rank 0. `save_inputs`: see
+    fill_row."""
     from tqdm import tqdm
 
     share = range(rank, len(rows), world_size)
     with tqdm(total=len(share), unit="vol", desc=f"cache (rank 0 of {world_size})" if world_size > 1 else "cache",
               disable=rank != 0, dynamic_ncols=True, smoothing=0.05) as bar:
-        mine = fill_share(rows, share, cfg, os.path.abspath(cache_dir), workers, bar)
+        mine = fill_share(rows, share, cfg, os.path.abspath(cache_dir), workers, bar,
+                          os.path.abspath(save_inputs) if save_inputs else None)
     _wait_for_all_ranks()
     return merge(all_gather_objects(mine))

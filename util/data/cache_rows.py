@@ -36,6 +36,8 @@ class Row(NamedTuple):
     mask: str
     where: str
     roi: object = None  # ROI settings: the row's point (x, y, z) or its Mask path (the box's centre)
+    line: int = 0  # the row in its table, counted from 1 under the header (as every message counts)
+    table: str = ""  # the table's file
 
 
 def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfig | None = None) -> list[Row]:
@@ -70,7 +72,7 @@ def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfi
         for line, p, m, c in zip(df.index, paths, mask_paths, centres):
             if (p, m, c) not in seen:
                 seen.add((p, m, c))
-                rows.append(Row(p, m, f"{csv_path} {where(int(line))}", c))
+                rows.append(Row(p, m, f"{csv_path} {where(int(line))}", c, int(line) - 1, csv_path))
     return rows
 
 def shard_of(row: Row, n: int) -> int:
