@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from util.data.channel_table import channel_required, row_sources
 from util.data.path_table import read_path_table
 from util.volume.preprocess import PreprocessConfig
 from util.data.dataset import VolumeDataset, limit_sitk_threads
@@ -20,7 +21,8 @@ log = logging.getLogger(__name__)
 
 
 class Custom3DDataset(VolumeDataset):
-    """Pretraining volumes from a CSV (`Path` column) or a text list. Items: (float32 [1, D, H, W] in [0, 1], i).
+    """Pretraining volumes from a CSV (`Path` column) or a text list. Items: (float32 [1, D, H, W] in [0, 1], i);
+    with several channels (PreprocessConfig.channels: one column each, or 4D files) float32 [C, D, H, W].
 
     Adapt this class to your data. Training: random crop (when the preprocessed volume is larger than
     input_size) + random flips (+ jitter), drawn from np.random.default_rng([seed, epoch, i]) so batches do not
@@ -32,12 +34,13 @@ class Custom3DDataset(VolumeDataset):
                  preprocess: PreprocessConfig | None = None, cache_dir: str | None = None, seed: int = 0,
                  skip_bad: bool = False, intensity_jitter: float = 0.0, crops_per_volume: int = 1) -> None:
         super().__init__(input_size, train, preprocess, cache_dir, seed, intensity_jitter, crops_per_volume)
-        self.table = read_path_table(data_path, check_exists=not skip_bad)  # skip_bad: missing files are bad files
+        self.table = read_path_table(data_path, channel_required(self.cfg),  # skip_bad: missing files are bad files
+                                     check_exists=not skip_bad)
         if skip_bad and cache_dir:  # rows main_cache.py could not preprocess, listed in <cache_dir>/failures.csv
             from util.data.cache_fill import drop_known_failures
 
             self.table = drop_known_failures(self.table, data_path, cache_dir, self.cfg.key())
-        self.paths = list(self.table["Path"])
+        self.paths, self.sources = row_sources(self.table, self.cfg, data_path, check_exists=not skip_bad)
         self.skip_bad = skip_bad
         self.record_cache_use()  # how many volumes came from --cache_dir (said once per run by the scripts)
         self.bad_files: list[str] = []

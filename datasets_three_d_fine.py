@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from util.errors import UserError
+from util.data.channel_table import channel_required, row_sources
 from util.data.path_table import read_path_table, roi_points, where
 from util.volume.preprocess import PreprocessConfig
 from util.volume.resample import resample_centered
@@ -32,7 +33,8 @@ def resample_to_256(image: sitk.Image, is_mask: bool = False) -> sitk.Image:
 
 
 class Custom3DDataset(VolumeDataset):
-    """Labelled volumes from a CSV: items (float32 [1, D, H, W] in [0, 1], target).
+    """Labelled volumes from a CSV: items (float32 [1, D, H, W] in [0, 1], target); with several channels
+    (PreprocessConfig.channels) float32 [C, D, H, W].
 
     target: int64 scalar class index (one label column: binary / multi-class), float32 [K] (several columns:
     multi-label, values in [0, 1]), float32 scalar or [K] (regression), int64 [D, H, W] label map
@@ -63,10 +65,10 @@ class Custom3DDataset(VolumeDataset):
         if kind.dense and self.cfg.roi:
             raise UserError("--roi_mm makes each row a box around a point or a label for classification or "
                             "regression; it cannot be combined with --task segmentation.")
-        self.table = read_path_table(csv_path, ("Path", "Mask") if kind.dense else
-                                     ("Path", "Mask", *cols) if roi_mask else ("Path", *cols),
+        self.table = read_path_table(csv_path, channel_required(self.cfg, ("Path", "Mask") if kind.dense else
+                                     ("Path", "Mask", *cols) if roi_mask else ("Path", *cols)),
                                      unique_paths=not self.cfg.roi)
-        self.paths = list(self.table["Path"])
+        self.paths, self.sources = row_sources(self.table, self.cfg, csv_path)
         self.mask_paths = list(self.table["Mask"]) if kind.dense else None
         if self.cfg.roi:  # lesion-level rows: the box around the row's point, or around its Mask's label
             self.rois = list(self.table["Mask"]) if roi_mask else roi_points(self.table, str(csv_path))

@@ -33,11 +33,11 @@ class MaskedReconstruction:
 
 @torch.no_grad()
 def reconstruction_picture(model, img: torch.Tensor, path: str, mask_ratio: float, device: str, precision: str,
-                           title: str = "", seed: int = 0):
-    """The picture of one volume img [1, D, H, W]: the input, its visible patches (masked ones coloured) and the
+                           title: str = "", seed: int = 0, channel_names: list[str] | None = None):
+    """The picture of one volume img [C, D, H, W]: the input, its visible patches (masked ones coloured) and the
     reconstruction, which is the model's output in the masked patches with the visible patches pasted back from
-    the input (MAE's convention; the output there is not trained). Written to `path` with `title`; returns the HWC
-    uint8 image."""
+    the input (MAE's convention; the output there is not trained), one grid per channel. Written to `path` with
+    `title`; returns the HWC uint8 image."""
     from util.volume.figure import save_reconstruction_figure
 
     m = model.module if hasattr(model, "module") else model
@@ -50,16 +50,18 @@ def reconstruction_picture(model, img: torch.Tensor, path: str, mask_ratio: floa
         _, pred, mask = m(x, mask_ratio=mask_ratio, noise=noise)
     pred = pred.float()
     target = m.patchify(x)
-    if m.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
-        mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
+    if m.norm_pix_loss:  # undo the per-patch (and channel) normalisation with the true patch statistics
+        per = target.view(*target.shape[:2], -1, m.in_chans)
+        mean, var = per.mean(-2, keepdim=True), per.var(-2, keepdim=True)
+        pred = (pred.view_as(per) * (var + 1e-6) ** 0.5 + mean).view_as(target)
     removed = mask.unsqueeze(-1).expand_as(target)
     masked = m.unpatchify(target * (1 - removed))
     recon = m.unpatchify(torch.where(removed.bool(), pred, target))  # MAE convention: visible patches pasted back
     voxel_mask = m.unpatchify(removed)[0, :1]
     m.train(was_training)
-    return save_reconstruction_figure(x[0].cpu(), masked[0].cpu(), recon[0].clamp(0, 1).cpu(), path,
-                                      mask=voxel_mask.cpu(), title=title)
+    recon = recon[0].clamp(0, 1) if m.in_chans == 1 else recon[0]  # several channels: each over its own range
+    return save_reconstruction_figure(x[0].cpu(), masked[0].cpu(), recon.cpu(), path, mask=voxel_mask.cpu(),
+                                      title=title, channel_names=channel_names)
 
 
 @torch.no_grad()
@@ -88,6 +90,11 @@ def evaluate_reconstruction(model, loader, mask_ratio: float, device: str, preci
         removed = mask.unsqueeze(-1).expand_as(target)
         if m.norm_pix_loss:  # normalised patches: the trivial prediction of each is its mean, 0
             trivial = torch.zeros_like(target)
+        elif m.in_chans > 1:  # each channel's visible mean (voxels ordered (pd, ph, pw, c))
+            per, vis = target.view(*target.shape[:2], -1, m.in_chans), (1 - removed).view(*target.shape[:2], -1,
+                                                                                           m.in_chans)
+            mean = (per * vis).sum((1, 2), keepdim=True) / vis.sum((1, 2), keepdim=True).clamp_min(1)
+            trivial = mean.expand_as(per).reshape(target.shape)
         else:
             visible = 1 - removed
             mean = (target * visible).sum((1, 2), keepdim=True) / visible.sum((1, 2), keepdim=True).clamp_min(1)
@@ -98,6 +105,12 @@ def evaluate_reconstruction(model, loader, mask_ratio: float, device: str, preci
     m.train(was_training)
     recon, base = float(sums[0] / sums[2].clamp_min(1)), float(sums[1] / sums[2].clamp_min(1))
     return {"recon_mse": recon, "baseline_mse": base, "ratio": recon / base if base > 0 else float("nan")}
+
+
+def channel_names_of(dataset) -> list[str] | None:
+    """The channel names of a dataset's preprocessing (None for a user's dataset without one)."""
+    cfg = getattr(dataset, "cfg", None)
+    return list(cfg.channel_names) if cfg is not None else None
 
 
 class PretrainEpochs:
@@ -139,5 +152,5 @@ class PretrainEpochs:
                   f"reconstruction {score['baseline_mse']:.4g} (ratio {score['ratio']:.2f})")
         if is_main_process():
             pic = reconstruction_picture(self.model, self.shown[0][0], self.folder.picture(done), self.mask_ratio,
-                                         device, precision, title)
+                                         device, precision, title, channel_names=channel_names_of(self.dataset))
             self.tb.image("reconstruction", pic, done)

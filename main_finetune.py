@@ -78,6 +78,7 @@ def get_args_parser():
                    help="layer-wise lr decay from the head to the input (1: none)")
     g.add_argument("--finetune", default=None, help="pretrained checkpoint (ours or TANGERINE) (default: none, the "
                                                      "encoder starts from random weights; the demo: the demo MAE)")
+    cli_args.add_channel_init_arg(g, "--finetune")
     g.add_argument("--linprobe", action=argparse.BooleanOptionalAction, default=False,
                    help="freeze the encoder; BatchNorm + linear head, LARS (--no-linprobe: full finetune)")
     g = p.add_argument_group("evaluation")
@@ -124,6 +125,7 @@ class FinetuneSettings:
     drop_path: float
     layer_decay: float
     finetune: str | None
+    channel_init: str
     linprobe: bool
     eval: bool
     checkpoint: str | None
@@ -174,9 +176,10 @@ def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
         finetune = None if args.finetune in (None, "none", "") else args.finetune
         if finetune == "demo":
             finetune = None if args.eval else demo_checkpoint()
+        preprocess = cli_args.preprocess_config(args)
         return cli_args.settings_of(
-            FinetuneSettings, args, finetune=finetune, model=cli_args.model_spec(args),
-            optim=cli_args.optimization(args), run=cli_args.run_options(args, args.output_dir), preprocess=cli_args.preprocess_config(args),
+            FinetuneSettings, args, finetune=finetune, model=cli_args.model_spec(args, preprocess.in_chans),
+            optim=cli_args.optimization(args), run=cli_args.run_options(args, args.output_dir), preprocess=preprocess,
             task=from_flags(args.task, args.regression, len(args.label_columns or ["Label"])),
             checkpoint=eval_checkpoint(args) if args.eval else None, typed=cli_args.typed_flags(args))
     return cli_args.parse(get_args_parser(), argv, presets, settings)
@@ -272,7 +275,8 @@ def train(s: FinetuneSettings, rt: Runtime, train_s: TrainSettings, init: Checkp
                                 list(s.pos_weight) if s.pos_weight else None, s.class_weights)
     criterion = task.criterion(s.smoothing, weights, rt.device)
     model = finetune_model(meta, init, s.finetune, drop_path=s.drop_path, linprobe=s.linprobe,
-                           grad_checkpointing=s.run.grad_checkpointing, compile=s.run.compile, device=rt.device)
+                           grad_checkpointing=s.run.grad_checkpointing, compile=s.run.compile, device=rt.device,
+                           channel_init=s.channel_init)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shown = f"{n_train / 1e6:.2f}M" if n_train >= 10 ** 5 else str(n_train)  # a linear probe: a few hundred
     print(f"{s.model.name} ({task.name}, {meta.nb_outputs} outputs, {shown} trainable): input "

@@ -46,9 +46,11 @@ def get_args_parser():
     g.add_argument("--init", default=None, help="continue pretraining from the weights of this MAE checkpoint "
                    "(ours, TANGERINE, the original project's): fresh optimizer and schedule, recorded in the recipe; "
                    "a restart resumes checkpoint-last.pth instead")
+    cli_args.add_channel_init_arg(g, "--init")
     g.add_argument("--mask_ratio", type=cli_args.bounded(float, min=0, max=1, min_open=True, max_open=True),
                    default=0.75, help="share of patches removed from each volume")
-    g.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised voxels")
+    g.add_argument("--norm_pix_loss", action="store_true", help="regress per-patch normalised voxels (each channel "
+                                                                 "normalised on its own; needed for zscore channels)")
     g.add_argument("--intensity_jitter", type=cli_args.bounded(float, min=0, max=1, max_open=True), default=0.0,
                    help="random intensity scale/shift (0: flips only)")
     g.add_argument("--skip_bad", action="store_true", help="skip unreadable volumes (listed in log.txt) instead of "
@@ -83,6 +85,7 @@ class PretrainSettings:
     mask_ratio: float
     norm_pix_loss: bool
     init: str | None
+    channel_init: str
     save_every: int
     vis_every: int
     demo: bool
@@ -108,9 +111,14 @@ def parse_args(argv: list[str] | None = None) -> PretrainSettings:
         if args.init and args.resume not in (None, "", "none", "auto"):
             raise UserError(f"--init {args.init} and --resume {args.resume} exclude each other: --init starts a new "
                             f"run from a model's weights, --resume continues a run with its optimizer.")
+        preprocess = cli_args.preprocess_config(args)
+        if not preprocess.bounded and not args.norm_pix_loss:
+            raise UserError("zscore channels (--norm) have values outside [0, 1], which the MAE's Sigmoid output "
+                            "cannot reconstruct; add --norm_pix_loss (targets normalised per patch and channel) or "
+                            "use --norm percentile.")
         return cli_args.settings_of(
-            PretrainSettings, args, model=cli_args.model_spec(args), optim=cli_args.optimization(args),
-            run=cli_args.run_options(args, args.output_dir), preprocess=cli_args.preprocess_config(args),
+            PretrainSettings, args, model=cli_args.model_spec(args, preprocess.in_chans),
+            optim=cli_args.optimization(args), run=cli_args.run_options(args, args.output_dir), preprocess=preprocess,
             typed=cli_args.typed_flags(args))
     return cli_args.parse(get_args_parser(), argv, presets, settings)
 
@@ -232,7 +240,7 @@ def start_weights(s: PretrainSettings, train: TrainSettings, recipe: dict, parts
                   f"(--resume none starts over from it).")
         return trainer.restore(path, rec, parts, f"--model {s.model.name} {s.model.input_size}", s.optim.epochs)
     if s.init:
-        load_mae_init(parts.model, read_record(s.init, f"--init {s.init}"), s.init)
+        load_mae_init(parts.model, read_record(s.init, f"--init {s.init}"), s.init, s.channel_init)
         if not {"blr", "lr"} & s.typed:
             print(f"--init: this run warms up to the peak lr of a run from scratch ({train.schedule.lr:.3g}), which "
                   f"can undo part of what {os.path.basename(os.path.normpath(s.init))} learned (the demo: held-out "

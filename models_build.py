@@ -18,6 +18,7 @@ import torch
 import models_mae3d  # noqa: F401  (registers the MAE factories)
 import models_vit3d
 from util.errors import UserError
+from util.nn.channel_carry import carry_channels
 from util.nn.registry import ModelSpec, create_model, size_of
 from util.task.meta import RunMeta
 from util.task.record import CheckpointRecord
@@ -169,15 +170,17 @@ def load_for_inference(rec: CheckpointRecord, device="cpu", input_size=None, glo
 
 def finetune_model(meta: RunMeta, init: CheckpointRecord | None, source: str | None, drop_path: float = 0.0,
                    linprobe: bool = False, grad_checkpointing: bool = False, compile: bool = False,
-                   device: str = "cpu") -> torch.nn.Module:
+                   device: str = "cpu", channel_init: str = "replicate") -> torch.nn.Module:
     """The model a finetuning run trains: built for `meta`, its encoder loaded from `init` (the --finetune record,
     `source` naming it; None: random weights), the head initialised (MAE: trunc-normal, std 2e-5; linear probe:
-    0.01), the encoder frozen for a linear probe; on `device`, per-block compiled when asked."""
+    0.01), the encoder frozen for a linear probe; on `device`, per-block compiled when asked. A 1-channel encoder
+    into a model of C channels: util.nn.channel_carry (`channel_init`)."""
     model = build_model_from_meta(meta, drop_path=drop_path)
     vit = models_vit3d.backbone(model)
     if init is not None:
         try:
-            info = models_vit3d.load_pretrained_encoder(vit, init, verbose=True)
+            info = models_vit3d.load_pretrained_encoder(vit, init, verbose=True, channel_init=channel_init,
+                                                        flag=f"--finetune {source}")
         except ValueError as e:
             msg = str(e)
             raise UserError(msg if source in msg else f"--finetune {source}: {msg}") from None
@@ -235,21 +238,38 @@ def adopt_encoder(rec: CheckpointRecord, spec: ModelSpec, preprocess: Preprocess
             if key not in typed and value != getattr(preprocess, key):
                 changes[key] = value
                 taken.append(f"--{key} {' '.join(map(str, value)) if isinstance(value, tuple) else value}")
+        changes.update(_adopted_channels(rec.preprocess, preprocess, typed, taken))
     if taken:
         print(f"--finetune {name}: its encoder sets {', '.join(taken)} (type the flag to choose another).")
-    return ModelSpec(model, size, patch, spec.in_chans), preprocess.with_overrides(size=size, **changes)
+    cfg = preprocess.with_overrides(size=size, **changes)
+    return ModelSpec(model, size, patch, cfg.in_chans), cfg
+
+
+def _adopted_channels(enc: PreprocessConfig, run: PreprocessConfig, typed: frozenset, taken: list) -> dict:
+    """An encoder of several channels (or of another normalisation) sets --channels, --norm and its windows where
+    the user typed none of them (a 1-channel CT encoder leaves the run's channels alone: it is carried into them)."""
+    if enc.plain or "channels" in typed:
+        return {}
+    out = {"channels": enc.channels}
+    if "norm" not in typed:
+        out["norm"] = enc.norm
+    if "window" not in typed:
+        out.update(window=enc.window, windows=enc.windows)
+    taken.append(f"--channels {','.join(enc.channels)}" + (f" --norm {','.join(enc.norm)}" if "norm" in out else ""))
+    return out
 
 
 def _decoder_key(key: str) -> bool:
     return key.startswith("decoder_") or key == "mask_token"
 
 
-def load_mae_init(model, rec: CheckpointRecord, name: str) -> dict[str, list[str]]:
+def load_mae_init(model, rec: CheckpointRecord, name: str, channel_init: str = "replicate") -> dict[str, list[str]]:
     """Continued pretraining (main_pretrain.py --init): the weights of any MAE or ViT checkpoint into the
     MaskedAutoencoderViT3D `model`, whatever its input size. The encoder must be the model's (width, depth, patch;
     another size is refused naming the right --model); the decoder is loaded when the file has one that fits,
     else it keeps its fresh initialisation (said in one line). The fixed sin-cos tables are never copied: the
-    model's own are those of its grid. Prints what was loaded, dropped and initialised; returns those key lists."""
+    model's own are those of its grid. A 1-channel file into a model of C channels: util.nn.channel_carry
+    (`channel_init`). Prints what was loaded, dropped and initialised; returns those key lists."""
     sd = rec.encoder_weights()
     shape = encoder_shape(sd)
     if shape is None or not any(k.startswith("blocks.") for k in sd):
@@ -265,6 +285,9 @@ def load_mae_init(model, rec: CheckpointRecord, name: str) -> dict[str, list[str
     if shape.patch != tuple(model.patch_size):
         raise UserError(f"--init {name} has patches of {shape.patch} voxels, the model {tuple(model.patch_size)}; "
                         f"pass --patch_size {' '.join(map(str, shape.patch))}.")
+    sd, carried = carry_channels(sd, model, channel_init, f"--init {name}")
+    if carried:
+        print(carried)
     tables = ("pos_embed", "decoder_pos_embed")
     to_load, initialised = {}, []
     for key in (k for k in own if not _decoder_key(k) and k not in tables):

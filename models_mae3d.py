@@ -197,13 +197,19 @@ class MaskedAutoencoderViT3D(nn.Module):
         return x[:, 1:]
 
     def loss_target(self, imgs: torch.Tensor) -> torch.Tensor:
-        """What the decoder regresses: fp32 patches [N, L, P], each normalised to zero mean and unit variance
-        with norm_pix_loss."""
+        """What the decoder regresses: fp32 patches [N, L, P], with norm_pix_loss each patch's voxels of each channel
+        normalised to zero mean and unit variance (channels differ in units: an MRI sequence's contrast is its own)."""
         target = self.patchify(imgs).float()
-        if self.norm_pix_loss:
+        if self.norm_pix_loss and self.in_chans == 1:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
+        elif self.norm_pix_loss:  # voxels ordered (pd, ph, pw, c): channel c is every C-th
+            n, length, p = target.shape
+            per = target.view(n, length, p // self.in_chans, self.in_chans)
+            mean = per.mean(dim=-2, keepdim=True)
+            var = per.var(dim=-2, keepdim=True)
+            target = ((per - mean) / (var + 1e-6) ** 0.5).view(n, length, p)
         return target
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

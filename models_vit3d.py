@@ -11,6 +11,7 @@ import torch.nn as nn
 from models_mae3d import fixed_pos_embed, init_patch_embed, init_transformer_weights, make_blocks, run_blocks
 from util.errors import UserError
 from util.nn.patch_embed import PatchEmbed3D
+from util.nn.channel_carry import carry_channels
 from util.nn.pos_embed import get_3d_sincos_pos_embed
 from util.nn.registry import SIZES, create_model, entry, model_names, register_model
 from util.task.record import CheckpointRecord, read_record
@@ -165,13 +166,15 @@ EXPECTED_MISSING = ("head.", "fc_norm.", "norm.", "pos_embed")
 
 
 def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.PathLike | dict | CheckpointRecord,
-                            verbose: bool = True) -> dict[str, list[str]]:
+                            verbose: bool = True, channel_init: str = "replicate",
+                            flag: str | None = None) -> dict[str, list[str]]:
     """Load an MAE (or ViT) checkpoint into a VisionTransformer3D, possibly of another input size.
 
     `checkpoint` is a path (a file or a model folder), its CheckpointRecord (util.task.record), or a loaded dict in
     any container the record reads (TANGERINE's {'model': ...}, {'state_dict': ...}, a raw state dict). Decoder keys
     and `mask_token` are dropped, `pos_embed` is regenerated for the model's grid, `head.*` is dropped unless it
-    fits the model's head, checkpoint keys the model lacks (e.g. `norm.*` for 'avg' pooling) are dropped.
+    fits the model's head, checkpoint keys the model lacks (e.g. `norm.*` for 'avg' pooling) are dropped. A 1-channel
+    checkpoint into a model of C channels: util.nn.channel_carry (`channel_init`; `flag` names it in its line).
 
     Raises:
         ValueError: a key with another shape (naming it and both shapes), or model keys other than the head,
@@ -190,6 +193,9 @@ def load_pretrained_encoder(model: VisionTransformer3D, checkpoint: str | os.Pat
         raise UserError(f"expected a checkpoint path, record or state dict, got {type(checkpoint).__name__}.")
     name = rec.source
     sd = rec.encoder_weights()  # a segmentation checkpoint's encoder too
+    sd, carried = carry_channels(sd, model, channel_init, flag or str(name))
+    if carried:
+        print(carried)
     own = model.state_dict()
     loaded, dropped, to_load = [], [], {}
     for key, value in sd.items():

@@ -106,8 +106,17 @@ def add_preprocess_args(parser: argparse.ArgumentParser, saved_note: str = "save
     g.add_argument("--spacing", type=bounded(float, min=0, min_open=True), nargs=3, default=None,
                    metavar=("D", "H", "W"), help="resample to this spacing in mm (then crop/pad to --input_size) "
                                                  "instead of resizing the whole volume to --input_size")
-    g.add_argument("--window", type=bounded(float), nargs=2, default=(-1200.0, 800.0), metavar=("LO", "HI"),
-                   help="HU window mapped to [0, 1], LO < HI")
+    g.add_argument("--window", type=bounded(float), nargs="+", default=(-1200.0, 800.0), metavar="LO HI",
+                   help="HU window mapped to [0, 1], LO < HI, of every ct channel; or one LO HI pair per ct channel "
+                        "in channel order")
+    g.add_argument("--channels", default=None, metavar="NAME,NAME,...",
+                   help="input channels in order: one table column each (NAME, or NAME=COLUMN to read it from "
+                        "another column), or, for a table without those columns, the volumes of the 4D file in Path "
+                        "(default: the one CT channel Path)")
+    g.add_argument("--norm", default=None, metavar="KIND[,KIND,...]",
+                   help="intensity normalisation, one for every channel or one per channel: ct (the HU --window), "
+                        "zscore (mean/std of the non-zero voxels: MRI), percentile (clip to 0.5-99.5%%, scale to "
+                        "[0, 1]) (default: ct)")
     g.add_argument("--interpolator", default="bspline", choices=INTERPOLATORS,
                    help="image interpolation when resampling (label maps always use nearest)")
     g.add_argument("--cache_dir", default=None, required=cache_dir_help is not None,
@@ -248,25 +257,35 @@ def check_args(args) -> None:
 
 
 ROI_FLAGS = ("roi_mm", "roi_coords", "roi_label")
-PREPROCESS_FLAGS = ("orientation", "spacing", "window", "interpolator", *ROI_FLAGS)
+CHANNEL_FLAGS = ("channels", "norm")
+PREPROCESS_FLAGS = ("orientation", "spacing", "window", "interpolator", *ROI_FLAGS, *CHANNEL_FLAGS)
+
+
+def window_fields(window) -> dict:
+    """--window as PreprocessConfig fields: one pair -> window; several pairs -> windows (one per ct channel)."""
+    window = tuple(window)
+    return {"window": window} if len(window) != 2 * (len(window) // 2) or len(window) <= 2 else \
+        {"window": window[:2], "windows": window}
 
 
 def typed_preprocess(args, flags: tuple[str, ...] = PREPROCESS_FLAGS) -> dict:
     """The preprocessing flags the script has, as PreprocessConfig fields; only those the user typed when
     args.explicit exists."""
     typed = getattr(args, "explicit", None)
-    return {("size" if k == "input_size" else k): getattr(args, k) for k in flags
-            if hasattr(args, k) and (typed is None or k in typed)}
+    out = {("size" if k == "input_size" else k): getattr(args, k) for k in flags
+           if hasattr(args, k) and (typed is None or k in typed) and (k not in CHANNEL_FLAGS or getattr(args, k))}
+    return {**out, **window_fields(out.pop("window"))} if "window" in out else out
 
 
 def preprocess_config(args):
     """The PreprocessConfig of the preprocessing flags and --input_size (training, main_cache.py)."""
     from util.volume.preprocess import PreprocessConfig
 
+    channels = {k: getattr(args, k) for k in CHANNEL_FLAGS if getattr(args, k, None)}
     return PreprocessConfig(orientation=args.orientation, size=to_3tuple(args.input_size, "--input_size"),
                             spacing=tuple(args.spacing) if args.spacing else None,
-                            window=tuple(args.window), interpolator=args.interpolator,
-                            **{k: getattr(args, k) for k in ROI_FLAGS if hasattr(args, k)})
+                            **window_fields(args.window), interpolator=args.interpolator,
+                            **{k: getattr(args, k) for k in ROI_FLAGS if hasattr(args, k)}, **channels)
 
 
 # --- from flags to typed settings (the edge: nothing after the parse step reads a Namespace) ------------------------
@@ -285,9 +304,17 @@ def settings_of(cls, args, **given):
     return cls(**{f.name: given[f.name] if f.name in given else flag(f.name) for f in fields(cls)})
 
 
-def model_spec(args) -> ModelSpec:
-    """--model, --input_size, --patch_size."""
-    return ModelSpec(args.model, args.input_size, args.patch_size)
+def model_spec(args, in_chans: int = 1) -> ModelSpec:
+    """--model, --input_size, --patch_size; `in_chans`: the preprocessing's channels."""
+    return ModelSpec(args.model, args.input_size, args.patch_size, in_chans)
+
+
+def add_channel_init_arg(group, flag: str) -> None:
+    """--channel_init: how a 1-channel checkpoint's patch embedding starts a model of C channels."""
+    group.add_argument("--channel_init", default="replicate", choices=("replicate", "random"),
+                       help=f"a 1-channel {flag} into a model of C channels (--channels): replicate its patch "
+                            f"embedding kernel into every channel with weight 1/C, or initialise it at random; every "
+                            f"other weight is kept")
 
 
 def optimization(args) -> Optimization:

@@ -1,5 +1,6 @@
-"""Training augmentation and cropping of [D, H, W] arrays: random crops (foreground-biased for segmentation),
-random flips and intensity jitter, all drawn from a NumPy Generator the dataset seeds per (seed, epoch, index)."""
+"""Training augmentation and cropping of [D, H, W] arrays (or [C, D, H, W]: the spatial axes are the last three,
+every channel cropped and flipped alike): random crops (foreground-biased for segmentation), random flips and
+intensity jitter, all drawn from a NumPy Generator the dataset seeds per (seed, epoch, index)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -41,8 +42,8 @@ class Augment3D:
         deferred = defer_axis in axes
         axes = tuple(a for a in axes if a != defer_axis)
         if axes:
-            img = np.flip(img, axes)
-            mask = None if mask is None else np.flip(mask, axes)
+            img = np.flip(img, tuple(a - 3 for a in axes))  # spatial axes: the last three
+            mask = None if mask is None else np.flip(mask, tuple(a - 3 for a in axes))
         img = np.ascontiguousarray(img)
         if jitter is not None:
             if img.dtype.kind != "f":
@@ -52,18 +53,20 @@ class Augment3D:
 
 
 def pad_to(a: np.ndarray, size: Sequence[int], value: float = 0) -> np.ndarray:
-    """Centre-pad every axis of `a` shorter than `size` with `value` (a no-op, no copy, when none is)."""
-    pad = [max(s - n, 0) for n, s in zip(a.shape, size)]
+    """Centre-pad every spatial axis (the last len(size)) of `a` shorter than `size` with `value` (a no-op, no copy,
+    when none is)."""
+    lead = a.ndim - len(size)
+    pad = [max(s - n, 0) for n, s in zip(a.shape[lead:], size)]
     if not any(pad):
         return a
-    return np.pad(a, [(p // 2, p - p // 2) for p in pad], constant_values=value)
+    return np.pad(a, [(0, 0)] * lead + [(p // 2, p - p // 2) for p in pad], constant_values=value)
 
 
 def center_crop_or_pad(array: np.ndarray, size: Sequence[int], pad_value: float = 0.0) -> np.ndarray:
     """[D, H, W] -> exactly `size`: centre crop larger axes, centre pad smaller ones with pad_value."""
     a = pad_to(array, size, pad_value)
-    start = [(n - s) // 2 for n, s in zip(a.shape, size)]
-    return a[tuple(slice(b, b + s) for b, s in zip(start, size))]
+    start = [(n - s) // 2 for n, s in zip(a.shape[a.ndim - len(size):], size)]
+    return a[(Ellipsis, *(slice(b, b + s) for b, s in zip(start, size)))]
 
 
 def foreground_index(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -80,7 +83,7 @@ def random_crop(arrays: Sequence[np.ndarray], size: Sequence[int], rng: np.rando
     pass `foreground_index(fg_mask, size)` computed earlier (the K crops of one volume share it).
     """
     arrays = [pad_to(a, size, 0) for a in arrays]
-    shape = arrays[0].shape
+    shape = arrays[0].shape[arrays[0].ndim - len(size):]  # spatial: an image [C, D, H, W] and its mask [D, H, W]
     hi = [n - s for n, s in zip(shape, size)]
     start = [int(rng.integers(0, h + 1)) for h in hi]
     if fg_mask is not None and fg_prob > 0 and rng.random() < fg_prob:
@@ -88,4 +91,4 @@ def random_crop(arrays: Sequence[np.ndarray], size: Sequence[int], rng: np.rando
         if fg.size:
             c = np.unravel_index(fg[rng.integers(fg.size)], shape)
             start = [int(rng.integers(max(0, ci - s + 1), min(ci, h) + 1)) for ci, s, h in zip(c, size, hi)]
-    return [a[tuple(slice(b, b + s) for b, s in zip(start, size))] for a in arrays]
+    return [a[(Ellipsis, *(slice(b, b + s) for b, s in zip(start, size)))] for a in arrays]

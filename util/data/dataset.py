@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from util.data.augment import Augment3D, center_crop_or_pad, foreground_index, random_crop
 from util.volume.cache import IDENTITY, SliceDeltas, VolumeCache, decode
 from util.errors import UserError
-from util.volume.preprocess import PreprocessConfig, load_cached
+from util.volume.channels import check_bounded, level_maps, load_row
+from util.volume.preprocess import PreprocessConfig
 from util.runtime import available_cpus
 from util.triple import to_3tuple
 
@@ -44,11 +45,18 @@ class VolumeDataset(Dataset):
         self.train, self.seed, self.epoch = train, seed, 0
         self.crops_per_volume = max(1, int(crops_per_volume)) if train else 1
         self.cache = VolumeCache(cache_dir) if cache_dir else None
-        # uint16 volumes -> [0, 1]: the window applied to the cache's HU levels (a window it cannot hold: refused)
-        self.window_map = self.cache.window_map(self.cfg.window) if self.cache is not None else IDENTITY
+        # uint16 volumes -> [0, 1]: the window applied to the cache's HU levels (a window it cannot hold: refused);
+        # several channels: per channel (offset, factor, low, high), util.volume.channels.level_maps
+        if self.cfg.plain:
+            self.window_map = self.cache.window_map(self.cfg.window) if self.cache is not None else IDENTITY
+        else:
+            self.window_map = level_maps(self.cfg, self.cache)
+        if intensity_jitter > 0:
+            check_bounded(self.cfg, "--intensity_jitter (scale and shift clipped to [0, 1])")
         self.augment = Augment3D(intensity_jitter=intensity_jitter)
         self.transport, self.fg_prob = "float32", 0.0
-        self.paths: list[str] = []
+        self.paths: list[str] = []  # per volume, its Path (several channels: the first channel's file)
+        self.sources: list | None = None  # several channels: per volume, its ChannelSource tuple (util.data.channel_table)
         self.mask_paths: list[str] | None = None
         self.rois: list | None = None  # ROI preprocessing: per volume, its point (x, y, z) or its Mask path
         self.row_names: list[str] | None = None  # 'table row R (line L)' per volume, to name a row's ROI error
@@ -100,9 +108,9 @@ class VolumeDataset(Dataset):
         try:
             # training in uint16 transport: a whole-depth crop of a hit keeps its slice differences for the device
             deltas = self.train and self.transport == "uint16" and self.augment.intensity_jitter <= 0 and \
-                self.crops_per_volume == 1
-            img, mask = load_cached(self.paths[v], self.cfg, self.cache, mask_path, decoded=False, roi=roi,
-                                    deltas=deltas)
+                self.crops_per_volume == 1 and self.sources is None
+            row = self.paths[v] if self.sources is None else self.sources[v]
+            img, mask = load_row(row, self.cfg, self.cache, mask_path, decoded=False, roi=roi, deltas=deltas)
             if isinstance(img, SliceDeltas) and img.array.shape[0] != self.input_size[0]:
                 img = img.undo()  # a crop or pad along the slices needs the values
         except UserError as e:
@@ -141,7 +149,7 @@ class VolumeDataset(Dataset):
                 crop = decode(crop, self.window_map)
             if self.transport == "uint16" and crop.dtype == np.uint16:  # the device flips: no copy here
                 axes, _ = self.augment.draw(rng)  # the draws Augment3D.apply makes
-                deferred += sum(1 << (crop.ndim - 1 - a) for a in axes)
+                deferred += sum(1 << (2 - a) for a in axes)  # spatial axes 0, 1, 2 (D, H, W)
                 img, mask = crop, None if mask is None else np.ascontiguousarray(arrays[1])
             else:
                 img, mask, _ = self.augment.apply(crop, arrays[1] if mask is not None else None, rng)
@@ -152,7 +160,7 @@ class VolumeDataset(Dataset):
             x = torch.from_numpy(np.require(img, requirements=["C", "W"]).view(np.int16))
         else:
             x = torch.from_numpy(np.ascontiguousarray(decode(img, self.window_map), dtype=np.float32))
-        return x[None], mask, deferred
+        return (x[None] if x.dim() == 3 else x), mask, deferred
 
     def pack(self, x: torch.Tensor, target, deferred: int) -> tuple:
         """The item: (image, target), plus the deferred flips (bits, see `sample`) and the window's (offset, factor)

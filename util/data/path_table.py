@@ -160,7 +160,7 @@ def read_path_table(data_path: str | os.PathLike, required: Sequence[str] = ("Pa
         num = pd.to_numeric(text.replace("", np.nan), errors="coerce")
         if num.notna().sum() == (text != "").sum():
             df[col] = num
-    dup = df["Path"].duplicated()
+    dup = df["Path"].duplicated() if "Path" in df.columns else pd.Series(False, index=df.index)
     if unique_paths and dup.any():
         warnings.warn(f"{data_path}: {int(dup.sum())} duplicated paths (first: {df['Path'][dup].iloc[0]}).")
     return df

@@ -124,11 +124,19 @@ def encode(array: np.ndarray, levels: int | None = None) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def decode(stored: np.ndarray, window_map: tuple[float, float] = IDENTITY) -> np.ndarray:
+def decode(stored: np.ndarray, window_map: tuple[float, float] | np.ndarray = IDENTITY) -> np.ndarray:
     """Stored form -> float32 [0, 1] (uint16 levels: clip((q - offset) * factor, 0, 1) in float32, the numbers
-    util.data.transport computes on the device) or the stored array itself (label maps, other arrays)."""
+    util.data.transport computes on the device) or the stored array itself (label maps, other arrays).
+    window_map [C, 4] (several channels, util.volume.channels.level_maps): stored [C, ...], channel c becomes
+    clip((q - offset_c) * factor_c, low_c, high_c)."""
     if stored.dtype != np.uint16:
         return stored
+    if isinstance(window_map, np.ndarray) and window_map.ndim == 2:
+        m = window_map.astype(np.float32).reshape(window_map.shape[0], 4, *([1] * (stored.ndim - 1)))
+        v = np.subtract(stored, m[:, 0], dtype=np.float32)
+        v *= m[:, 1]
+        np.maximum(v, m[:, 2], out=v)
+        return np.minimum(v, m[:, 3], out=v)
     offset, factor = window_map
     v = np.subtract(stored, np.float32(offset), dtype=np.float32)
     v *= np.float32(factor)

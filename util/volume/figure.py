@@ -135,7 +135,8 @@ def render_reconstruction_grid(img: torch.Tensor, masked: torch.Tensor, recon: t
 
 
 def save_reconstruction_figure(img: torch.Tensor, masked: torch.Tensor, recon: torch.Tensor, path: str,
-                               mask: torch.Tensor | None = None, cell: int = 128, title: str = "") -> np.ndarray:
+                               mask: torch.Tensor | None = None, cell: int = 128, title: str = "",
+                               channel_names: list[str] | None = None) -> np.ndarray:
     """Write the input / masked / reconstruction mid-slice grid as a PNG (atomically) and return it.
 
     Args:
@@ -145,10 +146,41 @@ def save_reconstruction_figure(img: torch.Tensor, masked: torch.Tensor, recon: t
             (non-finite voxels are drawn the same way).
         cell: side of each grid cell in pixels.
         title: text under the grid.
+        channel_names: several channels: one grid per channel, titled with these names (`render_channels`).
 
     Returns:
         uint8 [H', W', 3] image array (for `add_image(..., dataformats='HWC')`).
     """
-    grid = render_reconstruction_grid(img, masked, recon, mask=mask, cell=cell, title=title)
+    grid = render_channels(img, masked, recon, mask=mask, cell=cell, title=title, channel_names=channel_names)
     atomic_write(path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return grid
+
+
+def display_range(vol: np.ndarray) -> tuple[float, float]:
+    """The range a channel is shown in: [0, 1], widened to its 0.5 and 99.5 percentiles when its values leave it
+    (a zscore channel)."""
+    lo, hi = (float(v) for v in np.percentile(vol[np.isfinite(vol)], (0.5, 99.5))) if np.isfinite(vol).any() \
+        else (0.0, 1.0)
+    lo, hi = min(lo, 0.0), max(hi, 1.0)
+    return lo, hi
+
+
+def render_channels(img, masked, recon, mask=None, cell: int = 128, title: str = "",
+                    channel_names: list[str] | None = None) -> np.ndarray:
+    """One `render_reconstruction_grid` per channel of [C, D, H, W] inputs, stacked top to bottom, each row titled
+    with its channel's name (a single channel: exactly the one grid); channels whose values leave [0, 1] are shown
+    over their `display_range`, the same for their three rows."""
+    arrays = [x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, np.float32)
+              for x in (img, masked, recon)]
+    if arrays[0].ndim != 4 or arrays[0].shape[0] == 1:
+        return render_reconstruction_grid(img, masked, recon, mask=mask, cell=cell, title=title)
+    n = arrays[0].shape[0]
+    names = list(channel_names or [f"channel {c + 1}" for c in range(n)])
+    grids = []
+    for c in range(n):
+        lo, hi = display_range(arrays[0][c])
+        shown = [(a[c] - lo) / (hi - lo) for a in arrays]
+        rows = tuple(f"{names[c]}: {t}" for t in ROW_TITLES)
+        grids.append(render_reconstruction_grid(*shown, mask=mask, cell=cell, title=title if c == n - 1 else "",
+                                                row_titles=rows))
+    return np.concatenate(grids, axis=0)

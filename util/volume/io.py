@@ -35,15 +35,21 @@ class VolumeError(UserError):
     """A volume that cannot be used; the message is one sentence that starts with the file path."""
 
 
-def _check_header(path: str, dim: int, size: Sequence[int], ncomp: int) -> None:
-    """Refuse what is not one scalar 3D volume, from the header alone (before any voxel is allocated)."""
+def _check_header(path: str, dim: int, size: Sequence[int], ncomp: int, volumes: int = 1) -> None:
+    """Refuse what is not one scalar 3D volume (`volumes` > 1: a 4D file of exactly that many 3D volumes, the
+    channels), from the header alone (before any voxel is allocated)."""
     hint = " (for DICOM, pass the folder that holds the series)" if path.lower().endswith(".dcm") else ""
     if ncomp != 1:
         raise VolumeError(f"{path}: has {ncomp} components per voxel; expected a grey-level (scalar) volume.")
     if dim == 2:
         raise VolumeError(f"{path}: is a 2D image of size {tuple(size)}; expected a 3D volume{hint}.")
-    if dim == 4 and size[3] > 1:
-        raise VolumeError(f"{path}: is a 4D image of size {tuple(size)}; expected a single 3D volume.")
+    if volumes > 1 and (dim != 4 or size[3] != volumes):
+        got = f"{size[3]} volumes along its 4th axis" if dim == 4 else f"a {dim}D image"
+        raise VolumeError(f"{path}: is {got}; --channels names {volumes} channels, so a Path holding them all "
+                          f"must be a 4D file of {volumes} volumes (or name one column per channel).")
+    if dim == 4 and size[3] > 1 and volumes == 1:
+        raise VolumeError(f"{path}: is a 4D image of size {tuple(size)}; expected a single 3D volume (a 4D file of "
+                          f"channels needs --channels naming them in order).")
     if dim not in (3, 4):
         raise VolumeError(f"{path}: is a {dim}D image; expected a 3D volume.")
     if min(size[:3]) < 2:
@@ -309,7 +315,19 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     return _read_file(path)
 
 
-def _read_file(path: str) -> sitk.Image:
+def read_volumes(path: str | os.PathLike, volumes: int) -> list[sitk.Image]:
+    """The `volumes` 3D volumes of a 4D file (the last axis: the channels, as a 4D NIfTI stores them), each with
+    the file's 3D geometry; anything else is refused in one sentence naming the file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VolumeError(f"{path}: file not found.")
+    if os.path.isdir(path):
+        raise VolumeError(f"{path}: is a folder; a row's channels in one Path need a 4D file of {volumes} volumes.")
+    img = _read_file(path, volumes)
+    return [img[:, :, :, k] for k in range(volumes)]
+
+
+def _read_file(path: str, volumes: int = 1) -> sitk.Image:
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
     try:
@@ -320,10 +338,13 @@ def _read_file(path: str) -> sitk.Image:
         raise VolumeError(f"{path}: is not a readable image; expected NIfTI, NRRD, MetaImage or a DICOM folder.") \
             from None
     size = reader.GetSize()
-    _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents())
+    _check_header(path, reader.GetDimension(), size, reader.GetNumberOfComponents(), volumes)
     _check_spacing(path, reader.GetSpacing())
     img = None
-    if path.lower().endswith((".nii", ".nii.gz")):
+    if volumes > 1:
+        if _gzipped(path):
+            _inflate(path)  # the stream's checksums: a damaged 4D file is refused like a 3D one
+    elif path.lower().endswith((".nii", ".nii.gz")):
         img = _read_nifti(path, reader)
     elif path.lower().endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
         _check_detached(path)
@@ -332,4 +353,4 @@ def _read_file(path: str) -> sitk.Image:
             img = reader.Execute()
         except RuntimeError as e:
             raise VolumeError(f"{path}: is truncated or corrupt ({str(e).strip().splitlines()[-1][:200]}).") from None
-    return img[:, :, :, 0] if img.GetDimension() == 4 else img
+    return img if volumes > 1 else img[:, :, :, 0] if img.GetDimension() == 4 else img

@@ -8,10 +8,8 @@ stays the reference and serves label maps and everything else.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import warnings
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -19,111 +17,11 @@ import SimpleITK as sitk
 
 from util.volume.cache import QMAX, VolumeCache, decode, encode, file_stamp
 from util.errors import UserError
-from util.volume.resample import (SITK_INTERPOLATORS, geometry_of, resample_centered, resample_centered_array,
-                                  resample_sitk)
-from util.volume.roi import COORD_SYSTEMS, extract_roi, label_centroid, to_lps
-from util.triple import optional_3tuple
+from util.volume.resample import geometry_of, resample_centered, resample_centered_array, resample_sitk
+from util.volume.roi import extract_roi, label_centroid, to_lps
 from util.volume.io import VolumeError, read_image
-
-PREPROCESS_VERSION = 1  # bump when the preprocessing changes what it produces (invalidates caches)
-INTERPOLATORS = tuple(SITK_INTERPOLATORS)
-ROI_FIELDS = ("roi_mm", "roi_coords", "roi_label")
-CACHE_KEY_WINDOW = (0.0, 1.0)  # stands for "HU, the window applied when read" in cache keys
-
-
-@dataclass
-class PreprocessConfig:
-    """Preprocessing settings, stored in every checkpoint. Sizes and spacings are (D, H, W).
-
-    spacing None: resample the whole volume to `size` keeping its physical extent (TANGERINE default 256^3).
-    spacing given: resample to that spacing (mm), then pad every axis to >= size (datasets crop later).
-    Both None: keep the native grid (reorientation and windowing only).
-    roi_mm given (lesion-level rows, util.volume.roi): each row is a box of roi_mm (D, H, W) mm centred on the row's point
-    (coordX/Y/Z in `roi_coords`, LPS or RAS) or on the centroid of label `roi_label` of its Mask, resampled to `size`.
-    """
-
-    orientation: str = "LPS"
-    size: tuple[int, int, int] | None = (256, 256, 256)
-    spacing: tuple[float, float, float] | None = None
-    window: tuple[float, float] = (-1200.0, 800.0)
-    interpolator: str = "bspline"
-    mask_interpolator: str = "nearest"
-    roi_mm: tuple[float, float, float] | None = None
-    roi_coords: str = "LPS"
-    roi_label: int | None = None
-
-    def __post_init__(self) -> None:
-        """Validate every field; a bad one raises UserError naming its flag (--window, --orientation, ...)."""
-        self.orientation = str(self.orientation).upper()
-        axis = {"L": 0, "R": 0, "P": 1, "A": 1, "S": 2, "I": 2}
-        if sorted(axis.get(c, -1) for c in self.orientation) != [0, 1, 2]:
-            raise UserError(f"The orientation (--orientation) must be three letters, one of each L/R, P/A, S/I "
-                            f"(e.g. LPS), got {self.orientation!r}.")
-        self.size = optional_3tuple(self.size, "The input size (--input_size)")
-        self.spacing = optional_3tuple(self.spacing, "The spacing (--spacing)", float)
-        window = tuple(self.window) if isinstance(self.window, (list, tuple)) else (self.window,)
-        try:
-            self.window = tuple(float(v) for v in window)
-        except (TypeError, ValueError):
-            self.window = (float("nan"),)
-        if len(self.window) != 2 or not self.window[0] < self.window[1] or not np.isfinite(self.window).all():
-            raise UserError(f"The HU window (--window LO HI) must have LO < HI, got {' '.join(map(str, window))}; "
-                            f"a reversed window would invert every intensity.")
-        for name in ("interpolator", "mask_interpolator"):
-            if getattr(self, name) not in INTERPOLATORS:
-                raise UserError(f"The {name.replace('_', ' ')} (--{name}) must be one of {sorted(INTERPOLATORS)}, "
-                                f"got {getattr(self, name)!r}.")
-        self._check_roi()
-
-    def _check_roi(self) -> None:
-        self.roi_mm = optional_3tuple(self.roi_mm, "The ROI size (--roi_mm)", float)
-        if self.roi_mm is not None and not all(np.isfinite(v) and v > 0 for v in self.roi_mm):
-            raise UserError(f"The ROI size (--roi_mm D H W) must be positive mm, got {self.roi_mm}.")
-        self.roi_coords = str(self.roi_coords).upper()
-        if self.roi_coords not in COORD_SYSTEMS:
-            raise UserError(f"--roi_coords must be one of {', '.join(COORD_SYSTEMS)}, got {self.roi_coords!r}.")
-        if self.roi_label is not None:
-            if self.roi_mm is None:
-                raise UserError("--roi_label needs --roi_mm D H W (the size of the box centred on the label).")
-            self.roi_label = int(self.roi_label)
-        if self.roi_mm is not None and (self.size is None or self.spacing is not None):
-            raise UserError("--roi_mm resamples each box to --input_size: it needs an input size and cannot be "
-                            "combined with --spacing (the box's spacing is --roi_mm / --input_size).")
-
-    @property
-    def roi(self) -> bool:
-        """True when rows are boxes around a point or a label (lesion-level rows)."""
-        return self.roi_mm is not None
-
-    def with_overrides(self, **changes) -> "PreprocessConfig":
-        """A copy with `changes` applied (list values become tuples), validated again like a new config: the one
-        way a flag typed at prediction or caching replaces what a checkpoint stored."""
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"PreprocessConfig.with_overrides: unknown fields {sorted(unknown)}.")
-        return dataclasses.replace(self, **{k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict (tuples become lists). Without an ROI the ROI fields are left out, so a whole-volume
-        configuration is exactly what it was before they existed: checkpoints of earlier versions pass the recipe
-        check on resume, and cache keys stay."""
-        d = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        return d if self.roi else {k: v for k, v in d.items() if k not in ROI_FIELDS}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PreprocessConfig":
-        """Inverse of `to_dict`; unknown keys are refused."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise UserError(f"The saved preprocessing has unknown keys {sorted(unknown)}; expected "
-                            f"{[f.name for f in fields(cls)]}.")
-        return cls(**d)
-
-    def key(self) -> str:
-        """Stable 16-hex-digit hash of the settings and of PREPROCESS_VERSION (cache keys)."""
-        blob = json.dumps({**self.to_dict(), "_version": PREPROCESS_VERSION}, sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()[:16]
-
+from util.volume.preprocess_config import (CACHE_KEY_WINDOW, INTERPOLATORS, PREPROCESS_VERSION,  # noqa: F401
+                                           ROI_FIELDS, PreprocessConfig)
 
 def reorient(img: sitk.Image, orientation: str = "LPS") -> sitk.Image:
     """Permute/flip the axes so they point to `orientation` (DICOM letters); the physical image is unchanged."""
@@ -155,23 +53,48 @@ def preprocess_image(img: sitk.Image, cfg: PreprocessConfig, name: str = "<image
     separable resampler of util.volume.resample where it applies, "sitk" always SimpleITK (the reference).
     """
     img = reorient(img, cfg.orientation)
+    warn_if_not_hu(img, name)
+    arr, ref = resample_raw(img, cfg, cfg.window[0], name, backend)
+    return apply_window(arr, cfg.window), ref
+
+
+def resample_raw(img: sitk.Image, cfg: PreprocessConfig, fill: float, name: str = "<image>",
+                 backend: str = "auto") -> tuple[np.ndarray, sitk.Image]:
+    """A reoriented image resampled onto its preprocessed grid, intensities as stored (HU for CT), `fill` outside
+    it: (float32 [D, H, W], the reference grid), checked finite."""
     if img.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         if not np.isfinite(sitk.GetArrayViewFromImage(img)).all():
-            raise VolumeError(f"{name}: contains NaN or infinite voxels; expected finite HU values.")
+            raise VolumeError(f"{name}: contains NaN or infinite voxels; expected finite values.")
     size, spacing = target_grid(img, cfg)
-    lo = cfg.window[0]
     done = None
     if size != img.GetSize() or not np.allclose(spacing, img.GetSpacing(), rtol=1e-6, atol=0):
         if backend == "auto":  # straight from the stored pixel type into float32 [D, H, W]
-            done = resample_centered_array(img, size, spacing, cfg.interpolator, lo)
+            done = resample_centered_array(img, size, spacing, cfg.interpolator, fill)
         if done is None:
-            img = resample_centered(_float32(img), size, spacing, cfg.interpolator, lo, sitk.sitkFloat32,
+            img = resample_centered(_float32(img), size, spacing, cfg.interpolator, fill, sitk.sitkFloat32,
                                     backend="sitk")
     if done is None:
         img = _float32(img)
         done = sitk.GetArrayFromImage(img), img
     arr, ref = done
-    return apply_window(finite_output(arr, name), cfg.window), ref
+    return finite_output(arr, name), ref
+
+
+NOT_HU_BELOW = -500.0  # a CT scan has air (-1000 HU) around the body; a volume with no voxel below this is not HU
+_WARNED_NOT_HU: set = set()
+
+
+def warn_if_not_hu(img: sitk.Image, name: str) -> None:
+    """Warn (once per process) when a volume given a CT window has no voxel below NOT_HU_BELOW HU: an MRI or an
+    already normalised image, which a HU window would flatten (pass --norm zscore or percentile for it)."""
+    if _WARNED_NOT_HU:
+        return
+    arr = sitk.GetArrayViewFromImage(img)[::2, ::4, ::4]  # every 32nd voxel: air is never a few voxels
+    if arr.size and float(arr.min()) >= NOT_HU_BELOW:
+        _WARNED_NOT_HU.add(name)
+        warnings.warn(f"{name}: has no voxel below {NOT_HU_BELOW:g} HU (minimum {float(arr.min()):g}), so it does "
+                      f"not look like a CT in HU, yet a CT window is applied to it; for MRI or other images pass "
+                      f"--norm zscore or --norm percentile for its channel (said once per run).")
 
 
 def finite_output(arr: np.ndarray, name: str) -> np.ndarray:
@@ -227,6 +150,11 @@ def preprocess_mask(mask: sitk.Image, reference: sitk.Image, name: str = "<mask>
         if not np.array_equal(arr, np.round(arr)):
             raise VolumeError(f"{name}: holds non-integer values; expected an integer label map.")
     return arr.astype(np.int64)
+
+
+def load_volume_and_mask_grid(mask_path: str, reference: sitk.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """The label map of `mask_path` on the reference grid of a row's (first) image: int64 [D, H, W]."""
+    return preprocess_mask(read_image(mask_path), reference, str(mask_path), cfg.mask_interpolator)
 
 
 def load_volume(path: str, cfg: PreprocessConfig | None = None) -> np.ndarray:
@@ -323,6 +251,7 @@ def roi_center(roi, cfg: PreprocessConfig) -> np.ndarray:
 def preprocess_roi(img: sitk.Image, center_lps, cfg: PreprocessConfig, name: str = "<image>") -> np.ndarray:
     """The box of cfg.roi_mm around the LPS point, resampled to cfg.size (axes along cfg.orientation), air (the
     window's low end) outside the scan, windowed as `preprocess_image`: float32 [D, H, W] in [0, 1]."""
+    warn_if_not_hu(img, name)
     arr = extract_roi(img, center_lps, cfg.roi_mm, cfg.size, cfg.orientation, cfg.interpolator, cfg.window[0], name)
     return apply_window(finite_output(arr, name), cfg.window)
 
