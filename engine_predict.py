@@ -26,64 +26,28 @@ from util.run_folder import seg_output_name
 from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points
 from util.task.dice import dice_per_class
 from util.runtime import autocast
-from util.volume.preprocess import load_cached, preprocess_image, preprocess_mask, to_input_grid
+from util.data.predict_table import read_input_table, read_table, row_inputs, row_rois, shard_rows  # noqa: F401
+from util.volume.channels import load_row, preprocess_channels, read_channel
+from util.volume.preprocess import preprocess_image, preprocess_mask, to_input_grid
 from util.volume.io import VolumeError, read_image
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".gz")
 EMBEDDING_SUFFIXES = (".npy", ".csv", ".parquet")
 
 
-def read_input_table(csv_path: str) -> tuple[pd.DataFrame, list[str]]:
-    """The input CSV exactly as written (all cells text) and the absolute volume path of every row.
-
-    Read by util.data.path_table like every other table; relative paths resolve against the CSV's folder. Missing
-    volumes and empty cells are not checked here: they become per-row errors during prediction.
-    """
-    df = read_csv_table(csv_path).reset_index(drop=True)
-    col = find_column(df, "Path")
-    if col is None:
-        raise UserError(f"--input_csv {csv_path} has no 'Path' column (columns: {', '.join(df.columns)}).")
-    if len(df) == 0:
-        raise UserError(f"--input_csv {csv_path} has a header but no rows.")
-    return df, resolve_paths(df, col, csv_path, check_exists=False)
-
-
-def row_rois(df: pd.DataFrame, csv_path: str, cfg) -> list | None:
-    """With ROI settings, each row's centre: its Mask path (cfg.roi_label) or its point (coordX/Y/Z; a cell that is
-    not a number becomes that row's error); None without. A missing column stops the run naming the table."""
-    if not cfg.roi:
-        return None
-    if cfg.roi_label is None:
-        return roi_points(df, csv_path, check=False)
-    col = find_column(df, "Mask")
-    if col is None:
-        raise UserError(f"--input_csv {csv_path} has no 'Mask' column (columns: {', '.join(df.columns)}); the "
-                        f"checkpoint centres each box on label {cfg.roi_label} of the row's Mask.")
-    return resolve_paths(df, col, csv_path, check_exists=False)
-
-
-def shard_rows(paths: list[str], rank: int, world_size: int, by_scan: bool) -> list[int]:
-    """This process's rows: strided (rank, rank + W, ...), or with by_scan a contiguous run of the rows ordered by
-    path, so that the rows of one scan (lesions) follow each other and the scan is read once (util.volume.preprocess)."""
-    if not by_scan:
-        return list(range(rank, len(paths), world_size))
-    order = sorted(range(len(paths)), key=lambda i: (paths[i], i))
-    n = len(order)
-    return order[rank * n // world_size:(rank + 1) * n // world_size]
-
-
 class PredictDataset(Dataset):
     """One input row per item, read and preprocessed exactly as in training; never raises.
 
-    Items are dicts: `row` (position in the CSV), `image` float32 [1, D, H, W] in [0, 1] (None when the row
-    failed), `error` (one sentence or None) and, with keep_grid, the geometry of the preprocessed grid (`ref`)
-    and of the input image (`orig`) to put a label map back on the input grid.
+    Items are dicts: `row` (position in the CSV), `image` float32 [C, D, H, W] (None when the row failed), `error`
+    (one sentence or None) and, with keep_grid, the geometry of the preprocessed grid (`ref`) and of the input
+    image (`orig`, the first channel's) to put a label map back on the input grid. `sources`: per row its
+    ChannelSource tuple (several channels), else None.
     """
 
     def __init__(self, paths: list[str], rows: list[int], cfg, crop_size: tuple[int, int, int] | None,
                  keep_grid: bool = False, cache_dir: str | None = None, rois: list | None = None,
-                 save_inputs: str | None = None):
-        self.paths, self.rows, self.cfg, self.rois = paths, rows, cfg, rois
+                 save_inputs: str | None = None, sources: list | None = None):
+        self.paths, self.rows, self.cfg, self.rois, self.sources = paths, rows, cfg, rois, sources
         self.crop_size, self.keep_grid, self.save_inputs = crop_size, keep_grid, save_inputs
         self.cache = VolumeCache(cache_dir) if cache_dir and not keep_grid else None
 
@@ -95,26 +59,36 @@ class PredictDataset(Dataset):
         path = self.paths[row]
         try:
             roi = None if self.rois is None else self.rois[row]
-            item = {"row": row, "error": None, **self._load(path, roi)}
+            item = {"row": row, "error": None, **self._load(path, roi, row)}
             if self.save_inputs:  # what the model is fed, for a person to look at (util.data.input_dump)
-                save_input(self.save_inputs, row + 1, path, item["image"][0].numpy(), self.cfg, roi,
+                save_input(self.save_inputs, row + 1, path, item["image"].numpy(), self.cfg, roi,
                            image_on_grid(item["ref"]) if "ref" in item else None)
             return item
         except Exception as e:  # a bad row must never stop the batch or kill a worker
             return {"row": row, "error": row_error(path, e), "image": None}
 
-    def _load(self, path: str, roi) -> dict:
-        if not path:
-            raise VolumeError("The Path cell is empty.")
+    def _load(self, path: str, roi, row: int) -> dict:
+        sources = None if self.sources is None else self.sources[row]
+        if not path or (sources is not None and not all(s.path for s in sources)):
+            raise VolumeError("The Path cell is empty." if sources is None else
+                              f"A channel cell is empty (channels {','.join(self.cfg.channel_names)}).")
         if self.keep_grid:  # segmentation: whole preprocessed volume + both grids
-            img = read_image(path)
-            arr, ref = preprocess_image(img, self.cfg, name=path)
-            return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None],
-                    "ref": grid_of(ref), "orig": grid_of(img)}
-        arr = load_cached(path, self.cfg, self.cache, roi=roi)[0]  # with ROI settings: the row's box
-        if tuple(arr.shape) != tuple(self.crop_size):  # as the finetuning eval crop
+            if sources is None:
+                img = read_image(path)
+                arr, ref = preprocess_image(img, self.cfg, name=path)
+            else:
+                (arr, ref), img = preprocess_channels(sources, self.cfg), read_channel(sources[0])
+            return {"image": as_input(arr), "ref": grid_of(ref), "orig": grid_of(img)}
+        arr = load_row(path if sources is None else sources, self.cfg, self.cache, roi=roi)[0]  # ROI: the row's box
+        if tuple(arr.shape[-3:]) != tuple(self.crop_size):  # as the finetuning eval crop
             arr = center_crop_or_pad(arr, self.crop_size, 0.0)
-        return {"image": torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None]}
+        return {"image": as_input(arr)}
+
+
+def as_input(arr: np.ndarray) -> torch.Tensor:
+    """float32 [C, D, H, W] of a preprocessed [D, H, W] (one channel) or [C, D, H, W] array."""
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return x[None] if x.dim() == 3 else x
 
 
 def row_error(path: str, e: Exception) -> str:

@@ -5,7 +5,8 @@
     torchrun --standalone --nproc_per_node=4 main_predict.py ...   # rows split across GPUs, one output file
 
 The checkpoint decides the task, labels, model and preprocessing; --orientation/--spacing/--window/--interpolator
-(and --roi_mm/--roi_coords/--roi_label) override the saved preprocessing only when typed (validated again).
+(and --roi_mm/--roi_coords/--roi_label, --norm) override the saved preprocessing only when typed (validated again);
+--channels must name the checkpoint's channels in its order (to read them from other columns, or from 4D files).
 Without arguments it runs the demo. With ROI settings (lesion-level rows: a box around each row's coordX/Y/Z point
 or Mask label) rows are ordered by scan, so the rows of one scan are read once.
 
@@ -196,6 +197,7 @@ def preprocess_config(saved: PreprocessConfig | None, meta, s: PredictSettings) 
     PreprocessConfig.with_overrides, which validates the result (a reversed --window is refused)."""
     cfg = saved or PreprocessConfig(size=meta.input_size)
     changes = dict(s.overrides)
+    check_channels(cfg, changes, meta, s.finetune)
     if "input_size" in s.typed and meta.task.headless:
         changes["size"] = meta.input_size
     new = cfg.with_overrides(**changes)
@@ -208,6 +210,21 @@ def preprocess_config(saved: PreprocessConfig | None, meta, s: PredictSettings) 
         print(f"{s.finetune} stores no preprocessing: the TANGERINE default at input {list(meta.input_size)} "
               f"with {', '.join('--' + k for k in typed)} as typed.")
     return new
+
+
+def check_channels(cfg: PreprocessConfig, changes: dict, meta, ckpt: str) -> None:
+    """--channels typed at prediction must name the model's channels in the model's order (they may read them from
+    other columns, NAME=COLUMN); another order, a missing or an extra channel is refused in one sentence."""
+    if cfg.in_chans != meta.in_chans:
+        raise UserError(f"{ckpt}: its preprocessing names {cfg.in_chans} channel(s) but its model takes "
+                        f"{meta.in_chans}; the checkpoint is inconsistent.")
+    if "channels" not in changes:
+        return
+    typed = PreprocessConfig(channels=changes["channels"]).channel_names
+    if typed != cfg.channel_names:
+        raise UserError(f"--channels {','.join(typed)} is not what {ckpt} was trained on: its channels are "
+                        f"{','.join(cfg.channel_names)} in this order, and a model fed other images or another order "
+                        f"would predict from the wrong sequences (type them in its order, NAME=COLUMN to map columns).")
 
 
 def check_flags(s: PredictSettings) -> None:
@@ -245,10 +262,10 @@ def check_task(s: PredictSettings, meta, paths: list[str]) -> list[str]:
 
 
 def build_loader(paths: list[str], rows: list[int], cfg, meta, s: PredictSettings, dev: Device,
-                 rois: list | None = None) -> DataLoader:
+                 rois: list | None = None, sources: list | None = None) -> DataLoader:
     seg = meta.task.dense
     ds = PredictDataset(paths, rows, cfg, meta.input_size, keep_grid=seg, cache_dir=s.cache_dir,
-                        rois=rois, save_inputs=s.save_inputs)
+                        rois=rois, save_inputs=s.save_inputs, sources=sources)
     return DataLoader(ds, batch_size=1 if seg else s.batch_size, shuffle=False, num_workers=s.num_workers,
                       collate_fn=collate_rows, pin_memory=dev.device.startswith("cuda"),
                       prefetch_factor=2 if s.num_workers else None, worker_init_fn=worker_init)
@@ -329,15 +346,16 @@ def main(s: PredictSettings) -> int:
         prepare_demo(s)
     check_flags(s)
     dev = Device(rt.device, resolve_precision(s.precision, rt.device))
-    df, paths = io.read_input_table(s.input_csv)
+    df = io.read_table(s.input_csv)
     model, meta, cfg = load_model(s, dev)
+    paths, sources = io.row_inputs(df, s.input_csv, cfg, four_d="channels" in s.typed)
     seg_paths = check_task(s, meta, paths)
     if cfg.roi and meta.task.dense:
         raise UserError(f"{s.finetune} is a segmentation checkpoint: --roi_mm boxes are for classification, "
                         f"regression and embeddings.")
     rois = io.row_rois(df, s.input_csv, cfg)  # lesion-level rows: each row's point or Mask (else None)
     rows = io.shard_rows(paths, rt.rank, rt.world_size, by_scan=rois is not None)  # no padding
-    loader = build_loader(paths, rows, cfg, meta, s, dev, rois)
+    loader = build_loader(paths, rows, cfg, meta, s, dev, rois, sources)
     what = f"embeddings ({s.embedding_type})" if meta.task.headless else meta.task.name
     print(f"{s.finetune}: {meta.model} {what}, input {meta.input_size}, {len(paths)} rows on "
           f"{rt.world_size} process(es), precision {dev.precision}, preprocessing {cfg.to_dict()}")

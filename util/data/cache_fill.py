@@ -37,7 +37,8 @@ from util.faults import fault_point
 from util.runtime import available_cpus
 from util.volume.cache import VolumeCache
 from util.volume.io import VolumeError
-from util.volume.preprocess import PreprocessConfig, cache_keys, load_cached
+from util.volume.channels import load_row, row_keys
+from util.volume.preprocess import PreprocessConfig
 
 ROW_ERRORS = (VolumeError, OSError, ValueError, RuntimeError, MemoryError)  # a bad row, never a stopped run
 WORKER_DIED = "the worker process preprocessing it was killed (out of memory?); rerun with fewer --workers"
@@ -103,7 +104,7 @@ def fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache, save_inputs: s
     out = _fill_row(row, cfg, cache)
     if save_inputs and out["status"] in ("done", "cached"):
         try:
-            image, _ = load_cached(row.path, cfg, cache, None, decoded=True, roi=row.roi)
+            image, _ = load_row(row.input, cfg, cache, None, decoded=True, roi=row.roi)
             folder = os.path.join(save_inputs, os.path.splitext(os.path.basename(row.table))[0] or "table")
             save_input(folder, row.line, row.path, image, cfg, row.roi)
         except ROW_ERRORS as e:
@@ -116,14 +117,17 @@ def _fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
     if not row.path:
         return {"status": "failed", "part": "image", "error": f"{row.where}: has an empty 'Path' value; expected "
                                                               f"a file path."}
-    keys = cache_keys(row.path, cfg, row.mask or None, row.roi)
+    if row.sources is not None and not all(s.path for s in row.sources):
+        return {"status": "failed", "part": "image", "error": f"{row.where}: has an empty channel cell; expected a "
+                                                              f"file path for each of {','.join(cfg.channel_names)}."}
+    keys = row_keys(row.input, cfg, row.mask or None, row.roi)
     missing = [k for k in keys if not cache.verify(k)]
     if not missing:
         return {"status": "cached"}
     try:
         if row.mask and not os.path.exists(row.mask):
             raise VolumeError(f"{row.mask}: file not found.")
-        load_cached(row.path, cfg, cache, row.mask or None, decoded=False, roi=row.roi)
+        load_row(row.input, cfg, cache, row.mask or None, decoded=False, roi=row.roi)
         return {"status": "done", "bytes": _entry_bytes(cache, missing), "seconds": time.perf_counter() - t0}
     except ROW_ERRORS as e:
         error = _reason(e, row)
@@ -132,7 +136,7 @@ def _fill_row(row: Row, cfg: PreprocessConfig, cache: VolumeCache) -> dict:
     if not row.mask or not error.startswith(row.mask + ":"):
         return {"status": "failed", "part": "image", "error": error}
     try:  # the label map failed: cache the image alone
-        load_cached(row.path, cfg, cache, None, decoded=False)
+        load_row(row.input, cfg, cache, None, decoded=False)
     except ROW_ERRORS as e:
         return {"status": "failed", "part": "image", "error": _reason(e, row)}
     image_keys = [k for k in missing if k[2] == "image"]

@@ -21,7 +21,9 @@ from util.atomic import write_text
 from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points, where
 from util.errors import UserError
 from util.volume.cache import VolumeCache
-from util.volume.preprocess import PreprocessConfig, cache_keys
+from util.data.channel_table import row_sources
+from util.volume.channels import row_keys
+from util.volume.preprocess import PreprocessConfig
 
 FAILURES_NAME = "failures.csv"
 FAILURE_COLUMNS = ("Path", "Mask", "key", "error")
@@ -38,6 +40,12 @@ class Row(NamedTuple):
     roi: object = None  # ROI settings: the row's point (x, y, z) or its Mask path (the box's centre)
     line: int = 0  # the row in its table, counted from 1 under the header (as every message counts)
     table: str = ""  # the table's file
+    sources: tuple | None = None  # several channels: the row's ChannelSource tuple (`path` is the first's file)
+
+    @property
+    def input(self):
+        """What util.volume.channels.load_row / row_keys take: the Path, or the channel sources."""
+        return self.path if self.sources is None else self.sources
 
 
 def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfig | None = None) -> list[Row]:
@@ -54,12 +62,16 @@ def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfi
         csv_path = os.path.abspath(os.fspath(csv_path))
         df = read_csv_table(csv_path)
         col, mcol = find_column(df, "Path"), find_column(df, "Mask") if masks else None
-        if col is None:
+        plain = cfg is None or cfg.plain
+        if col is None and plain:
             raise UserError(f"{csv_path}: has no 'Path' column (columns: {', '.join(map(str, df.columns))}); "
                              f"expected a header row with Path (and optionally Mask).")
         if len(df) == 0:
             raise UserError(f"{csv_path}: has no data rows; expected one row per volume.")
-        paths = resolve_paths(df, col, csv_path, check_exists=False)
+        if plain:
+            paths, sources = resolve_paths(df, col, csv_path, check_exists=False), [None] * len(df)
+        else:  # several channels: their columns, or the 4D files of Path (util.data.channel_table)
+            paths, sources = row_sources(df, cfg, csv_path, check_exists=False)
         if roi and cfg.roi_label is not None and mcol is None:
             raise UserError(f"{csv_path}: has no 'Mask' column; --roi_label centres each box on a label of the row's "
                             f"Mask.")
@@ -69,10 +81,10 @@ def read_rows(csv_paths: Sequence[str], masks: bool = True, cfg: PreprocessConfi
             mask_paths = mask_paths if cfg.roi_label is not None else [""] * len(paths)
         else:
             centres = [None] * len(paths)
-        for line, p, m, c in zip(df.index, paths, mask_paths, centres):
-            if (p, m, c) not in seen:
-                seen.add((p, m, c))
-                rows.append(Row(p, m, f"{csv_path} {where(int(line))}", c, int(line) - 1, csv_path))
+        for line, p, m, c, src in zip(df.index, paths, mask_paths, centres, sources):
+            if (p, m, c, src) not in seen:
+                seen.add((p, m, c, src))
+                rows.append(Row(p, m, f"{csv_path} {where(int(line))}", c, int(line) - 1, csv_path, src))
     return rows
 
 def shard_of(row: Row, n: int) -> int:
@@ -129,7 +141,7 @@ def drop_known_failures(table: pd.DataFrame, data_path: str, cache_dir: str, cfg
     """`table` without the rows whose Path main_cache.py listed as failed for `cfg_key`; prints one line when
     any were dropped. Raises UserError when every row is listed."""
     failed = known_failures(cache_dir, cfg_key)
-    bad = table["Path"].isin(failed).to_numpy() if failed else None
+    bad = table["Path"].isin(failed).to_numpy() if failed and "Path" in table.columns else None
     if bad is None or not bad.any():
         return table
     listed = os.path.join(os.path.abspath(cache_dir), FAILURES_NAME)
@@ -150,7 +162,7 @@ def report_missing(rows: list[Row], cfg: PreprocessConfig, cache: VolumeCache) -
     for row in rows:
         try:
             present = bool(row.path) and all(os.path.isfile(cache.path(k))
-                                             for k in cache_keys(row.path, cfg, row.mask or None, row.roi))
+                                             for k in row_keys(row.input, cfg, row.mask or None, row.roi))
         except OSError:  # the source itself is gone: no key, no entry
             present = False
         if not present:

@@ -84,16 +84,41 @@ def montage(vol: np.ndarray, title: str) -> np.ndarray:
 
 def save_input(folder: str, row: int, path: str, arr: np.ndarray, cfg: PreprocessConfig, roi=None,
                geometry: sitk.Image | None = None) -> list[str]:
-    """Write the row's input (float32 [D, H, W] in [0, 1], as fed to the model) as NIfTI on its geometry (computed
-    by `input_geometry` unless given), and its montage as PNG; returns both paths. The NIfTI keeps the [0, 1]
-    values: HU = LO + v (HI - LO) for the --window LO HI the title names."""
+    """Write the row's input (float32 [D, H, W] or [C, D, H, W], as fed to the model) as NIfTI on its geometry
+    (computed by `input_geometry` unless given; several channels: a 4D file, channels along its last axis in
+    cfg.channels order), and its montage as PNG (one row of slices per channel); returns both paths. The NIfTI
+    keeps the values the model sees: for a ct channel HU = LO + v (HI - LO) for the window the title names."""
     arr = np.asarray(arr, dtype=np.float32)
+    arr = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
     nii, png = input_names(folder, row, path)
-    image = sitk.GetImageFromArray(arr)
-    image.CopyInformation(geometry if geometry is not None else input_geometry(path, cfg, roi, arr.shape))
+    grid = geometry if geometry is not None else input_geometry(path, cfg, roi, arr.shape[-3:])
+    if arr.ndim == 3:
+        image = sitk.GetImageFromArray(arr)
+        image.CopyInformation(grid)
+    else:
+        parts = [sitk.GetImageFromArray(a) for a in arr]
+        for p in parts:
+            p.CopyInformation(grid)
+        image = sitk.JoinSeries(parts)
     atomic_write(nii, lambda tmp: sitk.WriteImage(image, tmp, True))
     where = "" if roi is None else (f", ROI around {roi}" if isinstance(roi, str) else
                                     f", ROI around ({', '.join(f'{float(v):.1f}' for v in roi)}) mm {cfg.roi_coords}")
-    title = f"row {row}: {os.path.basename(str(path))}{where}; window {cfg.window[0]:g}..{cfg.window[1]:g} HU"
-    atomic_write(png, lambda tmp: Image.fromarray(montage(arr, title)).save(tmp, format="PNG"))
+    if arr.ndim == 3:
+        title = f"row {row}: {os.path.basename(str(path))}{where}; window {cfg.window[0]:g}..{cfg.window[1]:g} HU"
+        if not cfg.plain:
+            title = f"row {row}: {os.path.basename(str(path))}{where}; {cfg.describe_channels()}"
+        picture = montage(arr if cfg.bounded else _shown(arr), title)
+    else:
+        names = cfg.channel_names
+        rows = [montage(a if cfg.norm[c] != "zscore" else _shown(a),
+                        f"row {row} {names[c]} ({cfg.describe_channels().split(', ')[c].split(' (', 1)[1]}"
+                        f"{where if c == 0 else ''}") for c, a in enumerate(arr)]
+        picture = np.concatenate(rows, axis=0)
+    atomic_write(png, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
     return [nii, png]
+
+
+def _shown(vol: np.ndarray) -> np.ndarray:
+    """A channel whose values leave [0, 1] (zscore) scaled from its 0.5-99.5 percentiles to [0, 1] for the picture."""
+    lo, hi = np.percentile(vol, (0.5, 99.5))
+    return (vol - lo) / max(float(hi - lo), 1e-6)

@@ -30,7 +30,7 @@ import SimpleITK as sitk
 from util.errors import UserError
 from util.volume.cache import HU_ZERO, QMAX, VolumeCache, decode, encode
 from util.volume.io import VolumeError, read_volumes
-from util.volume.preprocess import (PreprocessConfig, _physical_box, finite_output, load_cached,
+from util.volume.preprocess import (PreprocessConfig, _physical_box, cache_keys, finite_output, load_cached,
                                     load_volume_and_mask_grid, read_scan, reorient, resample_raw, roi_center,
                                     warn_if_not_hu)
 from util.volume.preprocess_config import PERCENTILES
@@ -52,6 +52,11 @@ class ChannelSource:
 
     def __str__(self) -> str:
         return self.path if self.index is None else f"{self.path} (volume {self.index + 1} of {self.volumes})"
+
+
+def read_channel(src: ChannelSource) -> sitk.Image:
+    """The 3D image of one channel, as stored (not reoriented)."""
+    return _read(src)
 
 
 def _read(src: ChannelSource) -> sitk.Image:
@@ -253,6 +258,13 @@ def load_cached_channels(sources, cfg: PreprocessConfig, cache: VolumeCache | No
         cache.put_stored(keys[-1], mask, 0)
     image = np.stack(stored)
     return (decode(image, maps) if decoded else image), mask
+
+
+def row_keys(row, cfg: PreprocessConfig, mask_path: str | None = None, roi=None) -> list[tuple]:
+    """The VolumeCache keys of a row (its Path, or its ChannelSource tuple; see `load_row`)."""
+    if isinstance(row, str):
+        return cache_keys(row, cfg, mask_path, roi)
+    return channel_keys(row, cfg, mask_path, roi)
 
 
 def load_row(row, cfg: PreprocessConfig, cache: VolumeCache | None = None, mask_path: str | None = None,
