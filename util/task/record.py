@@ -99,8 +99,9 @@ class CheckpointRecord:
 
     @property
     def resumable(self) -> bool:
-        """A training checkpoint (weights, optimizer and epoch), not a weights-only file."""
-        return self.epoch is not None and self.optimizer is not None and bool(self.weights)
+        """A training checkpoint (weights and an epoch), not a weights-only file; whether its optimizer state fits
+        the run is for the resume to find out (util.train.trainer.restore names what does not fit)."""
+        return self.epoch is not None and bool(self.weights)
 
     @property
     def trained_input_size(self) -> tuple[int, ...] | None:
@@ -197,12 +198,9 @@ def weights_of(ckpt: dict) -> dict:
     return _weights(ckpt)
 
 
-def require(rec: CheckpointRecord, what: str, *, meta: bool = False, resumable: bool = False) -> CheckpointRecord:
-    """One sentence when the record lacks what the caller needs: a finetuned model's meta, or training state."""
+def require(rec: CheckpointRecord, what: str, *, meta: bool = False) -> CheckpointRecord:
+    """One sentence when the record lacks what the caller needs: a finetuned model's meta."""
     if meta and rec.meta is None:
         raise UserError(f"{rec.source} is not a finetuned checkpoint (it has no 'meta'); {what} needs one written by "
                         f"main_finetune.py.")
-    if resumable and not rec.resumable:
-        raise UserError(f"{rec.source} holds no training state (optimizer and epoch); {what} needs a "
-                        f"checkpoint-*.pth of a training run.")
     return rec
