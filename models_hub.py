@@ -134,14 +134,25 @@ def load_strict(model: torch.nn.Module, sd: dict, where: str) -> None:
 
 
 def load_input(path, config: dict) -> torch.Tensor:
-    """One volume read and preprocessed with the folder's preprocessing: float32 [1, 1, D, H, W] in [0, 1]."""
+    """One volume read and preprocessed with the folder's preprocessing: float32 [1, C, D, H, W]. A model of several
+    channels takes one path per channel in its order (config.json: preprocessing.channels), or one 4D file."""
+    from util.volume.channels import ChannelSource, preprocess_channels
     from util.volume.preprocess import load_volume
 
     cfg = PreprocessConfig.from_dict(config["preprocessing"]["settings"])
     if cfg.roi:
         raise UserError(f"This model's rows are boxes around a point or a label (roi_mm {list(cfg.roi_mm)}): use "
                         f"main_predict.py with a table of points (coordX, coordY, coordZ) or masks.")
-    return torch.from_numpy(load_volume(str(path), cfg))[None, None]
+    if cfg.plain:
+        return torch.from_numpy(load_volume(str(path), cfg))[None, None]
+    paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+    n = cfg.in_chans
+    if len(paths) not in (1, n):
+        raise UserError(f"This model reads {n} channels ({','.join(cfg.channel_names)}, in this order): give one "
+                        f"path per channel, or one 4D file holding them in this order; got {len(paths)} paths.")
+    sources = [ChannelSource(paths[0], k, n) for k in range(n)] if len(paths) == 1 and n > 1 else \
+        [ChannelSource(p) for p in paths]
+    return torch.from_numpy(preprocess_channels(sources, cfg)[0])[None]
 
 
 # --- describing a checkpoint (main_export.py) --------------------------------------------------------------------
@@ -188,7 +199,13 @@ def _preprocessing(stored: PreprocessConfig | None, meta: RunMeta) -> dict:
     """The checkpoint's preprocessing, or for a file that stores none (TANGERINE, the original project's) the
     TANGERINE default at the model's input size, marked as such."""
     if stored is not None:
-        return {"origin": "checkpoint", "version": PREPROCESS_VERSION, "settings": stored.to_dict()}
+        out = {"origin": "checkpoint", "version": PREPROCESS_VERSION, "settings": stored.to_dict()}
+        if not stored.plain:  # the channels in order, each with its column and normalisation, for a reader's eyes
+            out["channels"] = [{"name": n, "column": col, "norm": k,
+                                **({"window": list(stored.channel_window(c))} if k == "ct" else {})}
+                               for c, (n, col, k) in enumerate(zip(stored.channel_names, stored.channel_columns,
+                                                                   stored.norm))]
+        return out
     return {"origin": "tangerine-default", "version": PREPROCESS_VERSION,
             "settings": PreprocessConfig(size=tuple(meta.input_size)).to_dict(),
             "note": "the checkpoint stored no preprocessing: TANGERINE's (the whole volume resampled to the input "

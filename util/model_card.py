@@ -59,6 +59,10 @@ def _what(arch: dict, task: dict, config: dict) -> str:
             f"{'x'.join(map(str, arch['input_size']))} voxels with {arch['in_chans']} channel(s).\n{labels}{derived}")
 
 
+NORM_WORDS = {"zscore": "z-score over its non-zero voxels", "percentile": "clipped to its 0.5-99.5 percentiles of the "
+              "non-zero voxels, scaled to [0, 1]"}
+
+
 def _input(config: dict) -> str:
     pre = config["preprocessing"]
     s = pre["settings"]
@@ -67,6 +71,11 @@ def _input(config: dict) -> str:
             "kept on its native grid")
     rows = [("orientation", s["orientation"]), ("grid", grid), ("HU window", f"{s['window']} scaled to [0, 1]"),
             ("image interpolator", s["interpolator"]), ("label-map interpolator", s.get("mask_interpolator"))]
+    if s.get("channels") or s.get("norm"):  # several channels, or another normalisation than the HU window
+        rows[2] = ("channels (in this order)", "; ".join(
+            f"{c['name']} from column {c['column']}: " + (f"HU window {c['window']} scaled to [0, 1]" if c["norm"] ==
+                                                          "ct" else NORM_WORDS[c["norm"]])
+            for c in pre.get("channels", [])))
     if s.get("roi_mm"):
         rows.append(("lesion boxes", f"{s['roi_mm']} mm around each row's point ({s.get('roi_coords')}) or "
                                      f"label {s.get('roi_label')}, resampled to {s['size']}"))
@@ -77,11 +86,20 @@ def _input(config: dict) -> str:
             f"in training.\n\n| step | setting |\n|---|---|\n{table}\n")
 
 
+def _load_line(config: dict) -> str:
+    chans = config["preprocessing"].get("channels")
+    if not chans:
+        return 'x = load_input("scan.nii.gz", config)  # [1, 1, D, H, W], preprocessed as in training'
+    files = ", ".join(f'"{c["name"]}.nii.gz"' for c in chans)
+    return (f"x = load_input([{files}], config)  # [1, {len(chans)}, D, H, W], one file per channel in this order "
+            f"(or one 4D file)")
+
+
 def _loading(config: dict) -> str:
     onnx = config.get("onnx") or {}
     lines = ["## Loading it", "```python", "from models_hub import from_pretrained, load_input  # this repository",
              'model, config = from_pretrained("path/to/this/folder")  # or the hub repo id; offline: HF_HUB_OFFLINE=1',
-             'x = load_input("scan.nii.gz", config)  # [1, 1, D, H, W], preprocessed as in training', "```",
+             _load_line(config), "```",
              "The scripts take this folder where they take a checkpoint: `main_predict.py --finetune DIR`, "
              "`main_finetune.py --finetune DIR`. Without this repository: "
              f"`{WEIGHTS}` opens with `safetensors.torch.load_file` and `{CONFIG}` says how to build the model."]

@@ -189,6 +189,10 @@ def check_weights(config: dict, sd: dict, where: str) -> None:
     patch = shape(enc + "patch_embed.proj.weight")
     agree("embed_dim", arch["embed_dim"], patch[0], enc + "patch_embed.proj.weight")
     agree("in_chans", arch["in_chans"], patch[1], enc + "patch_embed.proj.weight")
+    channels = config["preprocessing"]["settings"].get("channels", ["Path"])
+    if not isinstance(channels, list) or len(channels) != arch["in_chans"]:
+        raise ModelFolderError(f"{where}: {CONFIG} says architecture.in_chans = {arch['in_chans']} but "
+                               f"preprocessing.settings.channels names {channels!r}; the config contradicts itself.")
     agree("patch_size", list(arch["patch_size"]), list(patch[2:]), enc + "patch_embed.proj.weight")
     agree("depth", arch["depth"], _count(sd, enc + "blocks."), enc + "blocks.*")
     hidden = shape(enc + "blocks.0.mlp.fc1.weight")[0]
