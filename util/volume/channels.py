@@ -238,7 +238,8 @@ def load_cached_channels(sources, cfg: PreprocessConfig, cache: VolumeCache | No
         return img, (load_volume_and_mask_grid(mask_path, ref, cfg) if mask_path else None)
     maps = level_maps(cfg, cache)
     keys = channel_keys(sources, cfg, mask_path, roi)
-    got = [cache.get(k) for k in keys]
+    read = {k: cache.get(k) for k in dict.fromkeys(keys)}  # channels of one entry (CT windows of a file): read once
+    got = [read[k] for k in keys]
     if all(g is not None for g in got):
         stored = np.stack(got[:len(sources)])
         return (decode(stored, maps) if decoded else stored), (got[-1] if mask_path else None)
@@ -250,7 +251,7 @@ def load_cached_channels(sources, cfg: PreprocessConfig, cache: VolumeCache | No
             lo, hi = work.window
             aff = (lo, 1.0 / (hi - lo), 0.0, 1.0)
         stored.append(_stored(normalise(arr, aff), cfg.norm[c]))
-    for key, s in zip(keys, stored):
+    for key, s in dict(zip(keys, stored)).items():
         cache.put_stored(key, s, QMAX)
     mask = None
     if mask_path:
