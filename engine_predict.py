@@ -23,7 +23,7 @@ from util.data.input_dump import save_input
 from util.volume.cache import VolumeCache
 from util.errors import UserError
 from util.run_folder import seg_output_name
-from util.data.path_table import find_column, read_csv_table, resolve_paths, roi_points
+from util.data.path_table import find_column, resolve_paths
 from util.task.dice import dice_per_class
 from util.runtime import autocast
 from util.data.predict_table import read_input_table, read_table, row_inputs, row_rois, shard_rows  # noqa: F401

@@ -177,6 +177,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneSettings:
         if finetune == "demo":
             finetune = None if args.eval else demo_checkpoint()
         preprocess = cli_args.preprocess_config(args)
+        cli_args.check_jitter(preprocess, args.intensity_jitter)
         return cli_args.settings_of(
             FinetuneSettings, args, finetune=finetune, model=cli_args.model_spec(args, preprocess.in_chans),
             optim=cli_args.optimization(args), run=cli_args.run_options(args, args.output_dir), preprocess=preprocess,

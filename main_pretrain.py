@@ -112,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> PretrainSettings:
             raise UserError(f"--init {args.init} and --resume {args.resume} exclude each other: --init starts a new "
                             f"run from a model's weights, --resume continues a run with its optimizer.")
         preprocess = cli_args.preprocess_config(args)
+        cli_args.check_jitter(preprocess, args.intensity_jitter)
         if not preprocess.bounded and not args.norm_pix_loss:
             raise UserError("zscore channels (--norm) have values outside [0, 1], which the MAE's Sigmoid output "
                             "cannot reconstruct; add --norm_pix_loss (targets normalised per patch and channel) or "

@@ -309,6 +309,13 @@ def model_spec(args, in_chans: int = 1) -> ModelSpec:
     return ModelSpec(args.model, args.input_size, args.patch_size, in_chans)
 
 
+def check_jitter(preprocess, jitter: float) -> None:
+    """--intensity_jitter scales and shifts values clipped to [0, 1]: refused with zscore channels."""
+    if jitter > 0 and not preprocess.bounded:
+        raise UserError("--intensity_jitter scales and shifts values clipped to [0, 1], but zscore channels (--norm) "
+                        "leave [0, 1]; leave --intensity_jitter out or use --norm percentile.")
+
+
 def add_channel_init_arg(group, flag: str) -> None:
     """--channel_init: how a 1-channel checkpoint's patch embedding starts a model of C channels."""
     group.add_argument("--channel_init", default="replicate", choices=("replicate", "random"),

@@ -39,6 +39,7 @@ def row_sources(df: pd.DataFrame, cfg: PreprocessConfig, data_path: str, check_e
         return paths, [tuple(ChannelSource(p, k, n) for k in range(n)) for p in paths]
     missing = [c for c, f in zip(columns, found) if not f]
     four_d = " (or a Path column of 4D files holding the channels in this order)" if cfg.in_chans > 1 else ""
-    raise UserError(f"{data_path}: has no column {missing[0]!r} for channel {cfg.channel_names[columns.index(missing[0])]!r}"
-                    f"; the model's channels are {','.join(cfg.channel_names)} in this order, so the table needs one "
-                    f"column per channel{four_d} (columns: {', '.join(map(str, df.columns))}).")
+    name = cfg.channel_names[columns.index(missing[0])]
+    raise UserError(f"{data_path}: has no column {missing[0]!r} for channel {name!r}; the model's channels are "
+                    f"{','.join(cfg.channel_names)} in this order, so the table needs one column per channel{four_d} "
+                    f"(columns: {', '.join(map(str, df.columns))}).")

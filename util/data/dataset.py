@@ -56,7 +56,7 @@ class VolumeDataset(Dataset):
         self.augment = Augment3D(intensity_jitter=intensity_jitter)
         self.transport, self.fg_prob = "float32", 0.0
         self.paths: list[str] = []  # per volume, its Path (several channels: the first channel's file)
-        self.sources: list | None = None  # several channels: per volume, its ChannelSource tuple (util.data.channel_table)
+        self.sources: list | None = None  # several channels: per volume its ChannelSource tuple (data.channel_table)
         self.mask_paths: list[str] | None = None
         self.rois: list | None = None  # ROI preprocessing: per volume, its point (x, y, z) or its Mask path
         self.row_names: list[str] | None = None  # 'table row R (line L)' per volume, to name a row's ROI error

@@ -16,7 +16,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from util.volume.cache import QMAX, VolumeCache, decode, encode, file_stamp
-from util.errors import UserError
 from util.volume.resample import geometry_of, resample_centered, resample_centered_array, resample_sitk
 from util.volume.roi import extract_roi, label_centroid, to_lps
 from util.volume.io import VolumeError, read_image

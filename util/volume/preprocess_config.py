@@ -51,8 +51,9 @@ class PreprocessConfig:
     spacing None: resample the whole volume to `size` keeping its physical extent (TANGERINE default 256^3).
     spacing given: resample to that spacing (mm), then pad every axis to >= size (datasets crop later).
     Both None: keep the native grid (reorientation and windowing only).
-    roi_mm given (lesion-level rows, util.volume.roi): each row is a box of roi_mm (D, H, W) mm centred on the row's point
-    (coordX/Y/Z in `roi_coords`, LPS or RAS) or on the centroid of label `roi_label` of its Mask, resampled to `size`.
+    roi_mm given (lesion-level rows, util.volume.roi): each row is a box of roi_mm (D, H, W) mm centred on the row's
+    point (coordX/Y/Z in `roi_coords`, LPS or RAS) or on the centroid of label `roi_label` of its Mask, resampled to
+    `size`.
     channels/norm: the input channels and their normalisation (module doc); `window` is the HU window of every `ct`
     channel, `windows` one (LO, HI) per `ct` channel in channel order when they differ (None: `window` for all).
     """
