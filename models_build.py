@@ -248,14 +248,17 @@ def adopt_encoder(rec: CheckpointRecord, spec: ModelSpec, preprocess: Preprocess
 def _adopted_channels(enc: PreprocessConfig, run: PreprocessConfig, typed: frozenset, taken: list) -> dict:
     """An encoder of several channels (or of another normalisation) sets --channels, --norm and its windows where
     the user typed none of them (a 1-channel CT encoder leaves the run's channels alone: it is carried into them)."""
-    if enc.plain or "channels" in typed:
+    same = "channels" in typed and run.channel_names == enc.channel_names  # typed, as the encoder's: its norm too
+    if enc.plain or ("channels" in typed and not same):
         return {}
-    out = {"channels": enc.channels}
+    out = {} if same else {"channels": enc.channels}
     if "norm" not in typed:
         out["norm"] = enc.norm
     if "window" not in typed:
         out.update(window=enc.window, windows=enc.windows)
-    taken.append(f"--channels {','.join(enc.channels)}" + (f" --norm {','.join(enc.norm)}" if "norm" in out else ""))
+    said = ([] if same else [f"--channels {','.join(enc.channels)}"]) + \
+        ([f"--norm {','.join(enc.norm)}"] if "norm" in out else [])
+    taken.extend([" ".join(said)] if said else [])
     return out
 
 

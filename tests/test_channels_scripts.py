@@ -149,3 +149,26 @@ def test_a_ct_checkpoint_carried_into_four_channels_by_finetune_says_so(study, t
     said = [x for x in r.stdout.splitlines() if "1-channel model" in x]
     assert said == [f"--finetune {ct} is a 1-channel model: its patch embedding kernel is initialised at random for "
                     f"the 4 channels (--channel_init random); every other weight is kept."]
+
+
+def test_checkpoints_of_the_code_before_channels_load_both_ways(study, tmp_path):
+    """Old files (tests/fixtures/checkpoints_before_record.json, rebuilt as tests/test_settings.py does) read as one
+    CT channel, and an old 1-channel MAE starts a four-channel MRI run; a CT checkpoint written now stores the
+    preprocessing keys the old code wrote (its from_dict refused any other key), with the same values."""
+    from tests.test_settings import FIXTURES, _rebuild
+    from util.task.record import read_record
+    from util.volume.preprocess import PreprocessConfig
+
+    fixtures = json.loads(FIXTURES.read_text())
+    old = _rebuild(fixtures["mae_pretrained"], study["folder"], f"{tmp_path}/")
+    torch.save(old, tmp_path / "old_mae.pth")
+    rec = read_record(tmp_path / "old_mae.pth")
+    assert rec.preprocess.plain and rec.preprocess.in_chans == 1
+    assert PreprocessConfig(size=(32, 32, 32)).to_dict() == fixtures["mae_pretrained"]["preprocess"]
+    r = run_in_process("main_pretrain.py", "--data_path", study["train"], "--output_dir", tmp_path / "from_old",
+                       "--model", "mae_vit_tiny_patch16", "--input_size", 32, "--patch_size", 16, "--batch_size", 2,
+                       "--num_workers", 0, "--device", "cpu", "--epochs", 1, "--warmup_epochs", 0, "--save_every", 0,
+                       "--vis_every", 0, "--channels", ",".join(CHANNELS), "--norm", "percentile", "--init",
+                       tmp_path / "old_mae.pth")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "is a 1-channel model: its patch embedding kernel is replicated into each of the 4 channels" in r.stdout

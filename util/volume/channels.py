@@ -10,13 +10,14 @@ outside the image (the background: 0 before normalising, the window's low end fo
 
 Grids: a channel whose grid equals the first channel's within GRID_TOLERANCE (size equal; spacing and origin within
 1e-3 mm, direction cosines within 1e-4: co-registered BraTS-style files) is taken voxel for voxel; any other grid
-is resampled onto the first channel's preprocessed grid in physical space (B-spline), provided its physical box
+is resampled onto the first channel's preprocessed grid in physical space (--interpolator), provided its physical box
 covers at least CHANNEL_COVERAGE (90%) of the first channel's box; less (or no overlap) is the row's error.
 
-Cache: a ct channel's entry holds HU levels, its window applied when read (exactly the single-channel entry of that
-file); a zscore channel holds z in levels of 1/1024 (range -32..32 standard deviations), a percentile channel its
-[0, 1] values at 65535 levels. `level_maps` gives, per channel, (offset, factor, low, high): value =
-clip((level - offset) * factor, low, high), what util.volume.cache.decode and the training device compute.
+Cache: a ct channel's entry holds HU levels, its window applied when read (on the first channel's file: exactly the
+single-channel CT entry of that file, shared with CT runs and between windows); a zscore channel holds z in levels
+of 1/1024 (range -32..32 standard deviations), a percentile channel its [0, 1] values at 65535 levels. `level_maps`
+gives, per channel, (offset, factor, low, high): value = clip((level - offset) * factor, low, high), what
+util.volume.cache.decode and the training device compute.
 """
 from __future__ import annotations
 
