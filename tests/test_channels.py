@@ -202,3 +202,11 @@ def test_norm_pix_loss_normalises_each_channel_of_a_patch_on_its_own():
     patches = one.patchify(y)
     expected = (patches - patches.mean(-1, keepdim=True)) / (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
     assert torch.equal(one.loss_target(y), expected)  # one channel: the original computation, bit for bit
+
+
+def test_the_channels_benchmark_runs(capsys):
+    from bench import bench_channels
+
+    out = bench_channels.main(["--size", "16", "--rounds", "1", "--volumes", "2"])
+    assert set(out["worker"]) == {"ct", "ct x3", "mri x4"} and all(v[0] > 0 for v in out["device"].values())
+    assert "time per item x1.00 of ct" in capsys.readouterr().out

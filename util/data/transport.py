@@ -41,7 +41,8 @@ def to_device(batch, device, flip_target: bool = False) -> tuple[torch.Tensor, t
     levels = imgs.dtype == torch.int16
     if len(batch) > 2:
         flip = batch[2].to(device, non_blocking=True).to(torch.int32)
-        if levels and imgs.dim() > 3:  # bit 3: slice differences (axis -3) to undo, modulo 2^16
+        per_channel = len(batch) > 3 and batch[3].dim() == 3  # several channels: never slice differences
+        if levels and imgs.dim() > 3 and not per_channel:  # bit 3: slice differences (axis -3) to undo, modulo 2^16
             v = imgs.to(torch.int32) & 0xFFFF
             undone = torch.cumsum(v, dim=-3) & 0xFFFF
             imgs = torch.where(((flip & 8) != 0).view(-1, *([1] * (v.dim() - 1))), undone, v)
