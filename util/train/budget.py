@@ -127,8 +127,9 @@ def block_rate(width: int, tokens: int = 256, clock=time.perf_counter, budget: f
     1-2 s for ViT-L's."""
     from timm.models.vision_transformer import Block
 
-    blk = Block(width, max(1, width // 64), qkv_bias=True)
-    x = torch.randn(1, tokens, width, requires_grad=True)
+    with torch.random.fork_rng(devices=[]):  # the run's seeded random state is not this probe's to consume
+        blk = Block(width, max(1, width // 64), qkv_bias=True)
+        x = torch.randn(1, tokens, width, requires_grad=True)
     blk(x).sum().backward()  # warm up at full size (thread pools, allocator, first-touch page faults)
     best, spent = float("inf"), 0.0
     while spent < budget or best == float("inf"):
@@ -145,7 +146,8 @@ def block_rate(width: int, tokens: int = 256, clock=time.perf_counter, budget: f
 def matmul_rate(seconds: float = 0.25, clock=time.perf_counter) -> float:
     """FLOP/s of fp32 matrix products on this CPU with torch's threads, measured for about `seconds` of `clock`
     (wall time; bench/bench_memory_estimate.py passes the process's CPU time)."""
-    a, b = torch.randn(768, 768), torch.randn(768, 768 * 4)
+    with torch.random.fork_rng(devices=[]):  # the run's seeded random state is not this probe's to consume
+        a, b = torch.randn(768, 768), torch.randn(768, 768 * 4)
     torch.mm(a, b)
     n, t0 = 0, clock()
     while clock() - t0 < seconds:
