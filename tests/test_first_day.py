@@ -260,6 +260,8 @@ def test_the_step_estimate_leaves_the_runs_random_state_alone():
     """The estimate's timing probes (a transformer block, matrix products) run after the seed is set and before the
     model is built: they must not draw from the global generator, or the same seed would give another model than
     before the estimate existed (the demo's first loss moved from 0.1314 to 0.1342)."""
+    import torch
+
     from util.train.budget import block_rate, matmul_rate
 
     torch.manual_seed(0)
