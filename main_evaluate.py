@@ -13,8 +13,8 @@ import time
 
 from util import args as cli_args
 from util.args import bounded
-from util.run_folder import STATUS
-from util.task.flags import PROBE_TASKS
+from util.run_folder import STATUS, scratch_array
+from util.task.flags import PROBE_PROTOCOLS as PROTOCOLS, PROBE_TASKS
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 EXAMPLES = """  python main_evaluate.py --embeddings mae=mae.npy random=random.npy --labels labels.csv
@@ -55,7 +55,7 @@ def get_args_parser():
                    help="the pretraining data behind embedding NAME: its checkpoint (main_pretrain.py records a "
                         "manifest beside it), a data_manifest.csv.gz, or a list/CSV of paths (by path only)")
     g = p.add_argument_group("protocol")
-    g.add_argument("--protocols", nargs="+", default=["logreg", "knn"], choices=("logreg", "knn"),
+    g.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS,
                    help="logreg: standardised features, logistic regression (ridge for regression) with C chosen "
                         "by inner 3-fold CV; knn: k-nearest neighbours (Euclidean, standardised features)")
     g.add_argument("--folds", type=bounded(int, min=2), default=5, help="cross-validation folds (stratified)")
@@ -154,7 +154,7 @@ def shared_arrays(sets: dict, counts, jobs: int, folder: str) -> tuple[dict, obj
         return sets, counts
     out = {}
     for k, (name, x) in enumerate(sets.items()):
-        out[name] = os.path.join(folder, f"features_{k}.npy")
+        out[name] = scratch_array(folder, k)
         np.save(out[name], x)
     if counts is not None:
         np.save(os.path.join(folder, "counts.npy"), counts)
@@ -179,7 +179,7 @@ def resample_counts(args, d: dict) -> np.ndarray | None:
 def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
     """Every probe, fraction and draw on every feature set: the per-draw metrics (results.csv) and, per (set,
     protocol, fraction), each metric's mean over draws and folds on the rows and on every resample
-    {key: {metric: [1 + R]}}. Each fold of each feature set and probe is one job (--jobs processes)."""
+    {key: {metric: [1 + R]}}. Jobs (--jobs processes): a feature set's fold (k-NN) or fold and fraction."""
     import tempfile
 
     from joblib import Parallel, delayed
@@ -196,13 +196,16 @@ def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
         sources, counts_src = shared_arrays(d["sets"], counts, args.jobs, tmp)
         for protocol in args.protocols:
             t0 = time.time()
-            jobs = [(name, f) for name in d["sets"] for f in range(len(folds))]
-            done = parallel(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"], labelled[f], protocol,
-                                              d["task"], len(d["names"]), d["names"], args.seed, args.knn_k,
-                                              args.inner_max_rows, counts_src) for name, f in jobs)
-            by_set = {}
-            for (name, f), out in zip(jobs, done):
-                by_set.setdefault(name, []).append(out)
+            # k-NN: one job per fold (one distance computation serves every fraction); logreg: per fraction too
+            parts = [None] if protocol == "knn" else fractions
+            jobs = [(name, f, part) for name in d["sets"] for f in range(len(folds)) for part in parts]
+            done = parallel(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"],
+                                              {k: v for k, v in labelled[f].items() if part in (None, k[0])},
+                                              protocol, d["task"], len(d["names"]), d["names"], args.seed,
+                                              args.knn_k, args.inner_max_rows, counts_src) for name, f, part in jobs)
+            by_set = {name: [{} for _ in folds] for name in d["sets"]}
+            for (name, f, _), out in zip(jobs, done):
+                by_set[name][f].update(out)
             for name, per_fold in by_set.items():
                 for fraction in fractions:
                     draws = sorted(k for fr, k in per_fold[0] if fr == fraction)
@@ -244,8 +247,8 @@ def statistics(args, d: dict, results: pd.DataFrame, values: dict) -> pd.DataFra
             mine_d = sel.sort_values("draw")[primary].to_numpy()
             ref_d = results[(results.embedding == d["reference"]) & (results.protocol == protocol)
                             & (results.fraction == fraction)].sort_values("draw")[primary].to_numpy()
-            better = mine_d < ref_d if primary == "mae" else mine_d > ref_d
-            row["ahead_in_draws"] = f"{int(better.sum())} of {len(better)}"
+            ahead = sum(task.is_better(float(a), float(b), primary) for a, b in zip(mine_d, ref_d))
+            row["ahead_in_draws"] = f"{ahead} of {len(mine_d)}"
         out.append(row)
     return pd.DataFrame(out)
 
@@ -276,7 +279,8 @@ def overlap(args, d: dict) -> pd.DataFrame | None:
     (counted from 1 under the header)."""
     if not args.pretraining:
         return None
-    from util.data.manifest import find_overlap, pretraining_data
+    from util.data.manifest import find_overlap
+    from util.evaluate.pretraining import pretraining_scans
 
     paths = evaluated_paths(args, d)
     rows = [int(line) - 1 for line in d["table"].index]
@@ -285,7 +289,7 @@ def overlap(args, d: dict) -> pd.DataFrame | None:
         name, source = inputs.named(spec, "--pretraining")
         if name not in d["sets"]:
             raise UserError(f"--pretraining {spec}: {name} is not one of the feature sets ({', '.join(d['sets'])}).")
-        manifest, what = pretraining_data(source)
+        manifest, what = pretraining_scans(source)
         hits = find_overlap(paths, manifest, rows=rows)
         hits.insert(0, "embedding", name)
         found.append(hits)

@@ -81,14 +81,14 @@ import shutil  # noqa: E402
 
 import torch  # noqa: E402
 
-from models_hub import build, describe, load_strict, manifest_beside  # noqa: E402
+from models_hub import build, describe, load_strict  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
 from util.cli import run_main  # noqa: E402
-from util.data.manifest import read_manifest  # noqa: E402
+from util.data.manifest import manifest_beside, read_manifest  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.model_card import model_card  # noqa: E402
 from util.model_folder import (CARD, CONFIG, ENCODER_ONNX, HEAD_ONNX, WEIGHTS, check_destination,  # noqa: E402
-                               check_weights, meta_of, save_weights, sha256_of, staged_folder, write_json)
+                               check_weights, meta_of, save_weights, file_sha256, staged_folder, write_json)
 from util.task.meta import RunMeta  # noqa: E402
 from util.task.record import read_record  # noqa: E402
 
@@ -115,7 +115,7 @@ def find_manifest(args: ExportSettings, config: dict) -> str:
     if not prov.get("data_manifest"):
         raise UserError(f"--with_manifest: {args.checkpoint} records no data manifest (it was not pretrained by "
                         f"main_pretrain.py, or before manifests were written).")
-    path = manifest_beside(args.checkpoint, prov)
+    path = manifest_beside(args.checkpoint, prov["data_manifest"])
     if path is None:
         raise UserError(f"--with_manifest: {prov['data_manifest']} is not beside {args.checkpoint}; copy it from "
                         f"the pretraining run folder.")
@@ -196,7 +196,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor, path: str, inputs: l
     diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
     if not diff <= 1e-4:
         raise RuntimeError(f"{os.path.basename(path)}: onnxruntime differs from PyTorch by {diff:.2e} (> 1e-4).")
-    return {"file": os.path.basename(path), "opset": opset, "sha256": sha256_of(path), "max_abs_diff": diff}
+    return {"file": os.path.basename(path), "opset": opset, "sha256": file_sha256(path), "max_abs_diff": diff}
 
 
 def main(args: ExportSettings) -> int:

@@ -251,12 +251,3 @@ def _public(value):
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return str(value)
-
-
-def manifest_beside(source: str, record: dict) -> str | None:
-    """The data manifest the provenance names, beside the source checkpoint (inside it when the source is a model
-    folder that includes it); else None."""
-    name = record.get("data_manifest")
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    path = os.path.join(folder, name) if name else None
-    return path if path and os.path.isfile(path) else None

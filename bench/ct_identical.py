@@ -3,7 +3,11 @@ and with --cache_dir / --norm_pix_loss / another window, classification and segm
 embeddings) by the code of a git revision (extracted with `git archive`, the repository untouched) and by this tree,
 then the SHA-256 of every weight tensor, of the predictions and of the embeddings, side by side.
 
-    python bench/ct_identical.py --before 560155a     # the commit before channels (issue 32): every line 'same'
+    python bench/ct_identical.py --before 560155a --with 92af635   # the commit before channels (issue 32), plus a
+                                                                   # fix landed since that changes seeded runs
+
+`--with COMMIT ...` applies those commits' diffs to the before tree: changes of others that landed in between and
+change the numbers on purpose (92af635: the step estimate no longer draws from the seeded generator).
 
 Each side runs in fresh processes with OMP_NUM_THREADS=1 (a few minutes on 2 cores). Exit status 1 when any differs.
 """
@@ -69,6 +73,8 @@ def run_side(tree: str, out: str) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser("ct_identical", description=__doc__.split("\n\n")[0])
     p.add_argument("--before", required=True, help="git revision of the code before the change")
+    p.add_argument("--with", dest="also", nargs="*", default=[], metavar="COMMIT",
+                   help="commits whose diffs are applied to the before tree (changes landed since, not the one tested)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ct_identical_") as tmp:
         tree = os.path.join(tmp, "before")
@@ -76,6 +82,9 @@ def main(argv=None) -> int:
         archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", args.before], capture_output=True,
                                  check=True)
         subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+        for commit in args.also:
+            diff = subprocess.run(["git", "-C", ROOT, "diff", f"{commit}~1", commit], capture_output=True, check=True)
+            subprocess.run(["git", "apply", "-"], cwd=tree, input=diff.stdout, check=True)
         before, after = run_side(tree, os.path.join(tmp, "out_before")), run_side(ROOT, os.path.join(tmp, "out_after"))
     differ = 0
     for name in before:

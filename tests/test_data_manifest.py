@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import run_in_process, tiny_pretrain_args
+from util.evaluate.pretraining import pretraining_scans
 from util.data.manifest import (MANIFEST_NAME, find_overlap, fingerprint, pretraining_data, read_manifest,
                                 write_manifest)
 from util.data.demo import make_demo_data
@@ -87,7 +88,7 @@ def test_pretraining_records_its_manifest_and_the_evaluation_finds_the_overlap(t
     assert args["data_manifest"] == MANIFEST_NAME and len(args["data_manifest_sha256"]) == 64
     scans = pd.read_csv(demo["pretrain"])["Path"].map(lambda p: os.path.normpath(
         os.path.join(os.path.dirname(demo["pretrain"]), p))).tolist()
-    manifest, _ = pretraining_data(str(out / "mae_pretrained.pth"))
+    manifest, _ = pretraining_scans(str(out / "mae_pretrained.pth"))
     assert manifest["path"].tolist() == scans
     # evaluated: one scan it pretrained on, one copied elsewhere, and the labelled (never pretrained) scans
     shutil.copyfile(scans[1], tmp_path / "copied.nii.gz")
@@ -108,14 +109,19 @@ def test_pretraining_records_its_manifest_and_the_evaluation_finds_the_overlap(t
     assert sorted(zip(hits.path, hits.matched_by)) == sorted([(scans[0], "path"),
                                                               (str(tmp_path / "copied.nii.gz"), "content")])
     assert "2 of" in (tmp_path / "eval" / "summary.md").read_text()
+    # the model folder main_export.py makes with --with_manifest is a pretraining source too (record read there)
+    r = run_in_process("main_export.py", out / "mae_pretrained.pth", tmp_path / "folder", "--with_manifest")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    from_folder, what = pretraining_scans(str(tmp_path / "folder"))
+    assert from_folder["path"].tolist() == scans and "of folder" in what
     os.remove(out / MANIFEST_NAME)  # the checkpoint alone, moved without its manifest
     with pytest.raises(UserError, match="which is not beside it"):
-        pretraining_data(str(out / "mae_pretrained.pth"))
+        pretraining_scans(str(out / "mae_pretrained.pth"))
 
 
 def _evaluation_inputs(folder, table: pd.DataFrame, name: str = "e.npy") -> str:
     """An embedding file of `table`'s rows as main_predict.py writes it (the .npy and its .rows.csv)."""
-    from util.task import predict_io
+    import engine_predict as predict_io
 
     emb = np.random.default_rng(0).normal(size=(len(table), 4)).astype(np.float32)
     path = str(folder / name)
@@ -140,7 +146,7 @@ def test_overlap_resolves_a_row_tables_paths_against_the_table_they_came_from(tm
     emb = _evaluation_inputs(tmp_path / "emb", table)
     pre = f"mae={tmp_path / MANIFEST_NAME}"
     r = _evaluate(emb, tmp_path / "out", "--pretraining", pre)  # no --labels: the row table, paths relative
-    assert r.returncode == 1 and "relative to the CSV main_predict.py read" in r.stderr and "--labels" in r.stderr
+    assert r.returncode == 2 and "relative to the CSV main_predict.py read" in r.stderr and "--labels" in r.stderr
     r = _evaluate(emb, tmp_path / "out", "--pretraining", pre, "--labels", data / "scans.csv")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "mae: 4 of 8 evaluated scans were in its pretraining data" in r.stdout

@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as skm
 
 from tests.helpers import run_in_process
-from util.task import predict_io
+import engine_predict as predict_io
 from util.evaluate.probe import MIN_PER_CLASS, labelled_rows, make_folds
 from util.evaluate.stats import Run, bootstrap, weighted_metrics
 
@@ -202,7 +202,7 @@ def test_bad_inputs_stop_with_one_sentence(case, tmp_path, kind):
     argv, expect = _bad(case, tmp_path, kind)
     r = run_in_process("main_evaluate.py", *argv)
     lines = [s for s in r.stderr.splitlines() if s.strip() and not s.startswith(("UserWarning", "FutureWarning"))]
-    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert expect in lines[0], lines[0]
     assert "Traceback" not in r.stderr and not (tmp_path / "out" / "results.csv").exists()
 
@@ -213,7 +213,7 @@ def test_an_earlier_evaluation_is_kept_without_overwrite(first_run, case):
     before = open(f"{out}/results.csv").read()
     again = run_in_process("main_evaluate.py", "--embeddings", f"good={case['files']['good']}", "--labels",
                            case["dir"] / "labels.csv", "--output_dir", out)
-    assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "--overwrite" in again.stderr
     assert open(f"{out}/results.csv").read() == before
 
 
@@ -261,7 +261,7 @@ def test_a_split_without_enough_of_a_class_is_refused(case, tmp_path, where):
     r = run_in_process("main_evaluate.py", "--embeddings", f"good={case['files']['good']}", "--labels",
                        tmp_path / "labels.csv", "--split_column", "split", "--output_dir", tmp_path / "out")
     lines = [s for s in r.stderr.splitlines() if s.startswith("error: ")]
-    assert r.returncode != 0 and len(lines) == 1, r.stdout[-1000:] + r.stderr
+    assert r.returncode == 2 and len(lines) == 1, r.stdout[-1000:] + r.stderr
     assert "--split_column split" in lines[0] and "class 1" in lines[0], lines[0]
     assert ("training part has 1 rows" if where == "train" else "test part has no rows") in lines[0]
     assert not (tmp_path / "out" / "results.csv").exists()

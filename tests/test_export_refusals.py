@@ -17,7 +17,8 @@ from tests.bad_inputs import good_volume
 from tests.helpers import make_hostile_checkpoint, run_in_process
 from tests.test_export import tiny_finetuned, tiny_mae_checkpoint
 from util.errors import UserError
-from util.model_folder import ModelFolderError, sha256_of
+from util.digest import file_sha256
+from util.model_folder import ModelFolderError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -66,7 +67,7 @@ def rewrite_weights(folder, change) -> None:
     sd = dict(load_file(folder / "model.safetensors"))
     change(sd)
     save_file(sd, folder / "model.safetensors")
-    edit_config(folder, lambda c: c["weights"].update(sha256=sha256_of(folder / "model.safetensors")))
+    edit_config(folder, lambda c: c["weights"].update(sha256=file_sha256(folder / "model.safetensors")))
 
 
 def test_an_export_never_lands_in_a_non_empty_folder_or_on_its_input(made, tmp_path):

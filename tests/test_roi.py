@@ -64,7 +64,7 @@ def test_the_same_lesion_on_two_resamplings_gives_nearly_the_same_box(ircad):
 
 def test_a_box_leaving_the_scan_is_padded_with_air_and_a_point_outside_is_refused(ircad):
     ct, _ = ircad
-    n, s = np.array(ct.GetSize()), np.array(ct.GetSpacing())
+    n = np.array(ct.GetSize())
     edge = np.array(ct.TransformContinuousIndexToPhysicalPoint([0.0, n[1] / 2, n[2] / 2]))
     box = extract_roi(ct, edge, ROI_MM, SIZE, fill=-1200.0)
     assert (box[:, :, :10] == -1200.0).all()  # the half beyond the first column is air at the window's low end

@@ -170,7 +170,7 @@ def test_regression_and_multilabel_rows_train_and_predict_on_boxes(organs, task)
     """The same organ points as regression rows (target: the organ group's index) and as multi-label rows (liver?
     lung?): the run trains on the boxes (cached by the fixture), the checkpoint keeps the task and the ROI, and
     prediction gives one finite, non-constant value per point."""
-    tmp, ct = organs["tmp"], organs["ct"]
+    tmp = organs["tmp"]
     extra = ["target"] if task == "regression" else ["is_liver", "is_lung"]
 
     def table(split):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from util.model_folder import CONFIG, ENCODER_ONNX, HEAD_ONNX, WEIGHTS
+from util.run_folder import nifti_name
 
 PIPELINE_TAGS = {"headless": "image-feature-extraction", "dense": "image-segmentation",
                  "classes": "image-classification"}  # the hub's task names; regression has none
@@ -90,7 +91,7 @@ def _load_line(config: dict) -> str:
     chans = config["preprocessing"].get("channels")
     if not chans:
         return 'x = load_input("scan.nii.gz", config)  # [1, 1, D, H, W], preprocessed as in training'
-    files = ", ".join(f'"{c["name"]}.nii.gz"' for c in chans)
+    files = ", ".join(f'"{nifti_name(c["name"])}"' for c in chans)
     return (f"x = load_input([{files}], config)  # [1, {len(chans)}, D, H, W], one file per channel in this order "
             f"(or one 4D file)")
 

@@ -17,7 +17,6 @@ This module builds no model (layer 0): torch tensors and safetensors only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import re
 import shutil
 import tempfile
 
+from util.digest import file_sha256
 from util.errors import UserError
 from util.finite import first_non_finite
 
@@ -47,18 +47,10 @@ def is_model_folder(path) -> bool:
     return os.path.isdir(os.fspath(path))
 
 
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def content_sha256(path) -> str:
     """The SHA-256 that identifies a checkpoint file or a model folder (that of its weights file)."""
     path = os.fspath(path)
-    return sha256_of(os.path.join(path, WEIGHTS) if os.path.isdir(path) else path)
+    return file_sha256(os.path.join(path, WEIGHTS) if os.path.isdir(path) else path)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
@@ -156,7 +148,7 @@ def read_weights(folder, config: dict) -> dict:
 
     path = os.path.join(os.fspath(folder), WEIGHTS)
     recorded = config["weights"].get("sha256")
-    if not isinstance(recorded, str) or sha256_of(path) != recorded:
+    if not isinstance(recorded, str) or file_sha256(path) != recorded:
         raise ModelFolderError(f"{path}: its SHA-256 differs from the one {CONFIG} records (weights.sha256); the "
                                f"file is damaged or was replaced, so it is refused.")
     try:
@@ -337,7 +329,7 @@ def save_weights(path, sd: dict) -> dict:
     save_file(tensors, os.fspath(path), metadata={"format": "pt"})
     os.chmod(path, 0o644)  # safetensors creates it 0600; a shared model is read by others
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
-    return {"file": WEIGHTS, "sha256": sha256_of(path), "tensors": len(tensors),
+    return {"file": WEIGHTS, "sha256": file_sha256(path), "tensors": len(tensors),
             "parameters": int(sum(t.numel() for t in tensors.values())), "dtypes": dtypes}
 
 

@@ -57,6 +57,16 @@ class DemoFolder:
         return f"masks/case_{i:03d}_effusion.nii.gz"
 
 
+def nifti_name(stem: str) -> str:
+    """`<stem>.nii.gz`: how the model card's example names one channel's scan."""
+    return f"{stem}.nii.gz"
+
+
+def scratch_array(folder: str, k: int) -> str:
+    """A temporary .npy copy of the k-th feature set that main_evaluate.py's worker processes read memory-mapped."""
+    return os.path.join(folder, f"features_{k}.npy")
+
+
 def numbered(epoch: int) -> str:
     return f"checkpoint-{epoch}.pth"
 

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 
 from util.atomic import atomic_write
+from util.digest import file_sha256
 from util.errors import UserError
 from util.run_folder import MANIFEST
 
@@ -90,14 +91,6 @@ def write_manifest(paths: list[str], folder: str, workers: int = 16) -> tuple[st
     return MANIFEST_NAME, file_sha256(out)
 
 
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_manifest(path: str, sha256: str | None = None) -> pd.DataFrame:
     """A manifest as a table (path, size, mtime_ns, fingerprint); with `sha256`, a file that does not match it
     (damaged, or replaced by another run's) is refused with one sentence."""
@@ -128,24 +121,34 @@ def _path_list(path: str) -> pd.DataFrame:
     return pd.DataFrame({"path": paths, "size": -1, "mtime_ns": -1, "fingerprint": ""})
 
 
-def pretraining_data(source: str) -> tuple[pd.DataFrame, str]:
-    """The scans behind `source` (a checkpoint, a manifest, or a list of paths) and a few words on what it is."""
-    if not os.path.exists(source):
-        raise UserError(f"--pretraining {source} does not exist; expected a checkpoint, a {MANIFEST_NAME} or a "
-                        f"list of the pretraining scans.")
-    if source.endswith((".pth", ".pt", ".ckpt")):
-        from util.checkpoint import load_checkpoint  # torch is imported only here
+def manifest_beside(source: str, name: str | None) -> str | None:
+    """The data manifest `name` beside the checkpoint `source` (inside it when `source` is a model folder that
+    includes it); None when it is not there."""
+    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+    path = os.path.join(folder, name) if name else None
+    return path if path and os.path.isfile(path) else None
 
-        args = load_checkpoint(source).get("args") or {}
-        name = args.get("data_manifest") if isinstance(args, dict) else None
-        if not name:
-            raise UserError(f"{source} records no data manifest (it was made elsewhere or before manifests were "
-                            f"written); pass its list of pretraining scans instead: --pretraining NAME=LIST.")
-        path = os.path.join(os.path.dirname(os.path.abspath(source)), name)
-        if not os.path.isfile(path):
-            raise UserError(f"{source} was pretrained on the scans listed in {name}, which is not beside it "
-                            f"({path}); copy it from the run folder next to the checkpoint.")
-        return read_manifest(path, args.get("data_manifest_sha256")), f"{name} of {os.path.basename(source)}"
+
+def recorded_manifest(source: str, name: str | None, sha256: str | None) -> tuple[pd.DataFrame, str]:
+    """The manifest a checkpoint or model folder `source` records (its file name and SHA-256), read from beside it
+    and checked against the digest; one sentence when it records none or the file is not there."""
+    if not name:
+        raise UserError(f"{source} records no data manifest (it was made elsewhere or before manifests were "
+                        f"written); pass its list of pretraining scans instead: --pretraining NAME=LIST.")
+    path = manifest_beside(source, name)
+    if path is None:
+        raise UserError(f"{source} was pretrained on the scans listed in {name}, which is not beside it "
+                        f"({os.path.join(os.path.dirname(os.path.abspath(source)), name)}); copy it from the run "
+                        f"folder next to the checkpoint.")
+    return read_manifest(path, sha256), f"{name} of {os.path.basename(os.path.normpath(source))}"
+
+
+def pretraining_data(source: str) -> tuple[pd.DataFrame, str]:
+    """The scans of a manifest file or a list of paths (by path only), and a few words on what it is; a checkpoint
+    or model folder is read by util.evaluate.pretraining, which finds the manifest it records."""
+    if not os.path.exists(source):
+        raise UserError(f"--pretraining {source} does not exist; expected a checkpoint, a model folder, a "
+                        f"{MANIFEST_NAME} or a list of the pretraining scans.")
     if source.endswith(".csv.gz"):
         return read_manifest(source), os.path.basename(source)
     return _path_list(source), f"list {os.path.basename(source)} (by path only)"

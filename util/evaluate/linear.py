@@ -160,8 +160,11 @@ class LogisticRefit:
 
     def proba(self, b: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """Probabilities [b, m, K] of the test rows b [m, d] under each refit."""
-        w = self.weights(counts)
-        z = np.einsum("md,bkd->bmk", _design(b), w)
+        w = self.weights(counts)  # [r, K', d + 1]
+        if getattr(self, "_test", (None,))[0] is not b:
+            self._test = (b, _design(b).astype(self.X.dtype))  # the test rows' design, built once
+        z = (self._test[1] @ w.reshape(-1, w.shape[2]).T.astype(self.X.dtype)).reshape(len(b), len(w), -1)
+        z = z.transpose(1, 0, 2).astype(np.float64)
         if w.shape[1] == 1:
             p = expit(z[..., 0])
             return np.stack([1 - p, p], axis=-1)

@@ -14,7 +14,6 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 from util.errors import UserError
 from util.evaluate import knn, linear
 
-PROTOCOLS = ("logreg", "knn")
 CS = np.logspace(-4, 1, 6)  # inverse regularisation strengths the inner cross-validation chooses from
 ALPHAS = np.logspace(-2, 5, 8)  # ridge strengths (regression probe)
 MIN_PER_CLASS = 2  # labelled rows of each class in every draw, however small the fraction
