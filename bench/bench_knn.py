@@ -5,6 +5,7 @@ probe at 100,000 x 1,024 through main_evaluate.py.
     python bench/bench_knn.py                       # 20,000 x 1,024, 5 folds, fractions 0.01 0.1 0.25 1, 5 draws
     python bench/bench_knn.py --rows 100000 --only_folds 1 --repeats 1   # one fold at full size (12 min)
     python bench/bench_knn.py --full                # also main_evaluate.py --protocols knn at 100,000 x 1,024
+    python bench/bench_knn.py --full --skip_side_by_side --full_protocol logreg --full_bootstrap 1000
 
 Prints the seconds of each engine per repeat (alternating which runs first), their ratio, and how far the
 probabilities differ (rows whose k-th and next neighbour tie to 1e-6 are counted apart: float32 cannot order
@@ -97,8 +98,8 @@ def side_by_side(args) -> None:
 
 
 def full_run(args) -> None:
-    """main_evaluate.py --protocols knn at 100,000 x 1,024 (groups of 2 rows, 36% positives), timed as a user
-    would time it; the probe's own line gives its seconds."""
+    """main_evaluate.py --protocols knn (or --full_protocol logreg) at 100,000 x 1,024 (groups of 2 rows, 36%
+    positives), timed as a user would time it; the probe's own line gives its seconds."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -113,11 +114,12 @@ def full_run(args) -> None:
         del x
         for boot in args.full_bootstrap:
             cmd = [sys.executable, str(ROOT / "main_evaluate.py"), "--embeddings", f"big={tmp}/emb.npy",
-                   "--group_column", "PatientID", "--protocols", "knn", "--bootstrap", str(boot),
+                   "--group_column", "PatientID", "--protocols", args.full_protocol, "--bootstrap", str(boot),
                    "--output_dir", f"{tmp}/out", "--overwrite"]
             t0 = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            line = next((s for s in out.stdout.splitlines() if s.startswith("knn:")), out.stderr[-500:])
+            line = next((s for s in out.stdout.splitlines() if s.startswith(f"{args.full_protocol}:")),
+                        out.stderr[-500:])
             print(f"100,000 x 1,024, --bootstrap {boot}: {time.perf_counter() - t0:.0f} s in all; {line}", flush=True)
 
 
@@ -134,8 +136,12 @@ def main() -> None:
                    "old engine takes about 40 minutes for all five)")
     p.add_argument("--full", action="store_true", help="also main_evaluate.py --protocols knn at 100,000 x 1,024")
     p.add_argument("--full_bootstrap", type=int, nargs="+", default=[0, 200])
+    p.add_argument("--full_protocol", choices=("knn", "logreg"), default="knn",
+                   help="the probe --full times (logreg: the linear probe with its refitted resamples)")
+    p.add_argument("--skip_side_by_side", action="store_true", help="only the --full run")
     args = p.parse_args()
-    side_by_side(args)
+    if not args.skip_side_by_side:
+        side_by_side(args)
     if args.full:
         full_run(args)
 

@@ -52,20 +52,25 @@ def write_ct(path: Path, seed: int) -> None:
 
 @pytest.fixture()
 def table(tmp_path) -> tuple[Path, list[Row]]:
-    """9 scans (two with two label maps), one broken file; each shard of 3 gets some rows (checked)."""
-    rows = []
+    """9 scans (two with two label maps), one broken file; each shard of 3 gets some rows. A shard is a hash of the
+    absolute path, so the scans go in the first subfolder of tmp_path whose paths give every shard a row (a fixed
+    folder would leave one empty in about 1 of 20 runs)."""
+    def paths(folder: Path) -> list[tuple[str, str]]:
+        return [(str(folder / f"ct{s}.nii.gz"), str(folder / f"m{s}.nii.gz") if k else "")
+                for s in range(9) for k in range(1 if s % 4 else 2)] + [(str(folder / "broken.nii.gz"), "")]
+
+    folder = next(tmp_path / f"scans{salt}" for salt in range(100)
+                  if all(shard_rows([Row(p, m, "") for p, m in paths(tmp_path / f"scans{salt}")], i, N)
+                         for i in range(1, N + 1)))
+    folder.mkdir()
+    rows = paths(folder)
     for s in range(9):
-        write_ct(tmp_path / f"ct{s}.nii.gz", s)
-        masks = [""] if s % 4 else ["", ""]
-        for k, _ in enumerate(masks):
-            if k:
-                m = sitk.GetImageFromArray(np.zeros((6, 8, 8), np.uint8))
-                m.SetSpacing((1.0, 1.0, 2.0))
-                sitk.WriteImage(m, str(tmp_path / f"m{s}.nii.gz"))
-                masks[k] = str(tmp_path / f"m{s}.nii.gz")
-            rows.append((str(tmp_path / f"ct{s}.nii.gz"), masks[k]))
-    (tmp_path / "broken.nii.gz").write_bytes(b"\x1f\x8b not a volume")
-    rows.append((str(tmp_path / "broken.nii.gz"), ""))
+        write_ct(folder / f"ct{s}.nii.gz", s)
+        if not s % 4:
+            m = sitk.GetImageFromArray(np.zeros((6, 8, 8), np.uint8))
+            m.SetSpacing((1.0, 1.0, 2.0))
+            sitk.WriteImage(m, str(folder / f"m{s}.nii.gz"))
+    (folder / "broken.nii.gz").write_bytes(b"\x1f\x8b not a volume")
     (tmp_path / "t.csv").write_text("Path,Mask\n" + "".join(f"{p},{m}\n" for p, m in rows))
     as_rows = [Row(p, m, "") for p, m in rows]
     assert all(shard_rows(as_rows, i, N) for i in range(1, N + 1))
