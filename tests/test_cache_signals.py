@@ -77,8 +77,9 @@ def stop_and_check(p, lines, paused, reader, cache: Path) -> str:
     entry written in the 5 s after the process is gone (the paused worker would have written one within 3 s)."""
     assert paused.wait(120), "".join(lines)
     os.kill(p.pid, signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
+    p.wait(timeout=120)  # not communicate(): it would read stderr too and take lines from the reader thread
     reader.join(60)  # stderr read to its end
+    out = p.stdout.read()  # a few lines: they fit in the pipe while the process runs
     err = "".join(lines)
     at_exit = entries(cache)
     time.sleep(5)
