@@ -97,3 +97,18 @@ def run_in_process(script: str, *args, env: dict | None = None) -> SimpleNamespa
                 os.environ[k] = v
     notes = "".join(f"{type(w.message).__name__}: {w.message}\n" for w in caught)
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue() + notes)
+
+
+def write_noise_ct_table(folder: Path, n: int) -> Path:
+    """n small noise CTs (6 x 8 x 8 voxels of 1 x 1 x 2 mm, seeded by their number) and `t.csv` listing them."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    rows = []
+    for s in range(n):
+        img = sitk.GetImageFromArray(np.random.default_rng(s).normal(-300, 300, (6, 8, 8)).astype(np.int16))
+        img.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(img, str(folder / f"ct{s}.nii.gz"))
+        rows.append(str(folder / f"ct{s}.nii.gz"))
+    (folder / "t.csv").write_text("Path\n" + "\n".join(rows) + "\n")
+    return folder / "t.csv"

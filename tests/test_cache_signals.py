@@ -14,23 +14,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
-from helpers import ROOT
+from helpers import ROOT, write_noise_ct_table as write_table
 
 SUMMARY = re.compile(r"(\d+) done \(newly cached\), (\d+) already cached, (\d+) failed")
-
-
-def write_table(folder: Path, n: int) -> Path:
-    rows = []
-    for s in range(n):
-        hu = np.random.default_rng(s).normal(-300, 300, (6, 8, 8)).astype(np.int16)
-        img = sitk.GetImageFromArray(hu)
-        img.SetSpacing((1.0, 1.0, 2.0))
-        sitk.WriteImage(img, str(folder / f"ct{s}.nii.gz"))
-        rows.append(str(folder / f"ct{s}.nii.gz"))
-    (folder / "t.csv").write_text("Path\n" + "\n".join(rows) + "\n")
-    return folder / "t.csv"
 
 
 def entries(cache: Path) -> dict[str, int]:

@@ -10,10 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import SimpleITK as sitk
 
-from helpers import ROOT, run_in_process
+from helpers import ROOT, run_in_process, write_noise_ct_table as write_table
 
 SUMMARY = re.compile(r"(\d+) done \(newly cached\), (\d+) already cached, (\d+) failed")
 
@@ -37,24 +35,12 @@ def two_agents(args: list, port: int, env_extra: dict | None = None) -> list[sub
             for k in (0, 1)]
 
 
-def write_table(folder: Path, n: int = 6) -> Path:
-    rows = []
-    for s in range(n):
-        hu = np.random.default_rng(s).normal(-300, 300, (6, 8, 8)).astype(np.int16)
-        img = sitk.GetImageFromArray(hu)
-        img.SetSpacing((1.0, 1.0, 2.0))
-        sitk.WriteImage(img, str(folder / f"ct{s}.nii.gz"))
-        rows.append(str(folder / f"ct{s}.nii.gz"))
-    (folder / "t.csv").write_text("Path\n" + "\n".join(rows) + "\n")
-    return folder / "t.csv"
-
-
 def entries(cache: Path) -> dict[str, bytes]:
     return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*.vol"))}
 
 
 def test_two_torchrun_agents_fill_one_cache_each_row_once(tmp_path):
-    table = write_table(tmp_path)
+    table = write_table(tmp_path, 6)
     flags = ["--csv", table, "--input_size", 8, "--workers", 1]
     procs = two_agents([*flags, "--cache_dir", tmp_path / "two"], free_port())
     outs = [p.communicate(timeout=300) for p in procs]
