@@ -67,7 +67,8 @@ def filtered_rows(a: np.ndarray, b: np.ndarray, subsets: list[np.ndarray], depth
                   block_bytes: float = 2e8) -> np.ndarray:
     """Fill out[s] = (idx, d2) for every query row of b; returns the rows left to the exact path (none: the
     pool's shortfalls are searched here). a [n, d], b [m, d] float32; subsets: sorted indices into a."""
-    A, B = torch.from_numpy(np.ascontiguousarray(a, np.float32)), torch.from_numpy(np.ascontiguousarray(b, np.float32))
+    a_np, b_np = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
+    A, B = torch.from_numpy(a_np), torch.from_numpy(b_np)
     na, nb = (A.double() ** 2).sum(1).float(), (B.double() ** 2).sum(1).float()
     na_max, n = float(na.max()), len(a)
     subs = [torch.from_numpy(np.asarray(s, np.int64)) for s in subsets]
@@ -81,7 +82,8 @@ def filtered_rows(a: np.ndarray, b: np.ndarray, subsets: list[np.ndarray], depth
     step = max(1, int(block_bytes // (4 * max(1, n))))
     for lo in range(0, len(b), step):
         hi = min(len(b), lo + step)
-        d2 = torch.addmm(na[None], B[lo:hi], A.T, alpha=-2).add_(nb[lo:hi, None]).clamp_min_(0)  # [q, n]
+        # the product by numpy's BLAS (OpenBLAS: about 1.2x torch's CPU GEMM on the development VM's cores)
+        d2 = torch.from_numpy(b_np[lo:hi] @ a_np.T).mul_(-2).add_(na[None]).add_(nb[lo:hi, None]).clamp_min_(0)
         if pooled:
             pidx, pd2 = _nearest(d2, everything, pool)
         for s, sub in enumerate(subs):
