@@ -7,8 +7,8 @@ training rows, standardised the same way, so one distance computation per fold s
 
 Small problems: float64 distances (||b||^2 + ||a||^2 - 2 b.a, as scikit-learn computes them), fully sorted.
 Large ones (1e10 multiply-adds and more; util/evaluate/knn_filter.py): float32 blocks from a multi-threaded
-matrix product (torch), the precision scikit-learn's brute force has on float32 features, and a pool of each test
-row's nearest rows from which the larger subsets take theirs.
+matrix product (numpy's BLAS; torch does the top-k), the precision scikit-learn's brute force has on float32
+features, and a pool of each test row's nearest rows from which the larger subsets take theirs.
 
 Votes follow scikit-learn's KNeighborsClassifier(weights="distance"): weight 1/distance, and a query at distance
 0 from training rows gets weight 1 from those rows only. Under bootstrap counts c (a resample holds training row j
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-LARGE = 1e10  # queries x training rows x features above which the bfloat16 filter is used
-_BF16_UNIT = 2.0 ** -8  # bfloat16 keeps 8 significant bits: relative rounding error <= 2^-9, with margin 2^-8
+LARGE = 1e10  # queries x training rows x features above which the float32 blocks of knn_filter.py are used
 
 
 def _exact_rows(a: np.ndarray, b: np.ndarray, subsets, depth: int, out: list, rows: np.ndarray) -> None:

@@ -60,7 +60,8 @@ def table_lines(summary: pd.DataFrame, task: str) -> list[str]:
                                               f" [{r['diff_low']:+.3f}, {r['diff_high']:+.3f}]")
         ahead = r.get("ahead_in_draws", "")
         cells = [PROTOCOL_NAMES[r["protocol"]], f"{_pct(r['fraction'])} ({r['n_labelled']})", r["embedding"],
-                 *[_ci(r, m) for m in task.headline], diff, f"{ahead} draws" if isinstance(ahead, str) and ahead else ""]
+                 *[_ci(r, m) for m in task.headline], diff,
+                 f"{ahead} draws" if isinstance(ahead, str) and ahead else ""]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
