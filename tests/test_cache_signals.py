@@ -64,9 +64,16 @@ def stop_and_check(p, lines, paused, reader, cache: Path) -> str:
     entry written in the 5 s after the process is gone (the paused worker would have written one within 3 s)."""
     assert paused.wait(120), "".join(lines)
     os.kill(p.pid, signal.SIGTERM)
-    p.wait(timeout=120)  # not communicate(): it would read stderr too and take lines from the reader thread
-    reader.join(60)  # stderr read to its end
-    out = p.stdout.read()  # a few lines: they fit in the pipe while the process runs
+    # not communicate(): it would read stderr too and take lines from the reader thread. The pipes reach their end
+    # when every process holding them (under torchrun: the agent and both ranks) has exited.
+    outs: list[str] = []
+    out_reader = threading.Thread(target=lambda: outs.append(p.stdout.read()), daemon=True)
+    out_reader.start()
+    p.wait(timeout=120)
+    out_reader.join(120)
+    reader.join(120)
+    assert not out_reader.is_alive() and not reader.is_alive(), "a process still held the pipes 120 s after the stop"
+    out = outs[0]
     err = "".join(lines)
     at_exit = entries(cache)
     time.sleep(5)
