@@ -85,10 +85,11 @@ from models_hub import build, describe, load_strict  # noqa: E402
 from util.checkpoint import load_checkpoint  # noqa: E402
 from util.cli import run_main  # noqa: E402
 from util.data.manifest import manifest_beside, read_manifest  # noqa: E402
+from util.digest import file_sha256  # noqa: E402
 from util.errors import UserError  # noqa: E402
 from util.model_card import model_card  # noqa: E402
 from util.model_folder import (CARD, CONFIG, ENCODER_ONNX, HEAD_ONNX, WEIGHTS, check_destination,  # noqa: E402
-                               check_weights, meta_of, save_weights, file_sha256, staged_folder, write_json)
+                               check_weights, meta_of, save_weights, staged_folder, write_json)
 from util.task.meta import RunMeta  # noqa: E402
 from util.task.record import read_record  # noqa: E402
 

@@ -121,11 +121,15 @@ def _path_list(path: str) -> pd.DataFrame:
     return pd.DataFrame({"path": paths, "size": -1, "mtime_ns": -1, "fingerprint": ""})
 
 
+def _beside(source: str, name: str) -> str:
+    """Where the manifest `name` of the checkpoint `source` belongs: beside the file, or inside a model folder."""
+    return os.path.join(source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source)), name)
+
+
 def manifest_beside(source: str, name: str | None) -> str | None:
     """The data manifest `name` beside the checkpoint `source` (inside it when `source` is a model folder that
     includes it); None when it is not there."""
-    folder = source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
-    path = os.path.join(folder, name) if name else None
+    path = _beside(source, name) if name else None
     return path if path and os.path.isfile(path) else None
 
 
@@ -138,7 +142,7 @@ def recorded_manifest(source: str, name: str | None, sha256: str | None) -> tupl
     path = manifest_beside(source, name)
     if path is None:
         raise UserError(f"{source} was pretrained on the scans listed in {name}, which is not beside it "
-                        f"({os.path.join(os.path.dirname(os.path.abspath(source)), name)}); copy it from the run "
+                        f"({_beside(source, name)}); copy it from the run "
                         f"folder next to the checkpoint.")
     return read_manifest(path, sha256), f"{name} of {os.path.basename(os.path.normpath(source))}"
 
