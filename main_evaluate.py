@@ -94,7 +94,7 @@ from util.evaluate import inputs  # noqa: E402
 from util.evaluate import report  # noqa: E402
 from util.cli import run_main  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.evaluate.crossval import fold_job  # noqa: E402
+from util.evaluate.crossval import even_processes, fold_job  # noqa: E402
 from util.evaluate.probe import labelled_rows, make_folds  # noqa: E402
 from util.evaluate.stats import refit_interval, resample_weights  # noqa: E402
 from util.task.weighted import nanmean  # noqa: E402
@@ -199,7 +199,10 @@ def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
             # k-NN: one job per fold (one distance computation serves every fraction); logreg: per fraction too
             parts = [None] if protocol == "knn" else fractions
             jobs = [(name, f, part) for name in d["sets"] for f in range(len(folds)) for part in parts]
-            done = parallel(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"],
+            # k-NN is threaded inside a job (distance blocks, resample batches): uneven rounds of processes waste more
+            run = parallel if protocol != "knn" or even_processes(args.jobs, len(jobs)) == args.jobs else \
+                Parallel(n_jobs=even_processes(args.jobs, len(jobs)))
+            done = run(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"],
                                               {k: v for k, v in labelled[f].items() if part in (None, k[0])},
                                               protocol, d["task"], len(d["names"]), d["names"], args.seed,
                                               args.knn_k, args.inner_max_rows, counts_src) for name, f, part in jobs)

@@ -12,7 +12,7 @@ from sklearn.neighbors import KNeighborsClassifier, KNeighborsRegressor
 
 from util.evaluate import knn, linear
 from util.evaluate.metrics import resample_metrics
-from util.evaluate.probe import CS, choose_c, inner_scores
+from util.evaluate.probe import CS, choose_c, inner_scores, standardised, standardiser
 from util.evaluate.stats import Run, weighted_metrics
 from util.task.tasks import BinaryTask, MultiClassTask, MultiLabelTask, RegressionTask
 
@@ -103,6 +103,39 @@ def test_knn_equals_scikit_learns_brute_force(large):
         assert (idx[:, len(sub):] == -1).all()  # a subset smaller than the depth is padded
 
 
+def test_the_float32_blocks_order_ties_like_the_exact_path_where_the_pruned_top_k_runs():
+    """Small-integer features: most distances tie, exactly representable in float32. At 40,000 training rows the
+    blocks select through column groups (util/evaluate/knn_filter.py's _smallest) for the pool and for a direct
+    subset of 3,000 rows; every subset's neighbours (ties in training-row order, across the cut too) and distances
+    equal the float64 path's, and queries sitting on training rows get distance 0."""
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 5, (40_000, 3)).astype(np.float32)
+    b = rng.integers(0, 5, (300, 3)).astype(np.float32)
+    subsets = [np.arange(40_000), np.sort(rng.choice(40_000, 10_000, replace=False)),
+               np.sort(rng.choice(40_000, 3_000, replace=False)), np.sort(rng.choice(40_000, 400, replace=False))]
+    found = knn.neighbours(a, b, subsets, depth=40, large=0)
+    exact = knn.neighbours(a, b, subsets, depth=40, large=float("inf"))
+    for (idx, d2), (idx_e, d2_e) in zip(found, exact):
+        assert np.array_equal(idx, idx_e) and np.array_equal(d2, d2_e)
+        assert (np.diff(d2, axis=1) >= 0).all()
+    assert (found[0][1][:, :40] == 0).all()  # 125 distinct points in 40,000 rows: every query sits on 40 or more
+
+
+def test_the_grouped_top_k_is_the_top_k():
+    """_smallest keeps the k smallest values of every row (and their columns) whatever the ties and whether the
+    column count is a multiple of the group size."""
+    import torch
+
+    from util.evaluate.knn_filter import _smallest
+
+    rng = np.random.default_rng(4)
+    for c, k in [(80_000, 43), (80_003, 338), (40_013, 631), (5_000, 60)]:
+        t = torch.from_numpy(rng.integers(0, 60, (40, c)).astype(np.float32))
+        vals, cols = _smallest(t, k)
+        assert torch.equal(vals, torch.topk(t, k, dim=1, largest=False, sorted=True).values), (c, k)
+        assert torch.equal(t.gather(1, cols), vals) and (cols.sort(1).values.diff(1) > 0).all()
+
+
 def test_knn_ties_are_ordered_by_training_row_and_resamples_vote_like_duplicated_rows():
     a = np.array([[0.0], [1.0], [1.0], [-1.0], [2.0], [3.0]], np.float32)  # rows 1, 2, 3 tie for query 0
     b = np.array([[0.0], [2.9]], np.float32)
@@ -148,3 +181,16 @@ def test_per_resample_metrics_equal_the_weighted_metrics(task):
             assert abs(got[m][b] - want[m][0]) < 1e-12, (m, got[m][b], want[m][0])
     if task == BinaryTask():
         assert abs(got["auroc"][0] - skm.roc_auc_score(y, scores[0][:, 1], sample_weight=w[0])) < 1e-12
+
+
+def test_the_standardiser_is_the_whole_array_computation_to_the_bit():
+    """standardiser() works 32 columns at a time and standardised() 2,048 rows at a time; both give the bytes of
+    the whole-array float64 computation (so no result moved when they were chunked); a constant column keeps
+    scale 1."""
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(5000, 70)).astype(np.float32)
+    x[:, 33] = 1.5
+    mean, scale = standardiser(x)
+    whole = x.astype(np.float64)
+    assert np.array_equal(mean, whole.mean(0))
+    assert np.array_equal(scale, np.where(whole.std(0) > 0, whole.std(0), 1.0)) and scale[33] == 1.0
+    assert np.array_equal(standardised(x, mean, scale), ((x - mean) / scale).astype(np.float32))  # row blocks

@@ -1,22 +1,54 @@
 """The large-problem path of util/evaluate/knn.py (torch; imported only for problems of 1e10 multiply-adds and
-more): one float32 distance block per group of test rows, shared by every subset.
+more): one float32 block per group of test rows, shared by every subset.
 
-Squared distances are ||b||^2 + ||a||^2 - 2 b.a with the products a float32 matrix product; the few that
-cancel (near-duplicates, below 1e-3 of the norms) are recomputed in float64, so distances match scikit-learn's
-(which computes float32 input in float64) up to float32 rounding. For each test row the P nearest rows of
-the whole training set are kept in order (a pool); a subset holding at least 5% of the rows takes its `depth`
-nearest members from the pool (the pool is P = 2 depth / fraction deep, so this almost always suffices, and a row
-for which it does not is searched in the subset itself), a smaller subset is searched directly. Equal distances
-are ordered by training row.
+The block is one matrix product of augmented rows: [-b, 1] . [a, ||a||^2 / 2] = ||a||^2 / 2 - b.a, which orders
+the training rows as the squared distance ||b||^2 + ||a||^2 - 2 b.a does (||b||^2 is the same along a row), so no
+pass over the block is spent on norms; the kept entries become distances in float64. The few that cancel
+(near-duplicates, below 1e-3 of the norms) are recomputed in float64 as differences, so distances match
+scikit-learn's (which computes float32 input in float64) up to float32 rounding.
+
+For each test row the P nearest rows of the whole training set are kept in order (a pool); a subset holding at
+least 10% of the rows takes its `depth` nearest members from the pool (the pool is P = 1.5 depth / fraction deep,
+so this almost always suffices, and a row for which it does not is searched in the subset itself), a smaller
+subset is searched directly. Equal distances are ordered by training row.
+
+The k smallest entries of a row are found without a top-k over the whole row (_smallest): the columns are split
+into strided groups, and only the k groups with the smallest minima can hold them. If u is a group left out, the
+k chosen groups' minima are k entries no larger than u's minimum, so everything in u is at least the k-th
+smallest chosen entry: the k smallest values are all among the chosen groups, and an entry left out can only
+equal the k-th (a tie across the cut, which _nearest resolves on the whole row).
 """
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
-POOLED = 0.2  # subsets with at least this share of the training rows are served from the pool
+POOLED = 0.1  # subsets with at least this share of the training rows are served from the pool
+MARGIN = 1.5  # the pool holds MARGIN x depth members of such a subset on average (short of depth: 0.3% of rows)
+ALIGN = 16  # augmented rows are padded to a multiple of this many floats (the product runs faster aligned)
+
+
+def _smallest(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, columns) of the k smallest entries of each row of t [q, c], sorted (equal values in any order);
+    exact, by way of the k strided column groups with the smallest minima (see the module's docstring)."""
+    q, c = t.shape
+    size = 16 if c >= 128 * k else 8 if c >= 64 * k else 1  # columns a group (measured best at 1,250 x 80,000)
+    groups = c // size
+    if size == 1 or not t.is_contiguous():
+        return torch.topk(t, k, dim=1, largest=False, sorted=True)
+    view = t[:, :groups * size].view(q, size, groups)  # group j: columns j, j + groups, j + 2 groups, ...
+    chosen = torch.topk(view.amin(1), k, dim=1, largest=False, sorted=False).indices  # [q, k]
+    cand = view.gather(2, chosen[:, None, :].expand(q, size, k)).view(q, -1)  # [q, size k]: size-major
+    if groups * size < c:  # the last columns belong to no group: always candidates
+        cand = torch.cat([cand, t[:, groups * size:]], 1)
+    vals, pos = torch.topk(cand, k, dim=1, largest=False, sorted=True)
+    inside = pos < size * k
+    cols = torch.where(inside, chosen.gather(1, (pos % k) * inside) + groups * (pos // k), pos - size * k + groups * size)
+    return vals, cols
 
 
 def _in_row_order(idx: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,15 +64,15 @@ def _in_row_order(idx: torch.Tensor, d2: torch.Tensor) -> tuple[torch.Tensor, to
     return idx, d2
 
 
-def _nearest(d2: torch.Tensor, rows: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `depth` nearest columns of d2 [q, c] (columns are training rows `rows` [c]), ties in row order."""
-    take = min(depth, d2.shape[1])
-    extra = 1 if take < d2.shape[1] else 0
-    vals, pos = torch.topk(d2, take + extra, dim=1, largest=False, sorted=True)
+def _nearest(t: torch.Tensor, rows: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `depth` smallest columns of t [q, c] (columns are training rows `rows` [c]), ties in row order."""
+    take = min(depth, t.shape[1])
+    extra = 1 if take < t.shape[1] else 0
+    vals, pos = _smallest(t, take + extra)
     idx, vals = _in_row_order(rows[pos], vals)
     cut = torch.nonzero(vals[:, -1] == vals[:, take - 1])[:, 0] if extra else []
     for r in cut.tolist() if len(cut) else []:  # a tie across the cut: the lower training rows win
-        same = torch.nonzero(d2[r] == vals[r, take - 1])[:, 0]
+        same = torch.nonzero(t[r] == vals[r, take - 1])[:, 0]
         keep = rows[same].sort().values
         inside = int((vals[r, :take] < vals[r, take - 1]).sum())
         idx[r, inside:take] = keep[:take - inside]
@@ -52,54 +84,89 @@ def _near_exact(idx, dd, q, A, nq, na_max, rel: float = 1e-3):
     norms, where ||b||^2 + ||a||^2 - 2 b.a cancels (a scan embedded twice: distance 0, which decides the votes)."""
     close = dd < rel * (nq[:, None] + na_max)
     if not bool(close.any()):
-        return idx, dd.double()
-    dd = dd.double()
+        return idx, dd
     r, c = torch.nonzero(close, as_tuple=True)
-    diff = q[r].double() - A[idx[r, c]].double()
-    dd[r, c] = (diff * diff).sum(1)
+    diff = q[r].numpy().astype(np.float64) - A[idx[r, c]].numpy()
+    dd[r, c] = torch.from_numpy(np.einsum("ij,ij->i", diff, diff))  # one thread: the same sums on any machine
     rows = torch.unique(r)
     order = torch.argsort(dd[rows], dim=1, stable=True)  # recomputed distances may reorder the row
     idx[rows], dd[rows] = _in_row_order(idx[rows].gather(1, order), dd[rows].gather(1, order))
     return idx, dd
 
 
+def _squares(x: np.ndarray) -> torch.Tensor:
+    """||x||^2 of every row in float64, summed in one thread (the same bytes whatever the thread count)."""
+    out = np.empty(len(x))
+    for lo in range(0, len(x), 4096):
+        part = x[lo:lo + 4096].astype(np.float64)
+        out[lo:lo + 4096] = np.einsum("ij,ij->i", part, part)
+    return torch.from_numpy(out)
+
+
+def _augmented(x: np.ndarray, last: np.ndarray, width: int, sign: float) -> np.ndarray:
+    """[sign x, last, 0 ...] as float32 rows of `width` columns."""
+    out = np.zeros((len(x), width), np.float32)
+    np.multiply(x, sign, out=out[:, :x.shape[1]])
+    out[:, x.shape[1]] = last
+    return out
+
+
+def _product(b: np.ndarray, a_aug: np.ndarray, width: int, tile: int, out: np.ndarray,
+             workers: ThreadPoolExecutor) -> np.ndarray:
+    """out[:len(b)] = [-b, 1] . a_aug^T, by tiles of `tile` query rows, each a one-thread BLAS product run by one of
+    `workers`: a one-thread product gives the same bytes however the rows are tiled, where a multi-threaded one
+    changes its last bits with the thread count (and so would the neighbours of near-ties with --jobs)."""
+    def one(lo: int) -> None:
+        hi = min(len(b), lo + tile)
+        np.matmul(_augmented(b[lo:hi], 1.0, width, -1.0), a_aug.T, out=out[lo:hi])
+
+    list(workers.map(one, range(0, len(b), tile)))
+    return out[:len(b)]
+
+
 def filtered_rows(a: np.ndarray, b: np.ndarray, subsets: list[np.ndarray], depth: int, out: list,
                   block_bytes: float = 2e8) -> np.ndarray:
     """Fill out[s] = (idx, d2) for every query row of b; returns the rows left to the exact path (none: the
-    pool's shortfalls are searched here). a [n, d], b [m, d] float32; subsets: sorted indices into a."""
-    a_np, b_np = np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32)
-    A, B = torch.from_numpy(a_np), torch.from_numpy(b_np)
-    na, nb = (A.double() ** 2).sum(1).float(), (B.double() ** 2).sum(1).float()
-    na_max, n = float(na.max()), len(a)
+    pool's shortfalls are searched here). a [n, d], b [m, d] float32; subsets: sorted indices into a. Blocks of
+    `block_bytes` per thread (torch's intra-op thread count)."""
+    A, B = torch.from_numpy(np.ascontiguousarray(a, np.float32)), torch.from_numpy(np.ascontiguousarray(b, np.float32))
+    na, nb = _squares(A.numpy()), _squares(B.numpy())
+    na_max, (n, d) = float(na.max()), a.shape
+    width = -(-(d + 1) // ALIGN) * ALIGN
+    a_aug = _augmented(A.numpy(), (na / 2).float().numpy(), width, 1.0)  # [a, ||a||^2/2]
     subs = [torch.from_numpy(np.asarray(s, np.int64)) for s in subsets]
     pooled = [s for s, sub in enumerate(subs) if len(sub) >= POOLED * n]
-    pool = min(n, max([depth] + [math.ceil(2 * depth * n / len(subs[s])) for s in pooled]))
+    pool = min(n, max([depth] + [math.ceil(MARGIN * depth * n / len(subs[s])) for s in pooled]))
     member = {}
     for s in pooled:
         member[s] = torch.zeros(n, dtype=torch.bool)
         member[s][subs[s]] = True
     everything = torch.arange(n)
-    step = max(1, int(block_bytes // (4 * max(1, n))))
-    for lo in range(0, len(b), step):
-        hi = min(len(b), lo + step)
-        # the product by numpy's BLAS (OpenBLAS: about 1.2x torch's CPU GEMM on the development VM's cores)
-        d2 = torch.from_numpy(b_np[lo:hi] @ a_np.T).mul_(-2).add_(na[None]).add_(nb[lo:hi, None]).clamp_min_(0)
-        if pooled:
-            pidx, pd2 = _nearest(d2, everything, pool)
-        for s, sub in enumerate(subs):
-            if s in member:
-                m = member[s][pidx]  # [q, pool], nearest first
-                short = m.sum(1) < min(depth, len(sub))
-                first = torch.topk(m.float() * (pool - torch.arange(pool, dtype=torch.float32)),
-                                   min(depth, pool), dim=1).indices.sort(dim=1).values  # earliest members
-                idx, dd = pidx.gather(1, first), pd2.gather(1, first)
-                if bool(short.any()):  # too few members among the pool's rows: search the subset itself
-                    rows = torch.nonzero(short)[:, 0]
-                    idx[rows], dd[rows] = _nearest(d2[rows].index_select(1, sub), sub, depth)
-            else:
-                idx, dd = _nearest(d2 if len(sub) == n else d2.index_select(1, sub), sub, depth)
-            idx, dd = _near_exact(idx, dd, B[lo:hi], A, nb[lo:hi], na_max)
-            k = idx.shape[1]
-            out[s][0][lo:hi, :k] = idx.numpy()
-            out[s][1][lo:hi, :k] = dd.numpy()
+    threads = max(1, torch.get_num_threads())
+    tile = max(1, int(block_bytes // (4 * max(1, n))))
+    step = tile * threads
+    block = np.empty((min(step, len(b)), n), np.float32)
+    rank = pool - torch.arange(pool, dtype=torch.float32)  # earlier in the pool ranks higher
+    with ThreadPoolExecutor(threads) as workers, threadpool_limits(1, user_api="blas"):
+        for lo in range(0, len(b), step):
+            hi = min(len(b), lo + step)
+            t = torch.from_numpy(_product(b[lo:hi], a_aug, width, tile, block, workers))
+            if pooled:
+                pidx, pt = _nearest(t, everything, pool)
+            for s, sub in enumerate(subs):
+                if s in member:
+                    m = member[s][pidx]  # [q, pool], nearest first
+                    short = m.sum(1) < min(depth, len(sub))
+                    first = torch.topk(m.float() * rank, min(depth, len(sub), pool), dim=1).indices.sort(dim=1).values
+                    idx, tt = pidx.gather(1, first), pt.gather(1, first)  # the earliest members
+                    if bool(short.any()):  # too few members among the pool's rows: search the subset itself
+                        rows = torch.nonzero(short)[:, 0]
+                        idx[rows], tt[rows] = _nearest(t[rows].index_select(1, sub), sub, depth)
+                else:
+                    idx, tt = _nearest(t if len(sub) == n else t.index_select(1, sub), sub, depth)
+                dd = (tt.double() * 2 + nb[lo:hi, None]).clamp_min_(0)  # ||b||^2 + ||a||^2 - 2 b.a
+                idx, dd = _near_exact(idx, dd, B[lo:hi], A, nb[lo:hi], na_max)
+                k = idx.shape[1]
+                out[s][0][lo:hi, :k] = idx.numpy()
+                out[s][1][lo:hi, :k] = dd.numpy()
     return np.zeros(0, np.int64)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import GroupKFold, KFold, StratifiedKFold
 
 from util.errors import UserError
 from util.evaluate import knn, linear
+from util.evaluate.group_folds import stratified_group_folds
 
 CS = np.logspace(-4, 1, 6)  # inverse regularisation strengths the inner cross-validation chooses from
 ALPHAS = np.logspace(-2, 5, 8)  # ridge strengths (regression probe)
@@ -73,9 +74,10 @@ def make_folds(n: int, folds: int, seed: int, strata: np.ndarray | None = None, 
                             f"fold needs one; lower --folds or merge the class.")
     x = np.zeros(n)
     if groups is not None:
+        if strata is not None:  # scikit-learn's StratifiedGroupKFold(shuffle=True), to the fold, in seconds
+            return stratified_group_folds(strata, groups, folds, seed)
         try:
-            kf = StratifiedGroupKFold(folds, shuffle=True, random_state=seed) if strata is not None else \
-                GroupKFold(folds, shuffle=True, random_state=seed)
+            kf = GroupKFold(folds, shuffle=True, random_state=seed)
         except TypeError:  # scikit-learn < 1.6: GroupKFold balances group sizes, without shuffling
             kf = GroupKFold(folds)
         return [(tr, te) for tr, te in kf.split(x, strata, groups)]
@@ -101,10 +103,23 @@ def labelled_rows(train: np.ndarray, strata: np.ndarray | None, fraction: float,
 
 
 def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale) of the rows x, as scikit-learn's StandardScaler (a constant column keeps scale 1)."""
-    x = np.asarray(x, np.float64)
-    mean, std = x.mean(0), x.std(0)
+    """(mean, scale) of the rows x, as scikit-learn's StandardScaler (a constant column keeps scale 1). Computed
+    32 columns at a time in float64: the same sums in the same order as on the whole array (the same bytes), in
+    a quarter of the time at 80,000 x 1,024 (no 640 MB temporaries)."""
+    mean, std = np.empty(x.shape[1]), np.empty(x.shape[1])
+    for lo in range(0, x.shape[1], 32):
+        part = np.asarray(x[:, lo:lo + 32], np.float64)
+        mean[lo:lo + 32], std[lo:lo + 32] = part.mean(0), part.std(0)
     return mean, np.where(std > 0, std, 1.0)
+
+
+def standardised(x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 (x - mean) / scale, computed in float64 2,048 rows at a time: the same bytes as on the whole array,
+    without its two 640 MB float64 temporaries at 80,000 x 1,024 (fresh memory is slow to touch on a VM)."""
+    out = np.empty(x.shape, np.float32)
+    for lo in range(0, len(x), 2048):
+        out[lo:lo + 2048] = (np.asarray(x[lo:lo + 2048], np.float64) - mean) / scale
+    return out
 
 
 def _inner_subsample(y, groups, seed, max_rows):
@@ -133,9 +148,9 @@ def inner_scores(a: np.ndarray, y: np.ndarray, groups: np.ndarray | None, seed: 
     inner = min(3, min(units))
     if inner < 2 or len(units) < 2:
         return None
-    cv = StratifiedKFold(inner, shuffle=True, random_state=seed) if groups is None else \
-        StratifiedGroupKFold(inner, shuffle=True, random_state=seed)
-    splits = [(tr, va) for tr, va in cv.split(a, y, groups) if len(np.unique(y[tr])) == len(units)]
+    cv = StratifiedKFold(inner, shuffle=True, random_state=seed).split(a, y) if groups is None else \
+        stratified_group_folds(y, groups, inner, seed)
+    splits = [(tr, va) for tr, va in cv if len(np.unique(y[tr])) == len(units)]
     k = int(y.max()) + 1
     out = np.full((len(cs), len(splits)), np.nan)
     small = k == 2 and len(y) * (a.shape[1] + 1) ** 2 * len(cs) * len(splits) <= linear.NEWTON_MAX_COST
