@@ -13,7 +13,7 @@ import time
 
 from util import args as cli_args
 from util.args import bounded
-from util.run_folder import STATUS, scratch_array
+from util.run_folder import STATUS, scratch_array, scratch_lists
 from util.task.flags import PROBE_PROTOCOLS as PROTOCOLS, PROBE_TASKS
 
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -94,7 +94,7 @@ from util.evaluate import inputs  # noqa: E402
 from util.evaluate import report  # noqa: E402
 from util.cli import run_main  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.evaluate.crossval import even_processes, fold_job  # noqa: E402
+from util.evaluate.crossval import fold_job, fold_neighbours  # noqa: E402
 from util.evaluate.probe import labelled_rows, make_folds  # noqa: E402
 from util.evaluate.stats import refit_interval, resample_weights  # noqa: E402
 from util.task.weighted import nanmean  # noqa: E402
@@ -176,6 +176,24 @@ def resample_counts(args, d: dict) -> np.ndarray | None:
     return out
 
 
+def knn_lists(sources: dict, folds: list, labelled: list, args, folder: str) -> dict:
+    """{(set, fold, (fraction, draw)): neighbour lists} of every feature set and fold, computed here, one fold at a
+    time with every core; with several --jobs each fold and draw is written to `folder` as an .npz that its job
+    reads (the lists of 20,000 test rows and 16 draws are about 200 MB a fold)."""
+    out = {}
+    for name, source in sources.items():
+        for f, (train, test) in enumerate(folds):
+            found = fold_neighbours(source, train, test, labelled[f], args.knn_k)
+            for key, (idx, d2) in found.items():
+                if args.jobs > 1:
+                    path = scratch_lists(folder, len(out))
+                    np.savez(path, idx0=idx.astype(np.int32), d20=d2)
+                    out[(name, f, key)] = path
+                else:
+                    out[(name, f, key)] = {key: (idx, d2)}
+    return out
+
+
 def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
     """Every probe, fraction and draw on every feature set: the per-draw metrics (results.csv) and, per (set,
     protocol, fraction), each metric's mean over draws and folds on the rows and on every resample
@@ -196,16 +214,17 @@ def run_probes(args, d: dict) -> tuple[pd.DataFrame, dict]:
         sources, counts_src = shared_arrays(d["sets"], counts, args.jobs, tmp)
         for protocol in args.protocols:
             t0 = time.time()
-            # k-NN: one job per fold (one distance computation serves every fraction); logreg: per fraction too
-            parts = [None] if protocol == "knn" else fractions
+            # logreg: a job per fold and fraction. k-NN: first the neighbours of every fold in this process
+            # (threaded: one distance computation serves every fraction and draw), then a job per fold and draw
+            # for the votes and metrics (the resampled votes are single-threaded numpy: processes share them)
+            parts = [(fr,) for fr in fractions] if protocol != "knn" else sorted(labelled[0])
             jobs = [(name, f, part) for name in d["sets"] for f in range(len(folds)) for part in parts]
-            # k-NN is threaded inside a job (distance blocks, resample batches): uneven rounds of processes waste more
-            run = parallel if protocol != "knn" or even_processes(args.jobs, len(jobs)) == args.jobs else \
-                Parallel(n_jobs=even_processes(args.jobs, len(jobs)))
-            done = run(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"],
-                                              {k: v for k, v in labelled[f].items() if part in (None, k[0])},
+            lists = knn_lists(sources, folds, labelled, args, tmp) if protocol == "knn" else {}
+            done = parallel(delayed(fold_job)(sources[name], *folds[f], d["y"], d["groups"],
+                                              {k: v for k, v in labelled[f].items() if k[:len(part)] == part},
                                               protocol, d["task"], len(d["names"]), d["names"], args.seed,
-                                              args.knn_k, args.inner_max_rows, counts_src) for name, f, part in jobs)
+                                              args.knn_k, args.inner_max_rows, counts_src,
+                                              lists.get((name, f, part))) for name, f, part in jobs)
             by_set = {name: [{} for _ in folds] for name in d["sets"]}
             for (name, f, _), out in zip(jobs, done):
                 by_set[name][f].update(out)

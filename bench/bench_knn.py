@@ -6,6 +6,7 @@ probe at 100,000 x 1,024 through main_evaluate.py.
     python bench/bench_knn.py --rows 100000 --only_folds 1 --repeats 1   # one fold at full size (12 min)
     python bench/bench_knn.py --full                # also main_evaluate.py --protocols knn at 100,000 x 1,024
     python bench/bench_knn.py --full --skip_side_by_side --full_protocol logreg --full_bootstrap 1000
+    python bench/bench_knn.py --full --skip_side_by_side --before 187ae8d --repeats 2 --full_bootstrap 0 200
 
 Prints the seconds of each engine per repeat (alternating which runs first), their ratio, and how far the
 probabilities differ (rows whose k-th and next neighbour tie to 1e-6 are counted apart: float32 cannot order
@@ -97,9 +98,17 @@ def side_by_side(args) -> None:
           f"{worst:.1e} ({ties} of {rows} rows have a float32 tie at the k-th neighbour and were not compared)")
 
 
+def _worktree(rev: str, folder: str) -> Path:
+    """A checkout of `rev` (the code before a change) to run side by side with this one."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", folder, rev], check=True,
+                   capture_output=True)
+    return Path(folder)
+
+
 def full_run(args) -> None:
     """main_evaluate.py --protocols knn (or --full_protocol logreg) at 100,000 x 1,024 (groups of 2 rows, 36%
-    positives), timed as a user would time it; the probe's own line gives its seconds."""
+    positives), timed as a user would time it; the probe's own line gives its seconds. With --before REV the same
+    command of that commit runs alternately with this one (--repeats each), and the metrics are compared."""
     import pandas as pd
 
     rng = np.random.default_rng(0)
@@ -112,15 +121,40 @@ def full_run(args) -> None:
                               "PatientID": [f"p{i // 2:05d}" for i in range(n)]})
         table.assign(row=np.arange(1, n + 1), error="").to_csv(f"{tmp}/emb.npy.rows.csv", index=False)
         del x
-        for boot in args.full_bootstrap:
-            cmd = [sys.executable, str(ROOT / "main_evaluate.py"), "--embeddings", f"big={tmp}/emb.npy",
-                   "--group_column", "PatientID", "--protocols", args.full_protocol, "--bootstrap", str(boot),
-                   "--output_dir", f"{tmp}/out", "--overwrite"]
-            t0 = time.perf_counter()
-            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            line = next((s for s in out.stdout.splitlines() if s.startswith(f"{args.full_protocol}:")),
-                        out.stderr[-500:])
-            print(f"100,000 x 1,024, --bootstrap {boot}: {time.perf_counter() - t0:.0f} s in all; {line}", flush=True)
+        codes = {"this tree": ROOT}
+        if args.before:
+            codes[f"before ({args.before})"] = _worktree(args.before, f"{tmp}/before")
+        try:
+            for boot in args.full_bootstrap:
+                seconds = {name: [] for name in codes}
+                for rep in range(args.repeats if args.before else 1):
+                    for name in (list(codes) if rep % 2 == 0 else list(codes)[::-1]):
+                        out_dir = f"{tmp}/out-{len(seconds[name])}-{list(codes).index(name)}"
+                        cmd = [sys.executable, str(codes[name] / "main_evaluate.py"), "--embeddings",
+                               f"big={tmp}/emb.npy", "--group_column", "PatientID", "--protocols", args.full_protocol,
+                               "--bootstrap", str(boot), "--output_dir", out_dir, "--overwrite"]
+                        t0 = time.perf_counter()
+                        out = subprocess.run(cmd, capture_output=True, text=True,
+                                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                        seconds[name].append(time.perf_counter() - t0)
+                        line = next((s for s in out.stdout.splitlines() if s.startswith(f"{args.full_protocol}:")),
+                                    out.stderr[-500:])
+                        print(f"100,000 x 1,024, --bootstrap {boot}, {name}: {seconds[name][-1]:.0f} s in all; {line}",
+                              flush=True)
+                if args.before:
+                    new, old = (f"{tmp}/out-0-{i}/results.csv" for i in range(2))
+                    a, b = pd.read_csv(new), pd.read_csv(old)
+                    metrics = [c for c in a.columns if a[c].dtype.kind == "f" and c != "fraction"]
+                    diff = float(np.abs(a[metrics].to_numpy() - b[metrics].to_numpy()).max())
+                    med = {k: float(np.median(v)) for k, v in seconds.items()}
+                    names = list(codes)
+                    print(f"--bootstrap {boot}: {names[0]} {med[names[0]]:.0f} s, {names[1]} {med[names[1]]:.0f} s "
+                          f"(median of {args.repeats}, whole command): {med[names[1]] / med[names[0]]:.2f}x faster; "
+                          f"results.csv metrics differ by at most {diff:.1e}", flush=True)
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", f"{tmp}/before"],
+                               capture_output=True)
 
 
 def main() -> None:
@@ -139,6 +173,8 @@ def main() -> None:
     p.add_argument("--full_protocol", choices=("knn", "logreg"), default="knn",
                    help="the probe --full times (logreg: the linear probe with its refitted resamples)")
     p.add_argument("--skip_side_by_side", action="store_true", help="only the --full run")
+    p.add_argument("--before", default=None, help="with --full: also run main_evaluate.py of this git revision, "
+                   "alternating with this tree, --repeats times each (a git worktree in the temporary folder)")
     args = p.parse_args()
     if not args.skip_side_by_side:
         side_by_side(args)

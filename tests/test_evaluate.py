@@ -101,6 +101,16 @@ def test_row_order_does_not_matter_and_the_seed_decides(case, first_run, tmp_pat
     assert not np.allclose(other_seed["auroc"], knn["auroc"])
 
 
+def test_one_process_or_several_give_the_same_numbers(case, first_run, tmp_path):
+    """--jobs 1 (every probe here; k-NN's lists in memory) against the default (worker processes; k-NN's lists
+    through .npz files): the same metrics, intervals and differences, to the last digit written."""
+    _, results, summary = evaluate(case, tmp_path / "one", "--jobs", 1)
+    _, results0, summary0 = first_run
+    cols = [c for c in results.columns if c != "seconds"]
+    pd.testing.assert_frame_equal(results[cols], results0[cols])
+    pd.testing.assert_frame_equal(summary, summary0)
+
+
 def test_grouped_folds_keep_each_patient_on_one_side():
     rng = np.random.default_rng(0)
     groups, y = rng.integers(0, 40, 300), rng.integers(0, 3, 300)

@@ -121,6 +121,28 @@ def test_the_float32_blocks_order_ties_like_the_exact_path_where_the_pruned_top_
     assert (found[0][1][:, :40] == 0).all()  # 125 distinct points in 40,000 rows: every query sits on 40 or more
 
 
+def test_the_float32_blocks_give_the_same_bytes_with_one_thread_or_two():
+    """The distance product runs as one-thread BLAS tiles, so the neighbours and their float distances do not
+    depend on the thread count (--jobs, the machine's cores); a two-thread BLAS product changes the last bits of
+    most entries, and so the distances and the order of near-ties."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(20_000, 96)).astype(np.float32)
+    b = rng.normal(size=(3_000, 96)).astype(np.float32)  # two tiles of 2,500 and 500 rows
+    subsets = [np.arange(20_000), np.sort(rng.choice(20_000, 2_500, replace=False))]
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(knn.neighbours(a, b, subsets, depth=30, large=0))
+    finally:
+        torch.set_num_threads(before)
+    for (idx1, d1), (idx2, d2) in zip(*runs):
+        assert np.array_equal(idx1, idx2) and np.array_equal(d1, d2)
+
+
 def test_the_grouped_top_k_is_the_top_k():
     """_smallest keeps the k smallest values of every row (and their columns) whatever the ties and whether the
     column count is a multiple of the group size."""

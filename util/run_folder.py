@@ -67,6 +67,11 @@ def scratch_array(folder: str, k: int) -> str:
     return os.path.join(folder, f"features_{k}.npy")
 
 
+def scratch_lists(folder: str, k: int) -> str:
+    """A temporary .npz of one fold and draw's k-NN neighbour lists, for the worker process that votes with them."""
+    return os.path.join(folder, f"knn_lists_{k}.npz")
+
+
 def numbered(epoch: int) -> str:
     return f"checkpoint-{epoch}.pth"
 

@@ -9,8 +9,6 @@ and, for k-NN, one distance computation.
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -27,66 +25,63 @@ def knn_depth(knn_k: int) -> int:
     return knn_k + math.ceil(4 * math.sqrt(knn_k)) + 4
 
 
-def thread_budget() -> int:
-    """Cores this process may use: 1 in a worker of a multi-process joblib run (it sets OMP_NUM_THREADS), all of
-    this process's CPUs in the main process."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, int(os.environ.get("OMP_NUM_THREADS") or cpus))
+def _standardised_fold(x, train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fold's training and test features, standardised with the training rows' statistics."""
+    xt = np.asarray(x[train], np.float32)
+    mean, scale = standardiser(xt)
+    return standardised(xt, mean, scale), standardised(x[test], mean, scale)
 
 
-def even_processes(jobs: int, work: int) -> int:
-    """The process count, at most `jobs`, that leaves the fewest idle slots in the last round of `work` equal
-    jobs (the larger on a tie): 5 k-NN folds on --jobs 2 run in this process, threaded, rather than in 3 rounds
-    of 2 processes with one idle in the last (measured at 100,000 x 1,024: 8% faster)."""
-    return min(range(1, max(1, min(jobs, work)) + 1), key=lambda j: (math.ceil(work / j) * j - work, -j))
+def fold_neighbours(features, train: np.ndarray, test: np.ndarray, labelled: dict, knn_k: int) -> dict:
+    """{(fraction, draw): (idx, d2)} for one fold: the knn_depth(k) nearest labelled rows of every test row
+    (indices into the labelled rows, -1 for padding; squared distances), one distance computation for every
+    fraction and draw. Threaded (util/evaluate/knn_filter.py): run it in a process that has the cores."""
+    x = np.load(features, mmap_mode="r") if isinstance(features, str) else features
+    a, b = _standardised_fold(x, train, test)
+    keys = sorted(labelled)
+    pos = {key: np.searchsorted(train, labelled[key]) for key in keys}
+    found = knn.neighbours(a, b, [pos[k] for k in keys], min(knn_depth(knn_k), len(train)))
+    local, lists = np.full(len(train), -1, np.int64), {}
+    for key, (idx, d2) in zip(keys, found):
+        local[pos[key]] = np.arange(len(pos[key]))
+        lists[key] = (np.where(idx >= 0, local[idx], -1), d2)
+        local[pos[key]] = -1
+    return lists
 
 
 def fold_job(features, train: np.ndarray, test: np.ndarray, y: np.ndarray, groups: np.ndarray | None,
              labelled: dict, protocol: str, task, n_out: int, names, seed: int, knn_k: int, max_rows: int,
-             counts=None) -> dict:
+             counts=None, neighbours=None) -> dict:
     """{(fraction, draw): ({metric: [1 + R]}, labelled rows)} for one fold: entry 0 the metrics of the probes
     fitted on the labelled rows, entries 1..R those under the R resamples of `counts` ([R, n] copies of every
     row; None: no resamples). `features` and `counts` may be .npy paths (read memory-mapped by worker
-    processes); `labelled` maps (fraction, draw) to the sorted labelled rows (a subset of `train`). k-NN uses
-    every core of the process's thread budget: the distance blocks, and the resample batches one per thread."""
-    threads = thread_budget()
-    x = np.load(features, mmap_mode="r") if isinstance(features, str) else features
+    processes); `labelled` maps (fraction, draw) to the sorted labelled rows (a subset of `train`). k-NN takes
+    its neighbour lists from fold_neighbours() (`neighbours`: the dict, or an .npz path holding idx{i} and
+    d2{i} of the i-th key of `labelled` in sorted order) and needs no features."""
     counts = np.load(counts, mmap_mode="r") if isinstance(counts, str) else counts
-    xt = np.asarray(x[train], np.float32)
-    mean, scale = standardiser(xt)
-    a, b = standardised(xt, mean, scale), standardised(x[test], mean, scale)
-    del xt
     keys = sorted(labelled)
-    pos = {key: np.searchsorted(train, labelled[key]) for key in keys}
-    lists = {}
     if protocol == "knn":
-        found = knn.neighbours(a, b, [pos[k] for k in keys], min(knn_depth(knn_k), len(train)))
-        local = np.full(len(train), -1, np.int64)
-        for key, (idx, d2) in zip(keys, found):  # indices into the labelled rows, -1 for padding
-            local[pos[key]] = np.arange(len(pos[key]))
-            lists[key] = (np.where(idx >= 0, local[idx], -1), d2)
-            local[pos[key]] = -1
+        if isinstance(neighbours, str):
+            with np.load(neighbours) as z:
+                neighbours = {key: (z[f"idx{i}"], z[f"d2{i}"]) for i, key in enumerate(keys)}
+        a, b = None, np.empty((len(test), 0))
+    else:
+        x = np.load(features, mmap_mode="r") if isinstance(features, str) else features
+        a, b = _standardised_fold(x, train, test)
+    pos = {key: np.searchsorted(train, labelled[key]) for key in keys}
     y_test, out = y[test], {}
     for key in keys:
         p = pos[key]
         rows = train[p]
-        fit = Fitted(protocol, task, a[p], y[rows], b, n_out, seed, knn_k, max_rows,
-                     None if groups is None else groups[rows], lists.get(key))
+        fit = Fitted(protocol, task, None if a is None else a[p], y[rows], b, n_out, seed, knn_k, max_rows,
+                     None if groups is None else groups[rows], None if neighbours is None else neighbours[key])
         ones = np.ones((1, len(p)))
         parts = [resample_metrics(task, y_test, fit.scores[None], fit.decide(fit.scores[None], ones),
                                   np.ones((1, len(test))), names)]
-
-        def batch(lo: int, fit=fit, rows=rows) -> dict:
+        for lo in range(0, 0 if counts is None else len(counts), BATCH):
             cb = np.asarray(counts[lo:lo + BATCH])
             c_train, c_test = cb[:, rows].astype(np.float64), cb[:, test].astype(np.float64)
             scores = fit.resampled(c_train)
-            return resample_metrics(task, y_test, scores, fit.decide(scores, c_train), c_test, names)
-
-        starts = range(0, 0 if counts is None else len(counts), BATCH)
-        if protocol == "knn" and threads > 1 and len(starts) > 1:  # numpy's votes and metrics, one batch a thread
-            with ThreadPoolExecutor(threads) as pool:
-                parts += list(pool.map(batch, starts))
-        else:
-            parts += [batch(lo) for lo in starts]
+            parts.append(resample_metrics(task, y_test, scores, fit.decide(scores, c_train), c_test, names))
         out[key] = ({m: np.concatenate([q[m] for q in parts]) for m in parts[0]}, len(p))
     return out

@@ -47,7 +47,8 @@ def _smallest(t: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cand = torch.cat([cand, t[:, groups * size:]], 1)
     vals, pos = torch.topk(cand, k, dim=1, largest=False, sorted=True)
     inside = pos < size * k
-    cols = torch.where(inside, chosen.gather(1, (pos % k) * inside) + groups * (pos // k), pos - size * k + groups * size)
+    cols = torch.where(inside, chosen.gather(1, (pos % k) * inside) + groups * (pos // k),
+                       pos - size * k + groups * size)
     return vals, cols
 
 
