@@ -65,7 +65,8 @@ def get_args_parser():
                    help="label draws per fraction below 1 (nested: a draw's 1%% is inside its 10%%)")
     g.add_argument("--knn_k", type=bounded(int, min=1), default=20, help="neighbours of the k-NN probe")
     g.add_argument("--jobs", type=bounded(int, min=1), default=min(5, CPUS),
-                   help="probes run in parallel processes (folds, draws, feature sets); default: min(5, CPUs)")
+                   help="probes run in parallel processes (folds, fractions, draws, feature sets; k-NN's neighbours "
+                        "are found first in this process with every core); default: min(5, CPUs)")
     g.add_argument("--inner_max_rows", type=bounded(int, min=100), default=10000,
                    help="rows of the inner cross-validation that chooses C (a stratified subsample above this)")
     g = p.add_argument_group("statistics and output")

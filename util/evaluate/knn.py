@@ -6,9 +6,10 @@ result does not depend on how the work is split. Every label fraction and draw o
 training rows, standardised the same way, so one distance computation per fold serves them all.
 
 Small problems: float64 distances (||b||^2 + ||a||^2 - 2 b.a, as scikit-learn computes them), fully sorted.
-Large ones (1e10 multiply-adds and more; util/evaluate/knn_filter.py): float32 blocks from a multi-threaded
-matrix product (numpy's BLAS; torch does the top-k), the precision scikit-learn's brute force has on float32
-features, and a pool of each test row's nearest rows from which the larger subsets take theirs.
+Large ones (1e10 multiply-adds and more; util/evaluate/knn_filter.py): float32 blocks from numpy's BLAS in
+one-thread tiles (a tile per core: the same bytes whatever the thread count; torch does the exact, grouped top-k),
+the precision scikit-learn's brute force has on float32 features, and a pool of each test row's nearest rows from
+which the subsets of at least 10% of the rows take theirs.
 
 Votes follow scikit-learn's KNeighborsClassifier(weights="distance"): weight 1/distance, and a query at distance
 0 from training rows gets weight 1 from those rows only. Under bootstrap counts c (a resample holds training row j
