@@ -178,20 +178,15 @@ def resample_counts(args, d: dict) -> np.ndarray | None:
 
 
 def knn_lists(sources: dict, folds: list, labelled: list, args, folder: str) -> dict:
-    """{(set, fold, (fraction, draw)): neighbour lists} of every feature set and fold, computed here, one fold at a
-    time with every core; with several --jobs each fold and draw is written to `folder` as an .npz that its job
-    reads (the lists of 20,000 test rows and 16 draws are about 200 MB a fold)."""
+    """{(set, fold, (fraction, draw)): .npz path} of every feature set, fold and draw's neighbour lists, computed
+    here one fold at a time with every core and written to `folder` for the job that votes with them (at 100,000
+    rows, 16 draws: about 160 MB a fold on disk, never all of them in memory)."""
     out = {}
     for name, source in sources.items():
         for f, (train, test) in enumerate(folds):
-            found = fold_neighbours(source, train, test, labelled[f], args.knn_k)
-            for key, (idx, d2) in found.items():
-                if args.jobs > 1:
-                    path = scratch_lists(folder, len(out))
-                    np.savez(path, idx0=idx.astype(np.int32), d20=d2)
-                    out[(name, f, key)] = path
-                else:
-                    out[(name, f, key)] = {key: (idx, d2)}
+            for key, (idx, d2) in fold_neighbours(source, train, test, labelled[f], args.knn_k).items():
+                out[(name, f, key)] = scratch_lists(folder, len(out))
+                np.savez(out[(name, f, key)], idx=idx.astype(np.int32), d2=d2)
     return out
 
 

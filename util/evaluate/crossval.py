@@ -55,15 +55,19 @@ def fold_job(features, train: np.ndarray, test: np.ndarray, y: np.ndarray, group
     """{(fraction, draw): ({metric: [1 + R]}, labelled rows)} for one fold: entry 0 the metrics of the probes
     fitted on the labelled rows, entries 1..R those under the R resamples of `counts` ([R, n] copies of every
     row; None: no resamples). `features` and `counts` may be .npy paths (read memory-mapped by worker
-    processes); `labelled` maps (fraction, draw) to the sorted labelled rows (a subset of `train`). k-NN takes
-    its neighbour lists from fold_neighbours() (`neighbours`: the dict, or an .npz path holding idx{i} and
-    d2{i} of the i-th key of `labelled` in sorted order) and needs no features."""
+    processes); `labelled` maps (fraction, draw) to the sorted labelled rows (a subset of `train`). k-NN votes
+    with the lists of fold_neighbours(): `neighbours` is the .npz path (`idx`, `d2`) main_evaluate.py wrote for
+    the one draw in `labelled`, or None to find them here for every draw."""
     counts = np.load(counts, mmap_mode="r") if isinstance(counts, str) else counts
     keys = sorted(labelled)
     if protocol == "knn":
-        if isinstance(neighbours, str):
+        if neighbours is None:
+            neighbours = fold_neighbours(features, train, test, labelled, knn_k)
+        else:
+            if len(keys) != 1:
+                raise ValueError("a k-NN fold job reads the lists of one fraction and draw")
             with np.load(neighbours) as z:
-                neighbours = {key: (z[f"idx{i}"], z[f"d2{i}"]) for i, key in enumerate(keys)}
+                neighbours = {keys[0]: (z["idx"], z["d2"])}
         a, b = None, np.empty((len(test), 0))
     else:
         x = np.load(features, mmap_mode="r") if isinstance(features, str) else features
