@@ -68,7 +68,7 @@ def fold_job(features, train: np.ndarray, test: np.ndarray, y: np.ndarray, group
                 raise ValueError("a k-NN fold job reads the lists of one fraction and draw")
             with np.load(neighbours) as z:
                 neighbours = {keys[0]: (z["idx"], z["d2"])}
-        a, b = None, np.empty((len(test), 0))
+        a = b = None  # the votes need neither the features nor the test rows' values
     else:
         x = np.load(features, mmap_mode="r") if isinstance(features, str) else features
         a, b = _standardised_fold(x, train, test)
